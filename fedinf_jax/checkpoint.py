@@ -1,0 +1,117 @@
+"""Orbax checkpoints of stacked agents: the train state plus a JSON record of the run.
+
+Layout under ``workdir/checkpoints/<step>/``: ``state`` (the ``TrainState`` pytree: step, stacked
+params, EMA params, optimizer state; restored bit-exactly against an abstract target so optax
+NamedTuples come back intact) and ``meta`` (JSON: the config the run was trained with, the
+partition's count matrix ``counts[agent][class]``, the number of agents). Orbax writes each step
+to a temporary folder and renames it when complete, so an interrupted save never replaces a good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's shapes or run record do not match the current config."""
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+
+
+def make_manager(workdir: str | os.PathLike, keep: int = 3, create: bool = True):
+    """A ``CheckpointManager`` over ``workdir/checkpoints`` keeping the latest ``keep`` steps."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        create=create,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+        options=options,
+    )
+
+
+def save(manager, step: int, state, meta: dict[str, Any]) -> None:
+    """Saves ``state`` and the JSON-serialisable ``meta`` as checkpoint ``step``."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore_meta(manager, step: int | None = None) -> dict[str, Any]:
+    """The JSON run record of checkpoint ``step`` (default: the latest)."""
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+
+def _shape_mismatches(target, stored) -> list[str]:
+    """Paths whose shapes differ between an abstract target and a checkpoint's metadata."""
+    found = []
+    target_flat = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+    stored_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+
+    def key(path):
+        # Orbax metadata turns NamedTuples into dicts and sequences: compare by the key names.
+        return tuple(str(getattr(p, "name", getattr(p, "key", getattr(p, "idx", p)))) for p in path)
+
+    stored_by_key = {key(p): v for p, v in stored_flat.items()}
+    for path, leaf in target_flat.items():
+        k = key(path)
+        if k not in stored_by_key:
+            found.append(f"{'/'.join(k)}: missing in checkpoint")
+        elif tuple(stored_by_key[k].shape) != tuple(leaf.shape):
+            found.append(
+                f"{'/'.join(k)}: checkpoint {tuple(stored_by_key[k].shape)}, "
+                f"config {tuple(leaf.shape)}"
+            )
+    extra = set(stored_by_key) - {key(p) for p in target_flat}
+    found += [f"{'/'.join(k)}: in checkpoint, not in config" for k in sorted(extra)]
+    return found
+
+
+def restore(manager, abstract_state, step: int | None = None):
+    """Restores (state, meta) of checkpoint ``step`` (default: the latest) into the target's
+    structure.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint.
+      CheckpointMismatchError: the stored arrays' shapes differ from ``abstract_state`` (a
+        different model size or number of agents); the message lists the first differences.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+    stored = manager.item_metadata(step)["state"]
+    mismatches = _shape_mismatches(abstract_state, stored)
+    if mismatches:
+        shown = "\n  ".join(mismatches[:8])
+        more = f"\n  ... and {len(mismatches) - 8} more" if len(mismatches) > 8 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {manager.directory}/{step} does not match the config "
+            f"({len(mismatches)} arrays differ):\n  {shown}{more}\n"
+            "Use the config it was trained with, or a fresh --workdir."
+        )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["meta"]

@@ -1,0 +1,211 @@
+"""A class- and time-conditional U-Net in Flax Linen, laid out like diffusers'
+``UNet2DConditionModel`` (the paper's model, appendix B), so that presets can mirror it.
+
+Structure (diffusers names): sinusoidal time embedding (flip_sin_to_cos, shift 0) -> MLP to
+4 x block_out_channels[0]; optional learned class embedding added to it (diffusers'
+``num_class_embeds``); ``conv_in``; down blocks of ``layers_per_block`` ResNet blocks (each
+followed by a cross-attention transformer in attention levels) and a stride-2 downsampler (all but
+the last level); a mid block ResNet -> transformer -> ResNet; up blocks of ``layers_per_block + 1``
+ResNet blocks over concatenated skips and a nearest upsampler to the skip's size; GroupNorm, SiLU,
+``conv_out``. Labels enter as one one-hot token that the transformers cross-attend to
+(cross_attention_dim = number of classes), as in the paper.
+
+The network predicts the noise eps; ``fedinf_jax.score`` turns that into a score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos(t w_j), sin(t w_j)], w_j = max_period^(-j / (dim / 2)).
+
+    diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> + proj(SiLU(temb)) -> GN -> SiLU -> conv3x3, 1x1 shortcut."""
+
+    features: int
+    groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb):
+        h = nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
+        h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv1")(nn.silu(h))
+        temb = nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        h = h + temb[:, None, None, :]
+        h = nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm2")(h)
+        h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv2")(nn.silu(h))
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' projections: to_q/to_k/to_v without bias, to_out."""
+
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        dim = x.shape[-1]
+        head_dim = dim // self.heads
+        dense = lambda name, bias=False: nn.Dense(dim, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
+        q, k, v = dense("to_q")(x), dense("to_k")(context), dense("to_v")(context)
+        split = lambda a: a.reshape((*a.shape[:-1], self.heads, head_dim))  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+        return dense("to_out", bias=True)(out)
+
+
+class TransformerBlock(nn.Module):
+    """LN -> self-attention, LN -> cross-attention to the label token, LN -> GEGLU feed-forward."""
+
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        dim = x.shape[-1]
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
+        x = x + Attention(self.heads, self.dtype, name="attn1")(ln("norm1")(x))
+        x = x + Attention(self.heads, self.dtype, name="attn2")(ln("norm2")(x), context)
+        h = nn.Dense(8 * dim, dtype=self.dtype, name="ff_proj")(ln("norm3")(x))
+        h, gate = jnp.split(h, 2, axis=-1)
+        return x + nn.Dense(dim, dtype=self.dtype, name="ff_out")(h * nn.gelu(gate, False))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel: GN -> conv1x1 -> TransformerBlock over pixels -> conv1x1."""
+
+    heads: int
+    groups: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, hgt, wid, c = x.shape
+        h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(h)
+        h = TransformerBlock(self.heads, self.dtype, name="block")(
+            h.reshape(b, hgt * wid, c), context
+        )
+        h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(h.reshape(b, hgt, wid, c))
+        return x + h
+
+
+class UNet(nn.Module):
+    """Noise-prediction U-Net: ``apply(params, x, t, y) -> eps_hat`` with x (B, H, W, C),
+    t (B,) a noise-level input (the caller scales diffusion time, e.g. 999 t), y (B,) int labels.
+    """
+
+    block_out_channels: Sequence[int] = (16, 32, 64)
+    layers_per_block: int = 1
+    attention_levels: Sequence[bool] = (False, False, True)
+    up_attention_levels: Sequence[bool] | None = None  # None: same as attention_levels
+    mid_attention: bool = True
+    norm_groups: int = 8
+    num_heads: int = 4
+    num_classes: int = 10
+    class_embedding: bool = True
+    out_channels: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, y):
+        chans = tuple(self.block_out_channels)
+        down_attn = tuple(self.attention_levels)
+        up_attn = down_attn if self.up_attention_levels is None else tuple(self.up_attention_levels)
+        for name, levels in (("attention_levels", down_attn), ("up_attention_levels", up_attn)):
+            if len(levels) != len(chans):
+                raise ValueError(
+                    f"{name} {levels} must have one entry per level of block_out_channels {chans}"
+                )
+        groups, dtype = self.norm_groups, self.dtype
+        temb_dim = 4 * chans[0]
+        temb = timestep_embedding(t, chans[0])
+        temb = nn.Dense(temb_dim, dtype=dtype, name="time_linear_1")(temb)
+        temb = nn.Dense(temb_dim, dtype=dtype, name="time_linear_2")(nn.silu(temb))
+        if self.class_embedding:
+            temb = temb + nn.Embed(self.num_classes, temb_dim, name="class_embedding")(y).astype(
+                temb.dtype
+            )
+        context = jax.nn.one_hot(y, self.num_classes, dtype=dtype)[:, None, :]
+
+        h = nn.Conv(chans[0], (3, 3), padding=1, dtype=dtype, name="conv_in")(x.astype(dtype))
+        skips = [h]
+        for level, ch in enumerate(chans):
+            for i in range(self.layers_per_block):
+                h = ResnetBlock(ch, groups, dtype, name=f"down_{level}_res_{i}")(h, temb)
+                if down_attn[level]:
+                    h = SpatialTransformer(
+                        self.num_heads, groups, dtype, name=f"down_{level}_attn_{i}"
+                    )(h, context)
+                skips.append(h)
+            if level < len(chans) - 1:
+                h = nn.Conv(
+                    ch, (3, 3), strides=2, padding=1, dtype=dtype, name=f"down_{level}_downsample"
+                )(h)
+                skips.append(h)
+
+        h = ResnetBlock(chans[-1], groups, dtype, name="mid_res_0")(h, temb)
+        if self.mid_attention:
+            h = SpatialTransformer(self.num_heads, groups, dtype, name="mid_attn")(h, context)
+        h = ResnetBlock(chans[-1], groups, dtype, name="mid_res_1")(h, temb)
+
+        for level in reversed(range(len(chans))):
+            ch = chans[level]
+            for i in range(self.layers_per_block + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResnetBlock(ch, groups, dtype, name=f"up_{level}_res_{i}")(h, temb)
+                if up_attn[level]:
+                    h = SpatialTransformer(
+                        self.num_heads, groups, dtype, name=f"up_{level}_attn_{i}"
+                    )(h, context)
+            if level > 0:
+                # Nearest 2x, cropped to the next skip's size (7 -> 4 -> 8 -> 7 at 28x28).
+                b, hh, ww, c = h.shape
+                h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
+                th, tw = skips[-1].shape[1:3]
+                h = nn.Conv(ch, (3, 3), padding=1, dtype=dtype, name=f"up_{level}_upsample")(
+                    h[:, :th, :tw]
+                )
+        h = nn.GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=dtype, name="conv_out")(nn.silu(h))
+        return h.astype(jnp.float32)
+
+
+def make_unet(model_config) -> UNet:
+    """Builds the U-Net from a ``config.model`` section."""
+    return UNet(
+        block_out_channels=tuple(model_config.block_out_channels),
+        layers_per_block=model_config.layers_per_block,
+        attention_levels=tuple(model_config.attention_levels),
+        up_attention_levels=tuple(model_config.up_attention_levels),
+        mid_attention=model_config.mid_attention,
+        norm_groups=model_config.norm_groups,
+        num_heads=model_config.num_heads,
+        num_classes=model_config.num_classes,
+        class_embedding=model_config.class_embedding,
+        dtype=jnp.dtype(model_config.dtype),
+    )

@@ -1,0 +1,167 @@
+"""Forward diffusion SDEs dx = f(x, t) dt + g(t) dW (Song et al. 2021, "Score-Based Generative
+Modeling through Stochastic Differential Equations"), with their Gaussian marginals.
+
+Every SDE here has an affine drift, so the perturbation kernel is
+    x_t | x_0 ~ N(alpha(t) x_0, std(t)^2 I),
+and ``marginal(t)`` returns (alpha(t), std(t)). Classes follow equinox's rule: ``SDE`` is abstract,
+the members are final.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedinf_jax.types import Array, Key
+
+
+class SDE(abc.ABC):
+    """Abstract forward SDE on t in [0, T]."""
+
+    T: float = 1.0
+
+    @abc.abstractmethod
+    def drift(self, x: Array, t: Array) -> Array:
+        """f(x, t), broadcasting t against the batch axis of x."""
+
+    @abc.abstractmethod
+    def diffusion(self, t: Array) -> Array:
+        """g(t) (scalar noise level per time)."""
+
+    @abc.abstractmethod
+    def marginal(self, t: Array) -> tuple[Array, Array]:
+        """(alpha(t), std(t)) of the perturbation kernel N(alpha x_0, std^2 I)."""
+
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, prior_std^2 I) at t = T."""
+
+    def prior_sample(self, key: Key, shape: tuple[int, ...]) -> Array:
+        """A draw from the prior N(0, prior_std^2 I)."""
+        return self.prior_std() * jax.random.normal(key, shape)
+
+    def perturb(self, x0: Array, t: Array, noise: Array) -> Array:
+        """x_t = alpha(t) x_0 + std(t) z, with t of shape (batch,)."""
+        alpha, std = self.marginal(t)
+        return batch_broadcast(alpha, x0) * x0 + batch_broadcast(std, x0) * noise
+
+
+def batch_broadcast(v: Array, x: Array) -> Array:
+    """Reshapes a per-example vector (batch,) to broadcast against x (batch, ...)."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearBetaSDE(SDE):
+    """Abstract: the VP family's linear schedule beta(t) = beta_min + t (beta_max - beta_min),
+    drift f = -beta(t) x / 2, alpha(t) = exp(-t^2 (beta_max - beta_min) / 4 - t beta_min / 2)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t):
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def drift(self, x, t):
+        return -0.5 * batch_broadcast(self.beta(t), x) * x
+
+    def prior_std(self):
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_LinearBetaSDE):
+    """Variance preserving: g = sqrt(beta(t)), std(t) = sqrt(1 - alpha(t)^2)."""
+
+    def diffusion(self, t):
+        return jnp.sqrt(self.beta(t))
+
+    def marginal(self, t):
+        log_alpha = self.log_alpha(t)
+        return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(_LinearBetaSDE):
+    """Sub-VP: g(t)^2 = beta(t) (1 - alpha(t)^4), std(t) = 1 - alpha(t)^2."""
+
+    def diffusion(self, t):
+        return jnp.sqrt(self.beta(t) * -jnp.expm1(4.0 * self.log_alpha(t)))
+
+    def marginal(self, t):
+        log_alpha = self.log_alpha(t)
+        return jnp.exp(log_alpha), -jnp.expm1(2.0 * log_alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+    """Variance exploding (score_sde): sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0,
+    g = sigma(t) sqrt(2 log(sigma_max / sigma_min)); alpha = 1, std(t) = sigma(t)."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def drift(self, x, t):
+        return jnp.zeros_like(x)
+
+    def diffusion(self, t):
+        return self.sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
+
+    def marginal(self, t):
+        return jnp.ones_like(t), self.sigma(t)
+
+    def prior_std(self):
+        return self.sigma_max
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperVESDE(SDE):
+    """The paper's VE SDE (Song's tutorial form): f = 0, g(t) = sigma^t, so
+    std(t)^2 = int_0^t sigma^(2s) ds = (sigma^(2t) - 1) / (2 ln sigma); alpha = 1
+    (RESEARCH.md section 1)."""
+
+    sigma: float = 25.0
+
+    def drift(self, x, t):
+        return jnp.zeros_like(x)
+
+    def diffusion(self, t):
+        return self.sigma**t
+
+    def marginal(self, t):
+        var = jnp.expm1(2.0 * t * math.log(self.sigma)) / (2.0 * math.log(self.sigma))
+        return jnp.ones_like(t), jnp.sqrt(var)
+
+    def prior_std(self):
+        return math.sqrt((self.sigma ** (2 * self.T) - 1.0) / (2.0 * math.log(self.sigma)))
+
+
+SDES: dict[str, Callable[..., SDE]] = {
+    "vp": lambda c: VPSDE(beta_min=c.beta_min, beta_max=c.beta_max),
+    "subvp": lambda c: SubVPSDE(beta_min=c.beta_min, beta_max=c.beta_max),
+    "ve": lambda c: VESDE(sigma_min=c.sigma_min, sigma_max=c.sigma_max),
+    "ve_paper": lambda c: PaperVESDE(sigma=c.sigma),
+}
+
+
+def make_sde(sde_config) -> SDE:
+    """Builds the SDE named by ``sde_config.name`` from its parameters.
+
+    Raises:
+      ValueError: an unknown name (the message lists the valid ones).
+    """
+    if sde_config.name not in SDES:
+        raise ValueError(f"unknown SDE {sde_config.name!r}; valid: {sorted(SDES)}")
+    return SDES[sde_config.name](sde_config)

@@ -1,0 +1,333 @@
+"""Training K score-model agents at once.
+
+Every agent's parameters, EMA parameters and optimizer state are stacked on a leading ``agents``
+axis; one jitted ``train_step(state, batch, key) -> (state, metrics)`` updates all K agents, each
+on its own shard's batch and its own key, through the configured agent-axis strategy
+(``fedinf_jax.agents``). Nothing crosses agents: agent i's update reads only agent i's
+parameters, data and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from fedinf_jax import agents, checkpoint, data, partitions
+from fedinf_jax.input_pipeline import AgentBatcher
+from fedinf_jax.models import make_unet
+from fedinf_jax.score import make_loss_fn
+from fedinf_jax.sde import SDE, make_sde
+from fedinf_jax.types import AgentParams, Key, PyTree
+
+
+class TrainState(NamedTuple):
+    """All K agents' training state; every leaf but ``step`` has a leading ``agents`` axis."""
+
+    step: jax.Array
+    params: AgentParams
+    ema_params: AgentParams
+    opt_state: PyTree
+
+
+def make_schedule(train_config) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate`` then cosine decay to ``end_lr_factor`` x it."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train_config.learning_rate,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
+        end_value=train_config.learning_rate * train_config.end_lr_factor,
+    )
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """Per-agent gradient clipping (global norm), then AdamW on the warm-up + cosine schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(make_schedule(train_config), weight_decay=train_config.weight_decay),
+    )
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """EMA decay min(decay, (1 + step) / (10 + step)): short runs still average recent weights."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_key(seed: int) -> Key:
+    """The run's root key. XLA's RngBitGenerator ("rbg") rather than threefry: initialising a
+    U-Net's many parameters with threefry took 2-3x longer to compile on XLA:CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def init_agents(model, num_agents: int, key: Key, image_shape=data.IMAGE_SHAPE) -> AgentParams:
+    """K independently initialised agents, stacked (``lax.map``: one compiled init)."""
+    x = jnp.zeros((1, *image_shape))
+    t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    keys = jax.random.split(key, num_agents)
+    return jax.jit(lambda ks: jax.lax.map(lambda k: model.init(k, x, t, y), ks))(keys)
+
+
+def create_train_state(params: AgentParams, tx: optax.GradientTransformation) -> TrainState:
+    """The step-0 state of stacked agents: EMA starts at the parameters."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        # A copy, not an alias: the train step donates its input state.
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=jax.vmap(tx.init)(params),
+    )
+
+
+def make_train_step(
+    loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float, strategy: str
+) -> Callable:
+    """Builds ``train_step(state, batch, key) -> (state, metrics)`` for stacked agents.
+
+    The step's key is ``fold_in(key, state.step)`` split into one key per agent, so a resumed run
+    draws the same noise. ``metrics`` hold per-agent arrays: ``loss`` and ``grad_norm`` (K,).
+    """
+
+    def agent_update(params, ema, opt_state, images, labels, key, step):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, ema_decay))
+        return params, ema, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    update_all = agents.over_agents(agent_update, strategy, in_axes=(0, 0, 0, 0, 0, 0, None))
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], key: Key):
+        num_agents = agents.num_agents_of(state.params)
+        keys = jax.random.split(jax.random.fold_in(key, state.step), num_agents)
+        params, ema, opt_state, metrics = update_all(
+            state.params,
+            state.ema_params,
+            state.opt_state,
+            batch["images"],
+            batch["labels"],
+            keys,
+            state.step,
+        )
+        return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+    return train_step
+
+
+def check_finite(loss: np.ndarray, step: int, saved_step: int) -> None:
+    """Raises FloatingPointError naming the agents whose loss at ``step`` is not finite."""
+    if not np.all(np.isfinite(loss)):
+        bad = np.flatnonzero(~np.isfinite(loss)).tolist()
+        raise FloatingPointError(
+            f"non-finite loss at step {step} for agent(s) {bad} (losses {loss.tolist()}); "
+            f"the last checkpoint (step {saved_step}) is kept"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """A config resolved into plain objects, once, outside ``jit``."""
+
+    model: Any
+    sde: SDE
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_strategy: str
+    score_strategy: str
+
+
+def resolve(config: ml_collections.ConfigDict) -> Components:
+    """Builds the model, SDE, optimizer and agent-axis strategies a config names.
+
+    Raises:
+      ValueError: an unknown SDE or strategy name, or an invalid number of agents.
+    """
+    if config.partition.num_agents < 1:
+        raise ValueError(f"partition.num_agents must be >= 1, got {config.partition.num_agents}")
+    return Components(
+        model=make_unet(config.model),
+        sde=make_sde(config.sde),
+        tx=make_optimizer(config.train),
+        schedule=make_schedule(config.train),
+        train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
+        score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
+    )
+
+
+def make_partition(config: ml_collections.ConfigDict, labels: np.ndarray) -> partitions.Partition:
+    """The config's partition of the training labels."""
+    p = config.partition
+    extra = {
+        "heterogeneous": {"owner_fraction": p.owner_fraction},
+        "dirichlet": {"alpha": p.alpha, "min_partition_size": p.min_partition_size},
+        "pathological": {"classes_per_agent": p.classes_per_agent},
+    }.get(p.name, {})
+    return partitions.make_partition(p.name, labels, p.num_agents, seed=p.seed, **extra)
+
+
+def run_record(config: ml_collections.ConfigDict, partition: partitions.Partition) -> dict:
+    """The JSON ``meta`` a checkpoint carries: config, count matrix, agents."""
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "counts": partition.counts.tolist(),
+        "num_agents": partition.num_agents,
+        "partition": config.partition.name,
+    }
+
+
+def _check_record(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a run trained with another model, SDE or partition."""
+    stored = meta.get("config", {})
+    current = json.loads(config.to_json_best_effort())
+    for section in ("model", "sde", "partition"):
+        if stored.get(section) != current.get(section):
+            raise checkpoint.CheckpointMismatchError(
+                f"the checkpoint in {workdir} was trained with {section} = {stored.get(section)}, "
+                f"the config now says {current.get(section)}. Use the original config or a fresh "
+                "--workdir."
+            )
+
+
+def count_params(params: PyTree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def build_train_step(config: ml_collections.ConfigDict, components: Components) -> Callable:
+    """The config's jitted ``train_step(state, batch, key)`` (input state donated)."""
+    loss_fn = make_loss_fn(components.model, components.sde, eps=config.sde.eps)
+    step = make_train_step(
+        loss_fn, components.tx, config.train.ema_decay, components.train_strategy
+    )
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None
+) -> TrainState:
+    """Trains the config's K agents, writing checkpoints and summaries under ``workdir``.
+
+    Resumes from the latest checkpoint in ``workdir`` when there is one (same step counter,
+    optimizer state, EMA and data order as an uninterrupted run).
+
+    Args:
+      config: a resolved-at-call ``ConfigDict`` (see ``configs/base.py``).
+      workdir: where checkpoints and TensorBoard files go.
+      stop_at: stop (with a checkpoint) after this step even if ``train.num_steps`` is larger,
+        e.g. to split a long run into time slices; the schedule still spans ``num_steps``.
+
+    Raises:
+      CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model or partition.
+      FloatingPointError: a non-finite loss (names the agents and the step).
+    """
+    from clu import metric_writers, periodic_actions
+
+    components = resolve(config)
+    mnist = data.load_mnist(config.data.mnist_dir)
+    partition = make_partition(config, mnist.train_labels)
+    batcher = AgentBatcher(
+        mnist.train_images,
+        mnist.train_labels,
+        partition,
+        config.train.batch_size,
+        seed=config.seed,
+        centered=config.data.centered,
+    )
+    num_agents = partition.num_agents
+    logging.info(
+        "partition %s: %d agents, shard sizes %s",
+        config.partition.name,
+        num_agents,
+        partition.counts.sum(axis=1).tolist(),
+    )
+
+    key = make_key(config.seed)
+    init_key, train_key = jax.random.split(key)
+    abstract = jax.eval_shape(
+        lambda k: create_train_state(init_agents(components.model, num_agents, k), components.tx),
+        init_key,
+    )
+    per_agent = count_params(abstract.params) // num_agents
+    logging.info(
+        "U-Net %s: %s parameters per agent, %s for %d agents",
+        tuple(config.model.block_out_channels),
+        f"{per_agent:,}",
+        f"{per_agent * num_agents:,}",
+        num_agents,
+    )
+
+    os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
+    meta = run_record(config, partition)
+    if manager.latest_step() is not None:
+        _check_record(checkpoint.restore_meta(manager), config, workdir)
+        state, _ = checkpoint.restore(manager, abstract)
+        logging.info(
+            "resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step)
+        )
+    else:
+        state = create_train_state(
+            init_agents(components.model, num_agents, init_key), components.tx
+        )
+
+    train_step = build_train_step(config, components)
+    logging.info(
+        "agent-axis strategy for training: %s (backend %s)",
+        components.train_strategy,
+        jax.default_backend(),
+    )
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    num_steps = config.train.num_steps
+    initial_step = int(state.step)
+    if initial_step >= num_steps:
+        logging.info("already trained to step %d >= num_steps %d", initial_step, num_steps)
+        manager.close()
+        return state
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
+    )
+    last_step = num_steps if stop_at is None else min(stop_at, num_steps)
+    saved_step = initial_step
+    t_start = time.time()
+    try:
+        for step in range(initial_step, last_step):
+            batch = batcher(step)
+            state, metrics = train_step(state, batch, train_key)
+            loss = np.asarray(metrics["loss"])
+            check_finite(loss, step, saved_step)
+            done = step + 1
+            report(done)
+            if done % config.train.log_every == 0 or done == num_steps:
+                scalars = {
+                    "loss": float(loss.mean()),
+                    "grad_norm": float(np.mean(metrics["grad_norm"])),
+                    "learning_rate": float(components.schedule(step)),
+                }
+                scalars.update({f"loss/agent_{k}": float(v) for k, v in enumerate(loss)})
+                writer.write_scalars(done, scalars)
+            if done % config.train.checkpoint_every == 0 or done == last_step:
+                checkpoint.save(manager, done, state, meta)
+                saved_step = done
+    except KeyboardInterrupt:
+        # If the interrupt landed inside the call, ``state`` may be the donated (deleted) input.
+        intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+        if intact and int(state.step) > saved_step:
+            logging.warning("interrupted: saving step %d before exiting", int(state.step))
+            checkpoint.save(manager, int(state.step), state, meta)
+        raise
+    finally:
+        writer.flush()
+        manager.close()
+    logging.info("trained steps %d-%d in %.1f s", initial_step, last_step, time.time() - t_start)
+    return state
