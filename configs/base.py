@@ -92,11 +92,11 @@ def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
         config.model.mid_attention = False
         config.model.norm_groups = 4
         config.model.num_heads = 2
-        config.train.num_steps = 4
+        config.train.num_steps = 30
         config.train.batch_size = 8
-        config.train.warmup_steps = 2
-        config.train.log_every = 2
-        config.train.checkpoint_every = 2
+        config.train.warmup_steps = 5
+        config.train.log_every = 10
+        config.train.checkpoint_every = 10
     elif preset == "demo":
         config.model.block_out_channels = (8, 16, 32)
         config.model.norm_groups = 4

@@ -129,9 +129,12 @@ def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
 
     splits = {}
     for split in ("train", "test"):
-        ds = tfds.load("mnist", split=split, batch_size=-1, data_dir=data_dir)
-        ds = tfds.as_numpy(ds)
-        splits[split] = (ds["image"][..., 0].astype(np.uint8), ds["label"].astype(np.int32))
+        # Batched iteration rather than batch_size=-1, which aborts inside TF under mock_data.
+        ds = tfds.load("mnist", split=split, data_dir=data_dir, as_supervised=True)
+        parts = list(tfds.as_numpy(ds.batch(10_000)))
+        images = np.concatenate([im for im, _ in parts])[..., 0].astype(np.uint8)
+        labels = np.concatenate([lb for _, lb in parts]).astype(np.int32)
+        splits[split] = (images, labels)
     return Mnist(*splits["train"], *splits["test"])
 
 

@@ -105,7 +105,8 @@ class SubVPSDE(_LinearBetaSDE):
 @dataclasses.dataclass(frozen=True)
 class VESDE(SDE):
     """Variance exploding (score_sde): sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0,
-    g = sigma(t) sqrt(2 log(sigma_max / sigma_min)); alpha = 1, std(t) = sigma(t)."""
+    g = sigma(t) sqrt(2 log(sigma_max / sigma_min)); alpha = 1 and, started at x_0 at t = 0,
+    std(t)^2 = sigma(t)^2 - sigma_min^2 exactly (score_sde approximates std by sigma(t))."""
 
     sigma_min: float = 0.01
     sigma_max: float = 50.0
@@ -120,10 +121,10 @@ class VESDE(SDE):
         return self.sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
 
     def marginal(self, t):
-        return jnp.ones_like(t), self.sigma(t)
+        return jnp.ones_like(t), jnp.sqrt(self.sigma(t) ** 2 - self.sigma_min**2)
 
     def prior_std(self):
-        return self.sigma_max
+        return math.sqrt(self.sigma_max**2 - self.sigma_min**2)
 
 
 @dataclasses.dataclass(frozen=True)

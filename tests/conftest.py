@@ -1,0 +1,53 @@
+"""Shared fixtures: the local MNIST copy, a persistent compilation cache, tiny configs."""
+
+import os
+import pathlib
+
+import pytest
+
+from fedinf_jax import data, runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _mnist_dir() -> pathlib.Path | None:
+    for candidate in (
+        os.environ.get(data.MNIST_DIR_ENV),
+        ROOT.parent / "shared" / "data" / "mnist",
+    ):
+        if candidate and (pathlib.Path(candidate) / data.IDX_FILES["train_labels"]).is_file():
+            return pathlib.Path(candidate)
+    return None
+
+
+MNIST_DIR = _mnist_dir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One XLA cache for the session, shared with subprocesses: each program compiles once."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    runtime.enable_compilation_cache(str(cache))
+    os.environ[runtime.CACHE_ENV] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+    if MNIST_DIR is None:
+        pytest.fail(
+            "the local MNIST copy is missing: set FEDINF_MNIST_DIR to a directory with the four "
+            "IDX .gz files (../shared/data/mnist in this project's workspace)"
+        )
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir) -> data.Mnist:
+    return data.load_mnist_idx(mnist_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mnist_env(mnist_dir):
+    """Entry points run in subprocesses read the local copy through the environment."""
+    os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)

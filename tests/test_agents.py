@@ -1,0 +1,120 @@
+"""The agent axis: every strategy computes what a loop over agents computes; agents are isolated."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from fedinf_jax import agents, train_lib
+from fedinf_jax.score import make_loss_fn, make_score_fn
+
+K, B = 2, 4
+
+
+def _micro_config():
+    """A one-level U-Net: the same code paths, far fewer ops to compile."""
+    c = base.get_config("smoke")
+    c.model.block_out_channels = (4,)
+    c.model.attention_levels = (True,)
+    c.model.up_attention_levels = (True,)
+    c.model.norm_groups = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = _micro_config()
+    comp = train_lib.resolve(config)
+    params = train_lib.init_agents(comp.model, K, train_lib.make_key(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": jnp.asarray(rng.uniform(-1, 1, (K, B, 28, 28, 1)), jnp.float32),
+        "labels": jnp.asarray(rng.integers(0, 10, (K, B)), jnp.int32),
+    }
+    return config, comp, params, batch
+
+
+def _two_steps(step, comp, params, batch, key):
+    """Two updates: the warm-up's learning rate is 0 at the first one."""
+    state = train_lib.create_train_state(params, comp.tx)
+    state, _ = step(state, batch, key)
+    return step(state, batch, key)
+
+
+@functools.cache
+def _train_step(strategy):
+    config = _micro_config()
+    comp = train_lib.resolve(config)
+    loss_fn = make_loss_fn(comp.model, comp.sde)
+    return jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy))
+
+
+@pytest.mark.parametrize("strategy", agents.STRATEGIES)
+def test_stacked_forward_equals_loop(setup, strategy):
+    _, comp, params, batch = setup
+    score_fn = make_score_fn(comp.model, comp.sde)
+    x, y = batch["images"][0], batch["labels"][0]
+    t = jnp.linspace(0.1, 0.9, B)
+    stacked = jax.jit(agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None)))
+    out = stacked(params, x, t, y)
+    single = jax.jit(score_fn)
+    loop = jnp.stack([single(agents.agent(params, i), x, t, y) for i in range(K)])
+    assert out.shape == (K, B, 28, 28, 1)
+    np.testing.assert_allclose(out, loop, rtol=2e-5, atol=2e-5)
+
+
+def test_train_step_same_numbers_for_every_strategy(setup):
+    _, comp, params, batch = setup
+    key = jax.random.key(3)
+    results = {}
+    for strategy in agents.STRATEGIES:
+        state, metrics = _two_steps(_train_step(strategy), comp, params, batch, key)
+        results[strategy] = (state, metrics)
+    ref_state, ref_metrics = results["unroll"]
+    for strategy, (state, metrics) in results.items():
+        np.testing.assert_allclose(
+            metrics["loss"], ref_metrics["loss"], rtol=1e-5, err_msg=strategy
+        )
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=strategy)
+    assert int(ref_state.step) == 2
+
+
+@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+def test_agent_isolation(setup, strategy):
+    """Changing agent 1's data leaves agent 0's update bitwise unchanged."""
+    _, comp, params, batch = setup
+    key = jax.random.key(5)
+    other = dict(batch)
+    other["images"] = batch["images"].at[1].set(-batch["images"][1])
+    other["labels"] = batch["labels"].at[1].set((batch["labels"][1] + 1) % 10)
+    step = _train_step(strategy)
+    a, _ = _two_steps(step, comp, params, batch, key)
+    b, _ = _two_steps(step, comp, params, other, key)
+    for x, y in zip(
+        jax.tree.leaves(agents.agent(a.params, 0)),
+        jax.tree.leaves(agents.agent(b.params, 0)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+    changed = [
+        not np.array_equal(x, y)
+        for x, y in zip(
+            jax.tree.leaves(agents.agent(a.params, 1)),
+            jax.tree.leaves(agents.agent(b.params, 1)),
+            strict=True,
+        )
+    ]
+    assert any(changed)
+
+
+def test_strategy_resolution():
+    assert agents.resolve_strategy("auto", "train", backend="cpu") == "unroll"
+    assert agents.resolve_strategy("auto", "score", backend="cpu") == "map"
+    assert agents.resolve_strategy("auto", "train", backend="gpu") == "vmap"
+    assert agents.resolve_strategy("map", "train") == "map"
+    with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll'\]"):
+        agents.resolve_strategy("pmap", "train")

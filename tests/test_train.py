@@ -1,0 +1,158 @@
+"""End to end: train.py in a subprocess, resume equivalence, checkpoints, bad inputs."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base, hetero
+from fedinf_jax import checkpoint, data, train_lib
+from tests.conftest import ROOT
+
+
+def _abstract_state(config, num_agents):
+    comp = train_lib.resolve(config)
+    return jax.eval_shape(
+        lambda k: train_lib.create_train_state(
+            train_lib.init_agents(comp.model, num_agents, k), comp.tx
+        ),
+        jax.random.split(train_lib.make_key(config.seed))[0],
+    )
+
+
+def _restore(workdir, config):
+    manager = checkpoint.make_manager(workdir, create=False)
+    try:
+        return checkpoint.restore(manager, _abstract_state(config, config.partition.num_agents))
+    finally:
+        manager.close()
+
+
+@pytest.fixture(scope="module")
+def cli_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli_run")
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/hetero.py:smoke", f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ETA" in result.stderr and "parameters per agent" in result.stderr
+    return workdir
+
+
+def test_cli_writes_checkpoints_and_tensorboard(cli_workdir):
+    config = hetero.get_config("smoke")
+    steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{cli_workdir}/checkpoints/*"))
+    assert steps == [10, 20, 30]
+    assert glob.glob(f"{cli_workdir}/events.out.tfevents.*")
+    state, meta = _restore(cli_workdir, config)
+    assert int(state.step) == 30
+    assert isinstance(state.opt_state[1][0], optax.ScaleByAdamState)
+    assert meta["num_agents"] == 2 and meta["partition"] == "heterogeneous"
+    counts = np.asarray(meta["counts"])
+    assert counts.shape == (2, 10) and counts[0, 0] > counts[0, 1]
+    assert meta["config"]["model"]["block_out_channels"] == [8, 16]
+
+
+def test_resumed_run_equals_uninterrupted(cli_workdir, tmp_path):
+    config = hetero.get_config("smoke")
+    train_lib.train_and_evaluate(config, str(tmp_path), stop_at=15)
+    state, _ = _restore(tmp_path, config)
+    assert int(state.step) == 15
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    resumed, _ = _restore(tmp_path, config)
+    straight, _ = _restore(cli_workdir, config)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
+    config = hetero.get_config("smoke")
+    comp = train_lib.resolve(config)
+    trained, _ = _restore(cli_workdir, config)
+    initial = train_lib.init_agents(comp.model, 2, jax.random.split(train_lib.make_key(0))[0])
+    loss_fn = jax.jit(
+        jax.vmap(train_lib.make_loss_fn(comp.model, comp.sde), in_axes=(0, None, None, None))
+    )
+    x = jnp.asarray(data.to_model_input(mnist.test_images[:64]))
+    y = jnp.asarray(mnist.test_labels[:64])
+    key = jax.random.key(7)
+    before = np.asarray(loss_fn(initial, x, y, key))
+    after = np.asarray(loss_fn(trained.params, x, y, key))
+    assert np.all(after < 0.8 * before), (before, after)
+
+
+def test_mismatched_config_is_a_clear_error(cli_workdir):
+    config = hetero.get_config("smoke")
+    config.model.block_out_channels = (8, 24)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="model"):
+        train_lib.train_and_evaluate(config, str(cli_workdir))
+    manager = checkpoint.make_manager(cli_workdir, create=False)
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError, match=r"checkpoint \(2, 16, 16\), config \(2, 24, 24\)"
+    ):
+        checkpoint.restore(manager, _abstract_state(config, 2))
+    manager.close()
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    tx = optax.adamw(1e-3)
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((2, 1))}
+    state = train_lib.create_train_state(params, tx)._replace(step=jnp.asarray(4, jnp.int32))
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, 4, state, {"counts": [[1, 2]]})
+    restored, meta = checkpoint.restore(manager, jax.eval_shape(lambda: state))
+    manager.close()
+    assert meta == {"counts": [[1, 2]]}
+    assert isinstance(restored, train_lib.TrainState)
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_checkpoint(tmp_path):
+    manager = checkpoint.make_manager(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.restore(manager, {})
+
+
+def test_non_finite_loss_names_agent_and_step():
+    train_lib.check_finite(np.array([0.5, 0.4]), step=3, saved_step=0)
+    with pytest.raises(FloatingPointError, match=r"step 12 for agent\(s\) \[1\]"):
+        train_lib.check_finite(np.array([0.5, np.nan, 0.2]), step=12, saved_step=10)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: setattr(c.sde, "name", "edm"), "unknown SDE 'edm'; valid"),
+        (lambda c: setattr(c.agent_axis, "train", "pmap"), "unknown agent-axis strategy"),
+        (lambda c: setattr(c.partition, "num_agents", 0), "num_agents must be >= 1"),
+    ],
+)
+def test_bad_config_values(edit, message):
+    config = hetero.get_config("smoke")
+    edit(config)
+    with pytest.raises(ValueError, match=message):
+        train_lib.resolve(config)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"valid: \['smoke', 'demo', 'cpu', 'paper'\]"):
+        base.get_config("huge")
+
+
+def test_unknown_partition_in_config(mnist):
+    config = hetero.get_config("smoke")
+    config.partition.name = "iid"
+    with pytest.raises(ValueError, match="unknown partition 'iid'; valid"):
+        train_lib.make_partition(config, mnist.train_labels)
