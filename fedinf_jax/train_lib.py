@@ -10,6 +10,7 @@ parameters, data and key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -71,12 +72,21 @@ def make_key(seed: int) -> Key:
     return jax.random.key(seed, impl="rbg")
 
 
+@functools.cache
+def _jitted_init(model, image_shape: tuple[int, ...]) -> Callable:
+    """One traced and compiled init per (model, image shape) and process."""
+
+    def init(keys):
+        x = jnp.zeros((1, *image_shape))
+        t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+        return jax.lax.map(lambda k: model.init(k, x, t, y), keys)
+
+    return jax.jit(init)
+
+
 def init_agents(model, num_agents: int, key: Key, image_shape=data.IMAGE_SHAPE) -> AgentParams:
     """K independently initialised agents, stacked (``lax.map``: one compiled init)."""
-    x = jnp.zeros((1, *image_shape))
-    t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-    keys = jax.random.split(key, num_agents)
-    return jax.jit(lambda ks: jax.lax.map(lambda k: model.init(k, x, t, y), ks))(keys)
+    return _jitted_init(model, tuple(image_shape))(jax.random.split(key, num_agents))
 
 
 def create_train_state(params: AgentParams, tx: optax.GradientTransformation) -> TrainState:
@@ -203,8 +213,19 @@ def count_params(params: PyTree) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-def build_train_step(config: ml_collections.ConfigDict, components: Components) -> Callable:
-    """The config's jitted ``train_step(state, batch, key)`` (input state donated)."""
+def build_train_step(config: ml_collections.ConfigDict) -> Callable:
+    """The config's jitted ``train_step(state, batch, key)`` (input state donated).
+
+    Memoised on the config's JSON: a second run in the same process (a resume, a notebook) reuses
+    the traced program instead of re-tracing K unrolled U-Nets.
+    """
+    return _build_train_step(config.to_json_best_effort(sort_keys=True))
+
+
+@functools.cache
+def _build_train_step(config_json: str) -> Callable:
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    components = resolve(config)
     loss_fn = make_loss_fn(components.model, components.sde, eps=config.sde.eps)
     step = make_train_step(
         loss_fn, components.tx, config.train.ema_decay, components.train_strategy
@@ -280,7 +301,7 @@ def train_and_evaluate(
             init_agents(components.model, num_agents, init_key), components.tx
         )
 
-    train_step = build_train_step(config, components)
+    train_step = build_train_step(config)
     logging.info(
         "agent-axis strategy for training: %s (backend %s)",
         components.train_strategy,
