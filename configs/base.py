@@ -101,9 +101,9 @@ def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
         config.model.block_out_channels = (8, 16, 32)
         config.model.norm_groups = 4
         config.model.num_heads = 2
-        config.train.num_steps = 300
+        config.train.num_steps = 200
         config.train.batch_size = 32
-        config.train.warmup_steps = 30
+        config.train.warmup_steps = 20
         config.train.log_every = 25
         config.train.checkpoint_every = 100
     elif preset == "paper":

@@ -11,25 +11,33 @@ every strategy computes the same numbers, only speed and compile time differ (me
   forward passes on CPU, but gradients through convolutions inside it are pathologically slow
   there.
 * ``unroll``: a Python loop inside the traced function (K copies of the body in one program); about
-  a loop's speed on CPU, compile time grows with K.
+  a loop's speed on CPU, but compile time grows with K (many minutes for K = 10 U-Net updates on
+  2 CPU cores).
+* ``loop``: a host-side loop: the single-agent function is jitted once and called K times, the
+  stacked arguments are split and the results restacked by two more jitted calls. The paper's
+  execution model; compiles as fast as one agent. A function lifted this way must be called
+  outside ``jit`` to get that behaviour (inside a trace it is the same as ``unroll``).
 
 ``auto`` resolves per backend and purpose (``resolve_strategy``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("vmap", "map", "unroll")
+STRATEGIES = ("vmap", "map", "unroll", "loop")
+HOST_STRATEGIES = ("loop",)
+"""Strategies whose lifted function dispatches from Python and must not be wrapped in ``jit``."""
 PURPOSES = ("train", "score")
 
 # Defaults per (backend, purpose): measured on XLA:CPU (README, "Agent-axis strategies");
 # accelerators batch the agents.
 _AUTO = {
-    ("cpu", "train"): "unroll",
+    ("cpu", "train"): "loop",
     ("cpu", "score"): "map",
 }
 
@@ -71,6 +79,7 @@ def over_agents(fn: Callable, strategy: str, in_axes: int | Sequence[int | None]
         raise ValueError(f"unknown agent-axis strategy {strategy!r}; valid: {list(STRATEGIES)}")
     if strategy == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
+    jitted_fn = jax.jit(fn) if strategy == "loop" else fn
 
     def lifted(*args):
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
@@ -82,17 +91,35 @@ def over_agents(fn: Callable, strategy: str, in_axes: int | Sequence[int | None]
         if not stacked:
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
 
-        def call(agent_args):
+        def call(agent_args, f=fn):
             it = iter(agent_args)
             full = [next(it) if ax == 0 else a for a, ax in zip(args, axes, strict=True)]
-            return fn(*full)
+            return f(*full)
 
         if strategy == "map":
             return jax.lax.map(call, tuple(stacked))
         k = num_agents_of(stacked)
+        if strategy == "loop":
+            parts = _unstack(tuple(stacked), k)
+            return _stack([call(p, jitted_fn) for p in parts])
         return stack_agents([call(agent(tuple(stacked), i)) for i in range(k)])
 
     return lifted
+
+
+def maybe_jit(lifted: Callable, strategy: str, **jit_kwargs) -> Callable:
+    """``jax.jit(lifted, **jit_kwargs)``, except for host strategies, which dispatch per agent."""
+    return lifted if strategy in HOST_STRATEGIES else jax.jit(lifted, **jit_kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, num_agents: int):
+    return tuple(agent(tree, i) for i in range(num_agents))
+
+
+@jax.jit
+def _stack(trees):
+    return stack_agents(trees)
 
 
 def stack_agents(trees: Sequence) -> object:

@@ -230,7 +230,7 @@ def _build_train_step(config_json: str) -> Callable:
     step = make_train_step(
         loss_fn, components.tx, config.train.ema_decay, components.train_strategy
     )
-    return jax.jit(step, donate_argnums=(0,))
+    return agents.maybe_jit(step, components.train_strategy, donate_argnums=(0,))
 
 
 def train_and_evaluate(

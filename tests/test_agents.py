@@ -49,7 +49,7 @@ def _train_step(strategy):
     config = _micro_config()
     comp = train_lib.resolve(config)
     loss_fn = make_loss_fn(comp.model, comp.sde)
-    return jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy))
+    return agents.maybe_jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy), strategy)
 
 
 @pytest.mark.parametrize("strategy", agents.STRATEGIES)
@@ -58,7 +58,8 @@ def test_stacked_forward_equals_loop(setup, strategy):
     score_fn = make_score_fn(comp.model, comp.sde)
     x, y = batch["images"][0], batch["labels"][0]
     t = jnp.linspace(0.1, 0.9, B)
-    stacked = jax.jit(agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None)))
+    lifted = agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+    stacked = agents.maybe_jit(lifted, strategy)
     out = stacked(params, x, t, y)
     single = jax.jit(score_fn)
     loop = jnp.stack([single(agents.agent(params, i), x, t, y) for i in range(K)])
@@ -83,7 +84,7 @@ def test_train_step_same_numbers_for_every_strategy(setup):
     assert int(ref_state.step) == 2
 
 
-@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_agent_isolation(setup, strategy):
     """Changing agent 1's data leaves agent 0's update bitwise unchanged."""
     _, comp, params, batch = setup
@@ -112,9 +113,9 @@ def test_agent_isolation(setup, strategy):
 
 
 def test_strategy_resolution():
-    assert agents.resolve_strategy("auto", "train", backend="cpu") == "unroll"
+    assert agents.resolve_strategy("auto", "train", backend="cpu") == "loop"
     assert agents.resolve_strategy("auto", "score", backend="cpu") == "map"
     assert agents.resolve_strategy("auto", "train", backend="gpu") == "vmap"
     assert agents.resolve_strategy("map", "train") == "map"
-    with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll', 'loop'\]"):
         agents.resolve_strategy("pmap", "train")
