@@ -13,12 +13,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from configs import base
 from fedinf_jax import agents, train_lib
+from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_loss_fn
 
 FLAGS = flags.FLAGS
@@ -54,11 +53,7 @@ def main(_):
     b = FLAGS.batch_size or config.train.batch_size
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "images": jnp.asarray(rng.uniform(-1, 1, (k, b, 28, 28, 1)), jnp.float32),
-        "labels": jnp.asarray(rng.integers(0, 10, (k, b)), jnp.int32),
-    }
+    batch = synthetic_batch(k, b)
     key = jax.random.key(0)
     loss_fn = make_loss_fn(comp.model, comp.sde)
     print(

@@ -64,3 +64,13 @@ class AgentBatcher:
             "images": to_model_input(self._images[idx], self._centered),
             "labels": self._labels[idx].astype(np.int32),
         }
+
+
+def synthetic_batch(num_agents: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random batch of the training layout (uniform pixels in [-1, 1], random labels), for
+    benchmarks and tests that exercise the computation rather than the data."""
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.uniform(-1, 1, (num_agents, batch_size, 28, 28, 1)).astype(np.float32),
+        "labels": rng.integers(0, 10, (num_agents, batch_size)).astype(np.int32),
+    }

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 CACHE_ENV = "FEDINF_JAX_CACHE"
 
 
 def setup() -> None:
     """Keeps TensorFlow (used only for TFDS and summaries) off any accelerator, so JAX owns it,
-    and turns on JAX's persistent compilation cache (``$FEDINF_JAX_CACHE``, default
-    ``~/.cache/fedinf_jax/xla``; ``none`` disables it): a resumed or repeated run skips the
-    minutes of XLA:CPU compilation a K-agent step can take.
+    makes ``kill`` (SIGTERM) save a checkpoint like Ctrl-C does, and turns on JAX's persistent
+    compilation cache (``$FEDINF_JAX_CACHE``, default ``~/.cache/fedinf_jax/xla``; ``none``
+    disables it): a resumed or repeated run skips the minutes of XLA:CPU compilation a K-agent
+    step can take.
     """
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
     quiet_orbax()
+    signal.signal(signal.SIGTERM, _interrupt)
     cache = os.environ.get(CACHE_ENV, os.path.expanduser("~/.cache/fedinf_jax/xla"))
     if cache.lower() != "none":
         enable_compilation_cache(cache)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (``kill``) takes the Ctrl-C path: the trainer saves the current step, then exits."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def enable_compilation_cache(directory: str) -> None:

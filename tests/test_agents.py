@@ -9,6 +9,7 @@ import pytest
 
 from configs import base
 from fedinf_jax import agents, train_lib
+from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_loss_fn, make_score_fn
 
 K, B = 2, 4
@@ -29,11 +30,7 @@ def setup():
     config = _micro_config()
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, K, train_lib.make_key(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "images": jnp.asarray(rng.uniform(-1, 1, (K, B, 28, 28, 1)), jnp.float32),
-        "labels": jnp.asarray(rng.integers(0, 10, (K, B)), jnp.int32),
-    }
+    batch = synthetic_batch(K, B)
     return config, comp, params, batch
 
 
@@ -89,9 +86,9 @@ def test_agent_isolation(setup, strategy):
     """Changing agent 1's data leaves agent 0's update bitwise unchanged."""
     _, comp, params, batch = setup
     key = jax.random.key(5)
-    other = dict(batch)
-    other["images"] = batch["images"].at[1].set(-batch["images"][1])
-    other["labels"] = batch["labels"].at[1].set((batch["labels"][1] + 1) % 10)
+    other = {name: value.copy() for name, value in batch.items()}
+    other["images"][1] = -batch["images"][1]
+    other["labels"][1] = (batch["labels"][1] + 1) % 10
     step = _train_step(strategy)
     a, _ = _two_steps(step, comp, params, batch, key)
     b, _ = _two_steps(step, comp, params, other, key)
