@@ -1,14 +1,15 @@
-"""Trains K score-model agents, one per data shard, in one jitted step.
+"""Trains K score-model agents, one per data shard, all updated by one train step.
 
     python train.py --config=configs/hetero.py:cpu --workdir=runs/hetero_cpu
-    python train.py --config=configs/hetero.py:smoke --workdir=/tmp/smoke \
-        --config.train.num_steps=10
+    python train.py --config=configs/hetero.py:smoke --workdir=/tmp/smoke
 
 The config file takes a preset after a colon (smoke, demo, cpu, paper); any field can be
 overridden with --config.SECTION.FIELD=VALUE. Running the same command again resumes from the
 latest checkpoint in --workdir. Outputs: Orbax checkpoints (workdir/checkpoints), TensorBoard
 event files and a console log with loss, steps/s and ETA.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,7 +32,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
     logging.info("config:\n%s", FLAGS.config)
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except KeyboardInterrupt:
+        logging.warning("interrupted; run the same command again to resume from %s", FLAGS.workdir)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
