@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fedinf_jax import agents, checkpoint, data, partitions
+from fedinf_jax import agents, checkpoint, data, partitions, plots
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
 from fedinf_jax.score import make_loss_fn
@@ -350,5 +350,7 @@ def train_and_evaluate(
     finally:
         writer.flush()
         manager.close()
+    if jax.process_index() == 0:
+        logging.info("loss curves: %s", plots.plot_training_loss(workdir))
     logging.info("trained steps %d-%d in %.1f s", initial_step, last_step, time.time() - t_start)
     return state

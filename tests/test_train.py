@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import base, hetero
-from fedinf_jax import checkpoint, data, train_lib
+from fedinf_jax import checkpoint, data, plots, train_lib
 from tests.conftest import ROOT
 
 
@@ -54,6 +54,10 @@ def test_cli_writes_checkpoints_and_tensorboard(cli_workdir):
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{cli_workdir}/checkpoints/*"))
     assert steps == [10, 20, 30]
     assert glob.glob(f"{cli_workdir}/events.out.tfevents.*")
+    scalars = plots.read_scalars(str(cli_workdir))
+    np.testing.assert_array_equal(scalars["loss"][0], [10, 20, 30])
+    assert {"loss/agent_0", "loss/agent_1", "learning_rate", "steps_per_sec"} <= set(scalars)
+    assert os.path.getsize(cli_workdir / "training_loss.png") > 1000
     state, meta = _restore(cli_workdir, config)
     assert int(state.step) == 30
     assert isinstance(state.opt_state[1][0], optax.ScaleByAdamState)
