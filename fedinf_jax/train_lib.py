@@ -242,7 +242,7 @@ def train_and_evaluate(
     optimizer state, EMA and data order as an uninterrupted run).
 
     Args:
-      config: a resolved-at-call ``ConfigDict`` (see ``configs/base.py``).
+      config: a run's ``ConfigDict`` (see ``configs/base.py``); resolved here, outside ``jit``.
       workdir: where checkpoints and TensorBoard files go.
       stop_at: stop (with a checkpoint) after this step even if ``train.num_steps`` is larger,
         e.g. to split a long run into time slices; the schedule still spans ``num_steps``.
