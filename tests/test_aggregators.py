@@ -1,0 +1,124 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedinf_jax import aggregators as A
+from fedinf_jax import partitions
+
+K, B = 5, 6
+COUNTS = np.array([[30, 5], [10, 5], [5, 20], [5, 10], [10, 10]])
+
+
+def _members(k=K):
+    counts = COUNTS[:k] if k <= len(COUNTS) else np.ones((k, 2))
+    return {
+        "mean": A.mean(),
+        "weighted": A.weighted(np.arange(1, k + 1)),
+        "label_prior": A.label_prior(counts),
+        "schedule": A.schedule(A.switch_schedule(k, [0], t_switch=0.5)),
+        "median": A.median(),
+        "trimmed_mean": A.trimmed_mean(1 if k > 2 else 0),
+    }
+
+
+def _inputs(k=K, seed=0):
+    key = jax.random.key(seed)
+    scores = jax.random.normal(key, (k, B, 3, 3, 1))
+    x = jnp.zeros((B, 3, 3, 1))
+    y = jnp.array([0, 1, 0, 1, 1, 0])
+    t = jnp.linspace(0.1, 0.9, B)
+    return scores, t, x, y
+
+
+def _apply(agg, scores, t, x, y):
+    state = agg.init(scores.shape[0], x, y)
+    return jax.jit(agg.aggregate)(scores, t, x, y, state)
+
+
+def test_registry_covers_every_member():
+    assert set(_members()) == set(A.AGGREGATORS)
+    with pytest.raises(ValueError, match=r"valid: \['label_prior', 'mean', 'median'"):
+        A.make_aggregator("superdiff")
+
+
+@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+def test_jittable_shape_finite(name):
+    scores, t, x, y = _inputs()
+    out, state = _apply(_members()[name], scores, t, x, y)
+    assert out.shape == scores.shape[1:]
+    assert np.all(np.isfinite(out))
+    assert state == A.EmptyState()
+
+
+@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+def test_one_agent_is_that_agent(name):
+    scores, t, x, y = _inputs(k=1)
+    out, _ = _apply(_members(k=1)[name], scores, t, x, y)
+    np.testing.assert_allclose(out, scores[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+def test_identical_agents_give_the_agent(name):
+    scores, t, x, y = _inputs()
+    same = jnp.broadcast_to(scores[:1], scores.shape)
+    out, _ = _apply(_members()[name], same, t, x, y)
+    np.testing.assert_allclose(out, scores[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
+def test_permutation_invariant(name):
+    scores, t, x, y = _inputs()
+    perm = np.array([3, 0, 4, 1, 2])
+    a, _ = _apply(_members()[name], scores, t, x, y)
+    b, _ = _apply(_members()[name], scores[perm], t, x, y)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_label_prior_weights_in_the_heterogeneous_regime(mnist):
+    counts = partitions.heterogeneous(mnist.train_labels, 10).counts
+    agg = A.label_prior(counts)
+    scores = jnp.eye(10)[:, None, :]  # agent i's "score" is the unit vector e_i
+    y = jnp.array([3])
+    out, _ = agg.aggregate(scores, 0.5, jnp.zeros((1, 10)), y, agg.init(10, None, y))
+    np.testing.assert_allclose(out[0], counts[:, 3] / counts[:, 3].sum(), rtol=1e-5)
+    # The shard sizes use every class up (partitions.heterogeneous), so the owner's weight is
+    # u_y / (2 n_y) = (9/8)(1 - N / (18 n_y)), near but not exactly 1/2.
+    n = np.bincount(mnist.train_labels)
+    np.testing.assert_allclose(out[0, 3], 9 / 8 * (1 - n.sum() / (18 * n[3])), atol=1e-3)
+    assert out[0, 3] == out[0].max()
+    np.testing.assert_allclose(out[0].sum(), 1.0, rtol=1e-5)
+
+
+def test_weighted_and_schedule_values():
+    scores, t, x, y = _inputs()
+    w = np.arange(1, K + 1) / np.arange(1, K + 1).sum()
+    out, _ = _apply(A.weighted(np.arange(1, K + 1)), scores, t, x, y)
+    np.testing.assert_allclose(out, np.tensordot(w, scores, axes=1), rtol=1e-5, atol=1e-6)
+    out, _ = _apply(A.schedule(A.switch_schedule(K, [2], t_switch=0.5)), scores, t, x, y)
+    early = np.asarray(t) > 0.5
+    np.testing.assert_allclose(out[early], scores[2][early], rtol=1e-6)
+    np.testing.assert_allclose(out[~early], scores.mean(axis=0)[~early], rtol=1e-5, atol=1e-6)
+
+
+def test_robust_members_ignore_one_faulty_agent():
+    scores, t, x, y = _inputs()
+    honest = jnp.broadcast_to(scores[:1], scores.shape)
+    faulty = honest.at[4].set(1e6)
+    for agg in (A.median(), A.trimmed_mean(1)):
+        out, _ = _apply(agg, faulty, t, x, y)
+        np.testing.assert_allclose(out, scores[0], rtol=1e-5, atol=1e-6)
+    out, _ = _apply(A.mean(), faulty, t, x, y)
+    assert np.abs(out).max() > 1e5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="non-negative vector"):
+        A.weighted([1.0, -1.0])
+    with pytest.raises(ValueError, match=r"classes \[1\] are held by no agent"):
+        A.label_prior([[3, 0], [2, 0]])
+    with pytest.raises(ValueError, match="trim must be >= 0"):
+        A.trimmed_mean(-1)
+    scores, t, x, y = _inputs(k=2)
+    with pytest.raises(ValueError, match="needs more than 2 agents"):
+        _apply(A.trimmed_mean(1), scores, t, x, y)
