@@ -100,6 +100,15 @@ def create_train_state(params: AgentParams, tx: optax.GradientTransformation) ->
     )
 
 
+def abstract_train_state(components: Components, num_agents: int) -> TrainState:
+    """Shapes and dtypes of the K-agent train state, computed without running anything: the
+    target a checkpoint is restored into."""
+    return jax.eval_shape(
+        lambda k: create_train_state(init_agents(components.model, num_agents, k), components.tx),
+        make_key(0),
+    )
+
+
 def make_train_step(
     loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float, strategy: str
 ) -> Callable:
@@ -274,10 +283,7 @@ def train_and_evaluate(
 
     key = make_key(config.seed)
     init_key, train_key = jax.random.split(key)
-    abstract = jax.eval_shape(
-        lambda k: create_train_state(init_agents(components.model, num_agents, k), components.tx),
-        init_key,
-    )
+    abstract = abstract_train_state(components, num_agents)
     per_agent = count_params(abstract.params) // num_agents
     logging.info(
         "U-Net %s: %s parameters per agent, %s for %d agents",

@@ -17,13 +17,7 @@ from tests.conftest import ROOT
 
 
 def _abstract_state(config, num_agents):
-    comp = train_lib.resolve(config)
-    return jax.eval_shape(
-        lambda k: train_lib.create_train_state(
-            train_lib.init_agents(comp.model, num_agents, k), comp.tx
-        ),
-        jax.random.split(train_lib.make_key(config.seed))[0],
-    )
+    return train_lib.abstract_train_state(train_lib.resolve(config), num_agents)
 
 
 def _restore(workdir, config):
