@@ -10,21 +10,39 @@ argument: ``--config=configs/hetero.py:cpu``. Presets:
 * ``paper``: the paper's UNet2DConditionModel (about 170M parameters) and training recipe (AdamW
   lr 1e-4, 500 warm-up steps, cosine decay, batch 16, 10 epochs, VE sigma = 25), for a GPU/TPU,
   with the score scaling done correctly.
+
+Modifiers follow the preset after commas, e.g. ``--config=configs/hetero.py:cpu,paper_sampler``:
+
+* ``paper_sampler``: the paper's sampling procedure, for the ablation (RESEARCH.md section 1):
+  probability-flow ODE with adaptive dopri5, uniform ``mean`` aggregation, stop at t = 0.05 and
+  no final denoising step.
 """
 
 import ml_collections
 
 PRESETS = ("smoke", "demo", "cpu", "paper")
+MODIFIERS = ("paper_sampler",)
 DEFAULT_PRESET = "cpu"
 
 
+def parse_preset(preset: str | None) -> tuple[str, tuple[str, ...]]:
+    """``"cpu,paper_sampler"`` -> ("cpu", ("paper_sampler",)); an empty preset is the default."""
+    name, *modifiers = (preset or "").split(",")
+    name = name or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {list(PRESETS)}")
+    for m in modifiers:
+        if m not in MODIFIERS:
+            raise ValueError(f"unknown preset modifier {m!r}; valid: {list(MODIFIERS)}")
+    return name, tuple(modifiers)
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """The heterogeneous-regime config at the given preset (default ``cpu``)."""
-    preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {list(PRESETS)}")
+    """The heterogeneous-regime config at the given preset (default ``cpu``), with modifiers."""
+    preset, modifiers = parse_preset(preset)
     config = ml_collections.ConfigDict()
     config.preset = preset
+    config.modifiers = ",".join(modifiers)
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
@@ -81,8 +99,49 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agent_axis.train = "auto"
     config.agent_axis.score = "auto"
 
+    # Sampling (sample.py; fedinf_jax/sampling.py). Times t run from T (noise) to t_end (data).
+    config.sampler = ml_collections.ConfigDict()
+    config.sampler.method = "sde"  # "sde": reverse SDE; "ode": probability-flow ODE
+    # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8;
+    # sde: euler (Euler-Maruyama) heun sea shark sra1.
+    config.sampler.solver = "euler"
+    config.sampler.num_steps = 250  # constant steps (adaptive = False)
+    config.sampler.adaptive = False  # PIDController(rtol, atol) instead of constant steps
+    config.sampler.rtol = 1e-3
+    config.sampler.atol = 1e-3
+    config.sampler.max_steps = 4096  # adaptive: give up after this many steps
+    config.sampler.t_end = 1e-3  # stop the reverse process here (score_sde's eps)
+    config.sampler.denoise = True  # a final Tweedie step x0 = (x + std^2 s) / alpha at t_end
+    config.sampler.num_per_class = 10  # samples per digit
+    config.sampler.batch_size = 100  # samples per jitted solve (memory bound)
+    config.sampler.use_ema = True  # sample with the agents' EMA parameters
+    config.sampler.seed = 0
+    config.sampler.save_trajectory = 0  # > 0: also save the reverse process at this many times
+    config.sampler.checkpoint_step = -1  # -1: the latest checkpoint
+    config.sampler.progress = True  # a solver progress bar (Diffrax's TqdmProgressMeter)
+
+    # How the server combines the agents' scores (fedinf_jax/aggregators.py).
+    config.aggregator = ml_collections.ConfigDict()
+    config.aggregator.name = "mean"  # mean weighted label_prior schedule median trimmed_mean
+    config.aggregator.weights = ()  # weighted: one per agent; empty: data shares n_i / N
+    config.aggregator.early_agents = ()  # schedule: agents used for t > t_switch; empty: owners
+    config.aggregator.t_switch = 0.5  # schedule
+    config.aggregator.trim = 1  # trimmed_mean: drop this many largest and smallest per element
+
     _apply_preset(config, preset)
+    for modifier in modifiers:
+        _apply_modifier(config, modifier)
     return config
+
+
+def _apply_modifier(config: ml_collections.ConfigDict, modifier: str) -> None:
+    if modifier == "paper_sampler":
+        config.sampler.method = "ode"
+        config.sampler.solver = "dopri5"
+        config.sampler.adaptive = True
+        config.sampler.t_end = 0.05
+        config.sampler.denoise = False
+        config.aggregator.name = "mean"
 
 
 def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
@@ -99,6 +158,9 @@ def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
         config.train.warmup_steps = 5
         config.train.log_every = 10
         config.train.checkpoint_every = 10
+        config.sampler.num_steps = 8
+        config.sampler.num_per_class = 2
+        config.sampler.batch_size = 10
     elif preset == "demo":
         config.model.block_out_channels = (8, 16, 32)
         config.model.norm_groups = 4

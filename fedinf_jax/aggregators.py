@@ -1,14 +1,23 @@
 """Aggregators: how the server combines K agents' scores, as optax-style pure plug-ins.
 
-An ``Aggregator`` is a pair of pure functions:
+An ``Aggregator`` is a pair of pure functions, plus an optional third:
 
     state = init(num_agents, x, y)
     score, state = aggregate(agent_scores, t, x, y, state)
+    dstate = tendency(agent_scores, t, x, y, state, dx, dt)     # optional
 
 with ``agent_scores`` of shape (agents, batch, ...), ``t`` a scalar or (batch,) diffusion time,
-``x`` (batch, ...) the current state of the reverse process and ``y`` (batch,) labels. The state
-is a pytree carried through the solve, so a member can accumulate quantities along a trajectory
-(the density-weighted members of a later issue do); the members here are stateless.
+``x`` (batch, ...) the current state of the reverse process and ``y`` (batch,) labels.
+
+The state is a pytree carried inside the sampler's Diffrax solve, as part of the solution
+``(x, state)``, so a member can accumulate quantities along a trajectory (the density-weighted
+members of a later issue do). Because a Diffrax vector field returns rates, not new values, the
+state evolves through ``tendency``: its increment over a reverse step ``dx`` taken in time ``dt``
+(``dt`` > 0 runs from noise to data), which must be linear in ``(dx, dt)``. The sampler feeds it
+``dx = b dtau + g dW``, split into its drift and noise parts, so for Euler-Maruyama the update is
+exactly ``state + tendency(..., dx, dt)`` with the step actually taken. ``aggregate`` may add
+quantities derived at the current point (weights, say) to the state it returns; ``tendency``
+receives that state. Without ``tendency`` (every member here) the state is constant.
 
 Weighted members compute s = sum_i w_i s_i. Only the mixture weights
 w_i proportional to pi_i p_i,t(x) give the score of the pooled data (RESEARCH.md section 2); the
@@ -33,10 +42,12 @@ class EmptyState(NamedTuple):
 
 class Aggregator(NamedTuple):
     """``init(num_agents, x, y) -> state``; ``aggregate(scores, t, x, y, state) -> (score,
-    state)``."""
+    state)``; optionally ``tendency(scores, t, x, y, state, dx, dt) -> dstate`` (see the module
+    docstring)."""
 
     init: Callable[..., Any]
     aggregate: Callable[..., tuple[Array, Any]]
+    tendency: Callable[..., Any] | None = None
 
 
 def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggregator:
@@ -95,25 +106,48 @@ def label_prior(counts) -> Aggregator:
     return _stateless(lambda scores, t, x, y: _weighted_sum(scores, rho[:, y]))
 
 
-def schedule(weight_fn: Callable[[Array], Array]) -> Aggregator:
-    """Time-dependent weights s = sum_i w_i(t) s_i; ``weight_fn(t)`` returns (agents,) weights
-    summing to one for a scalar t (vmapped over a batch of times)."""
+def schedule(weight_fn: Callable[[Array, Array], Array]) -> Aggregator:
+    """Time-dependent weights s = sum_i w_i(t, y) s_i; ``weight_fn(t, y)`` returns (agents,)
+    weights summing to one for a scalar t and label y (vmapped over the batch)."""
 
     def combine(scores, t, x, y):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (scores.shape[1],))
-        return _weighted_sum(scores, jax.vmap(weight_fn)(t).T)  # (agents, batch)
+        return _weighted_sum(scores, jax.vmap(weight_fn)(t, y).T)  # (agents, batch)
 
     return _stateless(combine)
 
 
-def switch_schedule(num_agents: int, early_agents, t_switch: float) -> Callable[[Array], Array]:
+def _switch(early: Array, late: Array, t_switch: float) -> Callable[[Array, Array], Array]:
+    """w(t, y) = early[:, y] for t > t_switch, else late[:, y] ((agents, classes) tables)."""
+    early, late = jnp.asarray(early, jnp.float32), jnp.asarray(late, jnp.float32)
+    return lambda t, y: jnp.where(t > t_switch, early[:, y], late[:, y])
+
+
+def switch_schedule(num_agents: int, early_agents, t_switch: float) -> Callable:
     """The paper's suggested remedy: for t > t_switch only ``early_agents`` (uniformly), for
-    t <= t_switch all agents uniformly."""
-    early = np.zeros(num_agents, np.float32)
-    early[np.asarray(early_agents, dtype=np.int64)] = 1.0
+    t <= t_switch all agents uniformly; the same for every label."""
+    idx = np.asarray(early_agents, dtype=np.int64)
+    if idx.size == 0 or np.any((idx < 0) | (idx >= num_agents)):
+        raise ValueError(
+            f"early_agents must be a non-empty subset of 0..{num_agents - 1}, got {idx}"
+        )
+    early = np.zeros((num_agents, 1), np.float32)
+    early[idx] = 1.0
     early /= early.sum()
-    late = np.full(num_agents, 1.0 / num_agents, np.float32)
-    return lambda t: jnp.where(t > t_switch, jnp.asarray(early), jnp.asarray(late))
+    late = np.full((num_agents, 1), 1.0 / num_agents, np.float32)
+    return _switch(early, late, t_switch)
+
+
+def owner_switch_schedule(counts, t_switch: float) -> Callable:
+    """For t > t_switch only the agents holding the most examples of the label y (its owner in
+    the heterogeneous regime; ties share uniformly), for t <= t_switch all agents uniformly."""
+    n = np.asarray(counts, dtype=np.float64)
+    if n.ndim != 2 or np.any(n < 0):
+        raise ValueError(f"counts must be a non-negative (agents, classes) matrix, got {n.shape}")
+    owners = (n == n.max(axis=0, keepdims=True)).astype(np.float32)
+    early = owners / owners.sum(axis=0, keepdims=True)
+    late = np.full(n.shape, 1.0 / n.shape[0], np.float32)
+    return _switch(early, late, t_switch)
 
 
 def median() -> Aggregator:
@@ -160,3 +194,51 @@ def make_aggregator(name: str, **kwargs) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; valid: {sorted(AGGREGATORS)}")
     return AGGREGATORS[name](**kwargs)
+
+
+def _need_counts(name: str, counts) -> np.ndarray:
+    if counts is None:
+        raise ValueError(
+            f"aggregator {name!r} needs the partition's count matrix n[agent, class], and the "
+            "checkpoint carries none (it is written by train.py into the checkpoint's meta)"
+        )
+    return np.asarray(counts)
+
+
+def from_config(agg_config, counts=None, num_agents: int | None = None) -> Aggregator:
+    """The aggregator a config's ``aggregator`` section names (``configs/base.py``).
+
+    Args:
+      agg_config: ``name`` plus the members' settings: ``weights`` (``weighted``; empty: the data
+        shares n_i / N), ``early_agents`` and ``t_switch`` (``schedule``; no early agents: each
+        label's owners), ``trim`` (``trimmed_mean``).
+      counts: the partition's count matrix n[agent, class] from the checkpoint, or None.
+      num_agents: K, checked against ``weights`` and ``early_agents``.
+
+    Raises:
+      ValueError: an unknown name, settings that do not fit K, or a member that needs the count
+        matrix when there is none.
+    """
+    name = agg_config.name
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; valid: {sorted(AGGREGATORS)}")
+    k = num_agents if num_agents is not None else (None if counts is None else len(counts))
+    if name == "weighted":
+        if agg_config.weights:
+            weights = np.asarray(agg_config.weights, np.float64)
+            if k is not None and weights.shape != (k,):
+                raise ValueError(f"aggregator.weights has {weights.size} entries for {k} agents")
+        else:
+            weights = _need_counts(name, counts).sum(axis=1)
+        return weighted(weights)
+    if name == "label_prior":
+        return label_prior(_need_counts(name, counts))
+    if name == "schedule":
+        if agg_config.early_agents:
+            if k is None:
+                raise ValueError("schedule with early_agents needs the number of agents")
+            return schedule(switch_schedule(k, agg_config.early_agents, agg_config.t_switch))
+        return schedule(owner_switch_schedule(_need_counts(name, counts), agg_config.t_switch))
+    if name == "trimmed_mean":
+        return trimmed_mean(agg_config.trim)
+    return AGGREGATORS[name]()

@@ -99,6 +99,13 @@ def test_weighted_and_schedule_values():
     early = np.asarray(t) > 0.5
     np.testing.assert_allclose(out[early], scores[2][early], rtol=1e-6)
     np.testing.assert_allclose(out[~early], scores.mean(axis=0)[~early], rtol=1e-5, atol=1e-6)
+    # Owners: agent 0 holds most of class 0, agent 2 most of class 1 (COUNTS).
+    out, _ = _apply(A.schedule(A.owner_switch_schedule(COUNTS, t_switch=0.5)), scores, t, x, y)
+    owner = np.array([0, 2])[np.asarray(y)]
+    expected = np.where(
+        early[:, None, None, None], scores[owner, np.arange(B)], scores.mean(axis=0)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_robust_members_ignore_one_faulty_agent():
@@ -112,11 +119,39 @@ def test_robust_members_ignore_one_faulty_agent():
     assert np.abs(out).max() > 1e5
 
 
+def test_from_config():
+    from configs import base
+
+    cfg = base.get_config("smoke").aggregator
+    for name in A.AGGREGATORS:
+        cfg.name = name
+        agg = A.from_config(cfg, COUNTS, K)
+        out, _ = _apply(agg, *_inputs())
+        assert out.shape == (B, 3, 3, 1)
+    cfg.name = "weighted"  # no weights: the data shares n_i / N
+    scores, t, x, y = _inputs()
+    out, _ = _apply(A.from_config(cfg, COUNTS, K), scores, t, x, y)
+    shares = COUNTS.sum(axis=1) / COUNTS.sum()
+    np.testing.assert_allclose(out, np.tensordot(shares, scores, axes=1), rtol=1e-5, atol=1e-6)
+    cfg.weights = (1.0, 2.0)
+    with pytest.raises(ValueError, match="2 entries for 5 agents"):
+        A.from_config(cfg, COUNTS, K)
+    for name in ("label_prior", "schedule"):
+        cfg.name = name
+        with pytest.raises(ValueError, match="needs the partition's count matrix"):
+            A.from_config(cfg, None, K)
+    cfg.name = "nope"
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'"):
+        A.from_config(cfg, COUNTS, K)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="non-negative vector"):
         A.weighted([1.0, -1.0])
     with pytest.raises(ValueError, match=r"classes \[1\] are held by no agent"):
         A.label_prior([[3, 0], [2, 0]])
+    with pytest.raises(ValueError, match=r"non-empty subset of 0\.\.4"):
+        A.switch_schedule(K, [5], t_switch=0.5)
     with pytest.raises(ValueError, match="trim must be >= 0"):
         A.trimmed_mean(-1)
     scores, t, x, y = _inputs(k=2)
