@@ -36,11 +36,7 @@ def plot_training_loss(workdir: str, path: str | None = None) -> str:
     Returns:
       The PNG's path (default ``workdir/training_loss.png``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     scalars = read_scalars(workdir)
     path = path or os.path.join(workdir, "training_loss.png")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -53,9 +49,58 @@ def plot_training_loss(workdir: str, path: str | None = None) -> str:
         ax.plot(*scalars["loss"], color="black", lw=2, label="mean")
     ax.set(xlabel="step", ylabel="DSM loss", yscale="log", title=os.path.basename(workdir))
     ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_sample_grid(images: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> str:
+    """One row per class, its samples side by side (the paper's Figure 2 layout).
+
+    Args:
+      images: uint8 (N, H, W).
+      labels: (N,) class of each image; rows are the classes in increasing order, each holding
+        that class's images in their order.
+
+    Returns:
+      ``path``.
+    """
+    plt = _pyplot()
+    classes = np.unique(labels)
+    cols = max(int(np.sum(labels == c)) for c in classes)
+    h, w = images.shape[1:3]
+    grid = np.full((len(classes) * (h + 2), cols * (w + 2)), 255, np.uint8)
+    for r, c in enumerate(classes):
+        for j, image in enumerate(images[labels == c]):
+            grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, j * (w + 2) + 1 : j * (w + 2) + 1 + w] = (
+                image
+            )
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * cols, 0.3 + 0.45 * len(classes)))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([r * (h + 2) + 1 + h / 2 for r in range(len(classes))], [str(c) for c in classes])
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    """Writes the figure to a temporary file and renames it: never a half-written figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)  # never leave a half-written figure
+    os.replace(tmp, path)
     return path

@@ -1,0 +1,498 @@
+"""Federated sampling: the reverse diffusion with an aggregate of K agents' scores, on Diffrax.
+
+The server integrates, from the prior at t = T down to ``t_end``, either the reverse SDE
+(Anderson 1982; Song et al. 2021, eq. 6)
+
+    dx = [f(x, t) - g(t)^2 s(x, t, y)] dt + g(t) dW_bar
+
+or the probability-flow ODE (Song et al. 2021, eq. 13)
+
+    dx = [f(x, t) - g(t)^2 s(x, t, y) / 2] dt,
+
+where s = aggregate(s_1, ..., s_K) combines the agents' scores (``fedinf_jax.aggregators``).
+Both are solved in the forward-running variable tau = T - t, so dx/dtau = -f + c g^2 s
+(c = 1 SDE, 1/2 ODE) with noise g dW_tau, which keeps every Diffrax solver valid: the stochastic
+Runge-Kutta solvers were reported wrong when integrating backwards in time (RESEARCH.md section 5,
+diffrax issue 598).
+
+Details that matter for the numbers:
+
+* The solution is the pair ``(x, aggregator state)``: the aggregator's state is carried inside the
+  solve and changes through its ``tendency`` (``fedinf_jax.aggregators``).
+* Each sample has its own key (its prior draw and its own Brownian path), so with constant steps a
+  sample does not depend on which other samples share its batch. Adaptive steps are controlled on
+  the batch's error norm, so there the batch matters.
+* Constant steps use ``StepTo`` on an exact grid and ``UnsafeBrownianPath`` (about 10x faster than
+  a ``VirtualBrownianTree`` for fixed steps, diffrax issue 489); adaptive SDE solves use a
+  per-sample ``VirtualBrownianTree``.
+* The final denoising step is Tweedie's formula, x_0 = (x + std^2 s(x, t_end)) / alpha at t_end,
+  the posterior mean E[x_0 | x_t_end] (score_sde's ``noise_removal``).
+* All K agents are evaluated in one call through the configured agent-axis strategy
+  (``fedinf_jax.agents``) inside the one jitted solve; a non-finite agent score or aggregate stops
+  the solve with a ``FloatingPointError`` that names the agents and t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax
+import numpy as np
+
+from fedinf_jax.agents import num_agents_of
+from fedinf_jax.aggregators import Aggregator
+from fedinf_jax.sde import SDE, batch_broadcast
+from fedinf_jax.types import AgentParams, Array, Key, Labels
+
+METHODS = ("sde", "ode")
+ODE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+    "ralston": diffrax.Ralston,
+    "bosh3": diffrax.Bosh3,
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+}
+SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,  # Euler-Maruyama
+    "heun": diffrax.Heun,
+    "sea": diffrax.SEA,  # the stochastic Runge-Kutta solvers for additive noise
+    "shark": diffrax.ShARK,
+    "sra1": diffrax.SRA1,
+}
+SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
+
+_NONFINITE = "FEDINF_NONFINITE:"
+
+
+def make_solver(method: str, name: str) -> diffrax.AbstractSolver:
+    """The Diffrax solver called ``name`` for ``method`` ("sde" or "ode").
+
+    Raises:
+      ValueError: an unknown method or solver (the message lists the valid ones).
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"unknown sampler method {method!r}; valid: {list(METHODS)}")
+    if name not in SOLVERS[method]:
+        raise ValueError(
+            f"unknown {method} solver {name!r}; valid: {sorted(SOLVERS[method])} "
+            "(or pass any diffrax solver object in code)"
+        )
+    return SOLVERS[method][name]()
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+    """How to integrate: a config's ``sampler`` section resolved and checked (see
+    ``configs/base.py`` for the fields). ``solver`` may be any Diffrax solver object."""
+
+    method: str
+    solver: diffrax.AbstractSolver
+    num_steps: int = 250
+    adaptive: bool = False
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int = 4096
+    t_end: float = 1e-3
+    denoise: bool = True
+    save_trajectory: int = 0
+    progress: bool = False
+
+    @classmethod
+    def from_config(cls, sampler_config, sde: SDE) -> SolverSpec:
+        c = sampler_config
+        spec = cls(
+            method=c.method,
+            solver=make_solver(c.method, c.solver),
+            num_steps=c.num_steps,
+            adaptive=c.adaptive,
+            rtol=c.rtol,
+            atol=c.atol,
+            max_steps=c.max_steps,
+            t_end=c.t_end,
+            denoise=c.denoise,
+            save_trajectory=c.save_trajectory,
+            progress=c.progress,
+        )
+        spec.check(sde)
+        return spec
+
+    def check(self, sde: SDE) -> None:
+        """Raises ValueError naming the first invalid setting and what is valid."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sampler method {self.method!r}; valid: {list(METHODS)}")
+        if not 0.0 < self.t_end < sde.T:
+            raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
+        if self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if self.adaptive:
+            if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
+                adaptive = sorted(
+                    name
+                    for name, make in SOLVERS[self.method].items()
+                    if isinstance(make(), diffrax.AbstractAdaptiveSolver)
+                )
+                raise ValueError(
+                    f"solver {type(self.solver).__name__} has no error estimate, so it cannot take "
+                    "adaptive steps; use constant steps (sampler.adaptive=False) or an adaptive "
+                    f"{self.method} solver: {adaptive}"
+                )
+            if not (self.rtol > 0 and self.atol > 0 and self.max_steps >= 1):
+                raise ValueError(
+                    f"adaptive steps need rtol > 0, atol > 0, max_steps >= 1; got {self.rtol}, "
+                    f"{self.atol}, {self.max_steps}"
+                )
+        if self.save_trajectory == 1 or self.save_trajectory < 0:
+            raise ValueError(
+                f"sampler.save_trajectory must be 0 (off) or >= 2 times, got {self.save_trajectory}"
+            )
+
+
+class SolveState(NamedTuple):
+    """The solution Diffrax integrates: images and the aggregator's state."""
+
+    x: Array
+    aggregator: Any
+
+
+class Samples(NamedTuple):
+    """A batch of samples.
+
+    ``images``: (N, H, W, C) in model space, denoised to t = 0 when asked (else at t_end);
+    ``aggregator_state``: the aggregator's state at t_end; ``stats``: Diffrax's step counts;
+    ``trajectory_t`` (S,) and ``trajectory`` (S, N, H, W, C): the reverse process at S diffusion
+    times from T to t_end, when ``save_trajectory`` > 0 (else None).
+    """
+
+    images: Array
+    aggregator_state: Any
+    stats: dict[str, Array]
+    trajectory_t: Array | None
+    trajectory: Array | None
+
+
+class PerSampleBrownianPath(diffrax.AbstractBrownianPath):
+    """Independent Brownian paths, one per sample (leading axis), each from its own key.
+
+    Diffrax's paths draw one key's noise for the whole shape; under ``vmap`` a shared key gives
+    every sample the same path (diffrax issue 531). Here sample i's increments depend only on its
+    key, so a sample is the same whatever batch it is drawn in.
+    """
+
+    paths: diffrax.AbstractBrownianPath
+    levy_area: type = eqx.field(static=True)
+    _t0: float = eqx.field(static=True)
+    _t1: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        make_path: Callable[[Key], diffrax.AbstractBrownianPath],
+        keys: Key,
+        t0: float = -math.inf,
+        t1: float = math.inf,
+    ):
+        self.paths = eqx.filter_vmap(make_path)(keys)
+        self.levy_area = self.paths.levy_area
+        self._t0, self._t1 = t0, t1
+
+    @property
+    def t0(self):
+        return self._t0
+
+    @property
+    def t1(self):
+        return self._t1
+
+    def evaluate(self, t0, t1=None, left=True, use_levy=False):
+        out = eqx.filter_vmap(lambda p: p.evaluate(t0, t1, left, use_levy))(self.paths)
+        if use_levy:  # the increment's dt is shared, not per sample
+            out = eqx.tree_at(lambda v: v.dt, out, out.dt[0])
+        return out
+
+
+class NoiseOperator(lineax.AbstractLinearOperator):
+    """The reverse process's noise g dW acting on the solution ``(x, aggregator state)``:
+    dW (shaped like x) -> SolveState(g dW, tendency(..., dx = g dW, dt = 0)).
+
+    An operator with array fields (not a closure) so that Diffrax's additive-noise solvers can
+    evaluate it at two times under ``vmap``; without a ``tendency`` it holds nothing that depends
+    on the solution, which those solvers check. A state driven by the noise (``tendency`` given)
+    is multiplicative noise, which the additive-noise solvers (SEA, ShARK, SRA1) refuse.
+    """
+
+    g: Array
+    structure: Any = eqx.field(static=True)  # (x, aggregator state) as ShapeDtypeStructs
+    tendency: Callable | None = eqx.field(static=True, default=None)
+    evaluation: tuple | None = None  # (agent scores, t per sample, x, labels, aggregator state)
+
+    def mv(self, vector):
+        dx = self.g * vector
+        if self.tendency is None:
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.structure.aggregator)
+            return SolveState(dx, zeros)
+        scores, t_batch, x, y, agg = self.evaluation
+        return SolveState(dx, self.tendency(scores, t_batch, x, y, agg, dx, 0.0))
+
+    def as_matrix(self):
+        raise NotImplementedError("NoiseOperator is matrix-free")
+
+    def transpose(self):
+        raise NotImplementedError("NoiseOperator is matrix-free")
+
+    def in_structure(self):
+        return self.structure.x
+
+    def out_structure(self):
+        return self.structure
+
+
+for _tag in (lineax.is_symmetric, lineax.is_positive_semidefinite, lineax.is_negative_semidefinite):
+    _tag.register(NoiseOperator)(lambda operator: False)
+
+
+def _raise_nonfinite(bad_agents, bad_aggregate, t) -> None:
+    agents = np.flatnonzero(np.asarray(bad_agents)).tolist()
+    what = (
+        f"agent(s) {agents} gave non-finite scores"
+        if agents
+        else "the aggregator returned a non-finite score from finite agent scores"
+    )
+    raise FloatingPointError(f"{_NONFINITE} {what} at t = {float(t):.6g}")
+
+
+class FederatedSampler:
+    """``sampler(params, keys, labels) -> Samples``: one jitted Diffrax solve for a batch.
+
+    Args:
+      agent_score_fn: ``(params, x, t, y) -> (agents, batch, ...)`` scores of all K agents for
+        stacked ``params`` (e.g. ``agents.over_agents(score_fn, strategy, (0, None, None, None))``).
+      sde: the forward SDE the agents were trained with.
+      aggregator: how to combine the scores.
+      spec: how to integrate.
+      image_shape: the shape of one sample, e.g. (28, 28, 1).
+
+    ``keys`` holds one key per sample (its prior draw and Brownian path); ``labels`` (N,) the
+    classes to condition on. The number of score evaluations (each: K agents on the batch) of the
+    last call is in ``stats["score_evaluations"]``.
+    """
+
+    def __init__(
+        self,
+        agent_score_fn: Callable,
+        sde: SDE,
+        aggregator: Aggregator,
+        spec: SolverSpec,
+        image_shape: tuple[int, ...],
+    ):
+        spec.check(sde)
+        self.agent_score_fn = agent_score_fn
+        self.sde = sde
+        self.aggregator = aggregator
+        self.spec = spec
+        self.image_shape = tuple(image_shape)
+        self._evaluations = itertools.count()
+        self._solve = jax.jit(self._solve_impl)
+
+    # -- the vector fields -------------------------------------------------------------------
+    def _evaluate(self, params, x, t, y, agg_state):
+        """All agents' scores, checked, and their aggregate at one diffusion time t."""
+        t_batch = jnp.full((x.shape[0],), t, x.dtype)
+        scores = self.agent_score_fn(params, x, t_batch, y)
+        score, agg_state = self.aggregator.aggregate(scores, t_batch, x, y, agg_state)
+        bad_agents = ~jnp.all(jnp.isfinite(scores.reshape(scores.shape[0], -1)), axis=1)
+        bad_aggregate = ~jnp.all(jnp.isfinite(score))
+        jax.lax.cond(
+            bad_agents.any() | bad_aggregate,
+            lambda: jax.debug.callback(_raise_nonfinite, bad_agents, bad_aggregate, t),
+            lambda: None,
+        )
+        jax.debug.callback(lambda: next(self._evaluations))
+        return scores, score, agg_state, t_batch
+
+    def _tendency(self, scores, t_batch, x, y, agg_state, dx, dt):
+        if self.aggregator.tendency is None:
+            return jax.tree.map(jnp.zeros_like, agg_state)
+        return self.aggregator.tendency(scores, t_batch, x, y, agg_state, dx, dt)
+
+    def _drift(self, tau, state: SolveState, args) -> SolveState:
+        params, y = args
+        t = self.sde.T - tau
+        x = state.x
+        scores, score, agg, t_batch = self._evaluate(params, x, t, y, state.aggregator)
+        c = 1.0 if self.spec.method == "sde" else 0.5
+        b = -self.sde.drift(x, t) + c * self.sde.diffusion(t) ** 2 * score
+        return SolveState(b, self._tendency(scores, t_batch, x, y, agg, b, 1.0))
+
+    def _diffusion(self, tau, state: SolveState, args) -> NoiseOperator:
+        params, y = args
+        t = self.sde.T - tau
+        g = self.sde.diffusion(t)
+        structure = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        if self.aggregator.tendency is None:
+            return NoiseOperator(g, structure)
+        # A state driven by the noise needs the scores here too: a second evaluation per step.
+        scores, _, agg, t_batch = self._evaluate(params, state.x, t, y, state.aggregator)
+        evaluation = (scores, t_batch, state.x, y, agg)
+        return NoiseOperator(g, structure, self.aggregator.tendency, evaluation)
+
+    # -- the solve -----------------------------------------------------------------------------
+    def _brownian(self, keys, tau1):
+        shape = jax.ShapeDtypeStruct(self.image_shape, jnp.float32)
+        levy = (
+            diffrax.SpaceTimeLevyArea
+            if isinstance(self.spec.solver, diffrax.AbstractSRK)
+            else diffrax.BrownianIncrement
+        )
+        if self.spec.adaptive:
+            tol = tau1 / (4.0 * self.spec.max_steps)
+            return PerSampleBrownianPath(
+                lambda k: diffrax.VirtualBrownianTree(0.0, tau1, tol, shape, k, levy_area=levy),
+                keys,
+                0.0,
+                tau1,
+            )
+        return PerSampleBrownianPath(
+            lambda k: diffrax.UnsafeBrownianPath(shape, k, levy_area=levy), keys
+        )
+
+    def terms(self, keys: Key, tau1: float):
+        """The Diffrax terms of the reverse process in tau (Brownian paths from ``keys``)."""
+        drift = diffrax.ODETerm(self._drift)
+        if self.spec.method == "ode":
+            return drift
+        return diffrax.MultiTerm(
+            drift, diffrax.ControlTerm(self._diffusion, self._brownian(keys, tau1))
+        )
+
+    def _prior(self, keys: Key) -> tuple[Array, Key]:
+        """Each sample's prior draw x_T and its Brownian key, both from the sample's key."""
+        split = jax.vmap(jax.random.split)(keys)
+        x = jax.vmap(lambda k: self.sde.prior_sample(k, self.image_shape))(split[:, 0])
+        return x, split[:, 1]
+
+    def _solve_impl(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
+        spec, sde = self.spec, self.sde
+        tau1 = sde.T - spec.t_end
+        x, path_keys = self._prior(keys)
+        state = SolveState(x, self.aggregator.init(num_agents_of(params), x, labels))
+
+        if spec.adaptive:
+            controller = diffrax.PIDController(rtol=spec.rtol, atol=spec.atol)
+            dt0, max_steps = tau1 / spec.num_steps, spec.max_steps
+        else:
+            controller = diffrax.StepTo(ts=jnp.linspace(0.0, tau1, spec.num_steps + 1))
+            dt0, max_steps = None, spec.num_steps
+        if spec.save_trajectory:
+            saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, tau1, spec.save_trajectory))
+        else:
+            saveat = diffrax.SaveAt(t1=True)
+        sol = diffrax.diffeqsolve(
+            self.terms(path_keys, tau1),
+            spec.solver,
+            t0=0.0,
+            t1=tau1,
+            dt0=dt0,
+            y0=state,
+            args=(params, labels),
+            saveat=saveat,
+            stepsize_controller=controller,
+            max_steps=max_steps,
+            adjoint=diffrax.ForwardMode(),  # sampling never differentiates through the solve
+            progress_meter=(
+                diffrax.TqdmProgressMeter() if spec.progress else diffrax.NoProgressMeter()
+            ),
+        )
+        final = jax.tree.map(lambda leaf: leaf[-1], sol.ys)
+        images = final.x
+        if spec.denoise:
+            _, score, _, _ = self._evaluate(params, images, spec.t_end, labels, final.aggregator)
+            images = tweedie_denoise(sde, images, score, spec.t_end)
+        stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
+        trajectory_t = trajectory = None
+        if spec.save_trajectory:
+            trajectory_t, trajectory = sde.T - sol.ts, sol.ys.x
+        return Samples(images, final.aggregator, stats, trajectory_t, trajectory)
+
+    def __call__(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
+        if keys.shape != labels.shape or labels.ndim != 1:
+            raise ValueError(
+                f"need one key per label: keys {keys.shape}, labels {labels.shape} (both (N,))"
+            )
+        self._evaluations = itertools.count()
+        try:
+            samples = jax.block_until_ready(self._solve(params, keys, labels))
+        except jax.errors.JaxRuntimeError as e:
+            raise _translate(e) from None
+        jax.effects_barrier()
+        stats = dict(samples.stats)
+        stats["score_evaluations"] = next(self._evaluations)
+        return samples._replace(stats=stats)
+
+
+def _translate(error: Exception) -> Exception:
+    """A readable exception for a failed solve (non-finite scores, Diffrax's own failures)."""
+    message = str(error)
+    if _NONFINITE in message:
+        line = message[message.rindex(_NONFINITE) + len(_NONFINITE) :].strip().splitlines()[0]
+        return FloatingPointError(f"sampling stopped: {line}")
+    if "maximum number of solver steps" in message:
+        return RuntimeError(
+            "the adaptive solve reached sampler.max_steps before t_end; raise sampler.max_steps or "
+            "loosen sampler.rtol/atol"
+        )
+    return error
+
+
+def reverse_euler_maruyama(
+    sampler: FederatedSampler, params: AgentParams, keys: Key, labels: Labels
+) -> Array:
+    """A hand-written ``lax.scan`` Euler-Maruyama on the sampler's own grid and Brownian
+    increments, before denoising: the reference ``FederatedSampler`` is tested against."""
+    spec, sde = sampler.spec, sampler.sde
+    tau1 = sde.T - spec.t_end
+    taus = jnp.linspace(0.0, tau1, spec.num_steps + 1)
+    x, path_keys = sampler._prior(keys)
+    path = sampler._brownian(path_keys, tau1)
+    agg = sampler.aggregator.init(num_agents_of(params), x, labels)
+
+    def step(x, tau_pair):
+        tau0, tau_next = tau_pair
+        t = sde.T - tau0
+        _, score, _, _ = sampler._evaluate(params, x, t, labels, agg)
+        drift = -sde.drift(x, t) + sde.diffusion(t) ** 2 * score
+        dw = path.evaluate(tau0, tau_next)
+        return x + (tau_next - tau0) * drift + sde.diffusion(t) * dw, None
+
+    x, _ = jax.lax.scan(step, x, (taus[:-1], taus[1:]))
+    return x
+
+
+def to_uint8(images: Array, centered: bool = True) -> np.ndarray:
+    """Model-space images ([-1, 1] if ``centered``, else [0, 1]) to uint8 pixels (N, H, W)."""
+    x = np.asarray(images, np.float32)
+    if centered:
+        x = (x + 1.0) / 2.0
+    x = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2]) if x.shape[-1] == 1 else x
+
+
+def sample_keys(seed: int, num: int, start: int = 0) -> Key:
+    """One key per sample index: sample i's key depends only on (seed, i), never on batching."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + num))
+
+
+def tweedie_denoise(sde: SDE, x: Array, score: Array, t: float) -> Array:
+    """E[x_0 | x_t] = (x + std(t)^2 s) / alpha(t)."""
+    alpha, std = sde.marginal(jnp.asarray(t))
+    return (x + batch_broadcast(std**2, x) * score) / batch_broadcast(alpha, x)
