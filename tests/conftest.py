@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +53,20 @@ def mnist(mnist_dir) -> data.Mnist:
 def mnist_env(mnist_dir):
     """Entry points run in subprocesses read the local copy through the environment."""
     os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> pathlib.Path:
+    """``python train.py --config=configs/hetero.py:smoke`` in a subprocess: 2 agents, 30 steps,
+    checkpoints at 10, 20, 30. Tests read it; none may write into it."""
+    workdir = tmp_path_factory.mktemp("cli_run")
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/hetero.py:smoke", f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "ETA" in result.stderr and "parameters per agent" in result.stderr
+    return workdir

@@ -2,8 +2,6 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,6 @@ import pytest
 
 from configs import base, hetero
 from fedinf_jax import checkpoint, data, plots, train_lib
-from tests.conftest import ROOT
 
 
 def _abstract_state(config, num_agents):
@@ -29,18 +26,8 @@ def _restore(workdir, config):
 
 
 @pytest.fixture(scope="module")
-def cli_workdir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("cli_run")
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/hetero.py:smoke", f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "ETA" in result.stderr and "parameters per agent" in result.stderr
-    return workdir
+def cli_workdir(smoke_run):
+    return smoke_run
 
 
 def test_cli_writes_checkpoints_and_tensorboard(cli_workdir):

@@ -1,0 +1,274 @@
+"""Sampling a trained federation: restore the agents, build the sampler, write the samples.
+
+The run's checkpoint fixes what was trained (its ``data``, ``model``, ``sde``, ``partition`` and
+``train`` sections and the partition's count matrix); the config given to ``sample.py`` chooses how
+to sample (``sampler``) and how to aggregate (``aggregator``). Outputs, in one folder written
+atomically (a failure leaves any earlier folder intact):
+
+* ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
+  statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked;
+* ``samples.png``: one row per digit (the paper's Figure 2 layout);
+* ``samples.json``: the resolved config, the checkpoint step and the statistics (score
+  evaluations, accepted and rejected steps, wall time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fedinf_jax import agents, aggregators, checkpoint, data, plots, sampling, train_lib
+from fedinf_jax.score import make_score_fn
+from fedinf_jax.types import AgentParams
+
+TRAINED_SECTIONS = ("data", "model", "sde", "partition", "train")
+"""Config sections that come from the checkpoint's record, not from the sampling command."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Federation:
+    """Trained agents restored from a run directory."""
+
+    config: ml_collections.ConfigDict  # the sampling config with the trained sections restored
+    params: AgentParams  # stacked (EMA, unless sampler.use_ema is False)
+    counts: np.ndarray | None  # n[agent, class]
+    step: int
+    components: train_lib.Components
+
+    @property
+    def num_agents(self) -> int:
+        return agents.num_agents_of(self.params)
+
+
+def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federation:
+    """Restores the agents of ``workdir`` (the latest checkpoint, or ``sampler.checkpoint_step``).
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint (or not the step asked for).
+    """
+    ckpt_dir = checkpoint.checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(
+            f"no checkpoint under {ckpt_dir}: train first, e.g. "
+            f"python train.py --config=configs/hetero.py:{config.preset} --workdir={workdir}"
+        )
+    manager = checkpoint.make_manager(workdir, create=False)
+    try:
+        steps = manager.all_steps()
+        want = config.sampler.checkpoint_step
+        step = manager.latest_step() if want < 0 else want
+        if step is None or step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint {'' if want < 0 else f'step {want} '}under {ckpt_dir} "
+                f"(steps there: {sorted(steps)})"
+            )
+        meta = checkpoint.restore_meta(manager, step)
+        merged = _with_trained_sections(config, meta.get("config", {}), workdir)
+        components = train_lib.resolve(merged)
+        num_agents = int(meta.get("num_agents", merged.partition.num_agents))
+        state, _ = checkpoint.restore(
+            manager, train_lib.abstract_train_state(components, num_agents), step
+        )
+    finally:
+        manager.close()
+    params = state.ema_params if config.sampler.use_ema else state.params
+    counts = np.asarray(meta["counts"]) if "counts" in meta else None
+    return Federation(merged, params, counts, int(step), components)
+
+
+def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections.ConfigDict:
+    merged = ml_collections.ConfigDict(config.to_dict())
+    current = json.loads(config.to_json_best_effort())
+    for section in TRAINED_SECTIONS:
+        if section not in record:
+            continue
+        if record[section] != current.get(section):
+            logging.info("using the %s section %s was trained with", section, workdir)
+        merged[section] = ml_collections.ConfigDict(record[section])
+    return merged
+
+
+def build_sampler(federation: Federation) -> sampling.FederatedSampler:
+    """The federation's sampler: its agents' scores through the configured agent-axis strategy,
+    the configured aggregator and solver.
+
+    Raises:
+      ValueError: an unknown solver, method or aggregator, or settings out of range.
+    """
+    config, comp = federation.config, federation.components
+    spec = sampling.SolverSpec.from_config(config.sampler, comp.sde)
+    aggregator = aggregators.from_config(
+        config.aggregator, federation.counts, federation.num_agents
+    )
+    score_fn = make_score_fn(comp.model, comp.sde)
+    agent_scores = agents.over_agents(score_fn, comp.score_strategy, in_axes=(0, None, None, None))
+    return sampling.FederatedSampler(agent_scores, comp.sde, aggregator, spec, data.IMAGE_SHAPE)
+
+
+def class_labels(num_per_class: int, num_classes: int = 10) -> np.ndarray:
+    """``num_per_class`` of each class, grouped by class: 0, 0, ..., 1, 1, ..."""
+    return np.repeat(np.arange(num_classes), num_per_class).astype(np.int32)
+
+
+def sample_in_batches(
+    sampler: sampling.FederatedSampler,
+    params: AgentParams,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+) -> tuple[np.ndarray, dict, np.ndarray | None, np.ndarray | None]:
+    """Draws one sample per label in batches of ``batch_size`` (the last one padded, so one
+    compiled shape serves all). Sample i's key is ``fold_in(seed, i)`` whatever the batching.
+
+    Returns:
+      (images (N, H, W, C) float, per-batch statistics, trajectory times, trajectory).
+    """
+    n = len(labels)
+    if n < 1:
+        raise ValueError("nothing to sample: sampler.num_per_class must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"sampler.batch_size must be >= 1, got {batch_size}")
+    batch = min(batch_size, n)
+    num_batches = math.ceil(n / batch)
+    images, trajectories, stats = [], [], []
+    trajectory_t = None
+    start_time = time.time()
+    for b in range(num_batches):
+        lo = b * batch
+        idx = np.arange(lo, lo + batch)
+        y = jnp.asarray(labels[np.minimum(idx, n - 1)])
+        out = sampler(params, sampling.sample_keys(seed, batch, start=lo), y)
+        keep = min(batch, n - lo)
+        images.append(np.asarray(out.images)[:keep])
+        if out.trajectory is not None:
+            trajectory_t = np.asarray(out.trajectory_t)
+            trajectories.append(np.asarray(out.trajectory)[:, :keep])
+        stats.append({k: int(v) for k, v in out.stats.items()})
+        elapsed = time.time() - start_time
+        logging.info(
+            "batch %d/%d: %d images, %d score evaluations, %d steps (%d rejected); "
+            "%.1f s elapsed, ETA %.0f s",
+            b + 1,
+            num_batches,
+            keep,
+            stats[-1]["score_evaluations"],
+            stats[-1]["num_steps"],
+            stats[-1]["num_rejected_steps"],
+            elapsed,
+            elapsed / (b + 1) * (num_batches - b - 1),
+        )
+    per_batch = {k: np.array([s[k] for s in stats]) for k in stats[0]}
+    trajectory = np.concatenate(trajectories, axis=1) if trajectories else None
+    return np.concatenate(images), per_batch, trajectory_t, trajectory
+
+
+def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """``workdir/samples/<method>_<solver>_<aggregator>`` (``paper_sampler`` for the paper's
+    procedure)."""
+    s = config.sampler
+    name = config.get("modifiers") or f"{s.method}_{s.solver}_{config.aggregator.name}"
+    return os.path.join(workdir, "samples", name)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = None) -> str:
+    """Samples ``sampler.num_per_class`` images of every digit from ``workdir``'s federation.
+
+    Returns:
+      The output folder (see the module docstring for its files).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``workdir``.
+      ValueError: an invalid sampler or aggregator setting.
+      FloatingPointError: an agent's score became non-finite (names the agent and t).
+    """
+    federation = load_federation(config, workdir)
+    sampler = build_sampler(federation)
+    cfg = federation.config
+    labels = class_labels(cfg.sampler.num_per_class, cfg.model.num_classes)
+    logging.info(
+        "sampling %d images from %d agents (checkpoint step %d): %s %s, %s steps, aggregator %s, "
+        "agent-axis strategy %s",
+        len(labels),
+        federation.num_agents,
+        federation.step,
+        cfg.sampler.method,
+        cfg.sampler.solver,
+        "adaptive" if cfg.sampler.adaptive else cfg.sampler.num_steps,
+        cfg.aggregator.name,
+        federation.components.score_strategy,
+    )
+    start = time.time()
+    images, per_batch, trajectory_t, trajectory = sample_in_batches(
+        sampler, federation.params, labels, cfg.sampler.batch_size, cfg.sampler.seed
+    )
+    wall = time.time() - start
+    pixels = sampling.to_uint8(images, cfg.data.centered)
+    stats = {
+        "num_images": len(labels),
+        "num_agents": federation.num_agents,
+        "checkpoint_step": federation.step,
+        "score_evaluations": int(per_batch["score_evaluations"].sum()),
+        "network_evaluations": int(per_batch["score_evaluations"].sum()) * federation.num_agents,
+        "steps": int(per_batch["num_steps"].sum()),
+        "accepted_steps": int(per_batch["num_accepted_steps"].sum()),
+        "rejected_steps": int(per_batch["num_rejected_steps"].sum()),
+        "batches": len(per_batch["num_steps"]),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(len(labels) / wall, 4),
+        "backend": jax.default_backend(),
+    }
+    arrays = {"images": pixels, "labels": labels.astype(np.int64)}
+    arrays.update({f"batch_{k}": v for k, v in per_batch.items()})
+    if trajectory is not None:
+        arrays["trajectory_t"] = trajectory_t
+        arrays["trajectory"] = sampling.to_uint8(
+            trajectory.reshape(-1, *trajectory.shape[2:]), cfg.data.centered
+        ).reshape(trajectory.shape[:2] + pixels.shape[1:])
+    outdir = outdir or default_outdir(cfg, workdir)
+    title = (
+        f"{cfg.partition.name}, {federation.num_agents} agents, {cfg.aggregator.name}, "
+        f"{cfg.sampler.method} {cfg.sampler.solver}"
+    )
+    _write_atomically(outdir, cfg, stats, arrays, pixels, labels, title)
+    logging.info("%d images in %.1f s (%s); wrote %s", len(labels), wall, stats, outdir)
+    return outdir
+
+
+def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> None:
+    """Writes the three files into a fresh sibling folder, then swaps it in."""
+    parent = os.path.dirname(os.path.abspath(outdir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
+        plots.plot_sample_grid(pixels, labels, os.path.join(tmp, "samples.png"), title)
+        record = {"config": json.loads(config.to_json_best_effort()), "stats": stats}
+        with open(os.path.join(tmp, "samples.json"), "w") as f:
+            json.dump(record, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if os.path.exists(outdir):
+        backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
+        os.replace(outdir, os.path.join(backup, "previous"))
+    try:
+        os.replace(tmp, outdir)
+    except BaseException:
+        if backup:
+            os.replace(os.path.join(backup, "previous"), outdir)
+        raise
+    finally:
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,314 @@
+"""The federated sampler: closed forms, equivalences, determinism, failures, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from fedinf_jax import agents, aggregators, sample_lib, sampling, train_lib
+from fedinf_jax.score import make_score_fn
+from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
+from tests.conftest import ROOT
+
+S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
+MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
+
+
+def gaussian_agents(sde, strategy="vmap"):
+    """Agents whose scores are exact: data N(mu_i, S0^2 I) diffused by ``sde`` is
+    N(alpha mu_i, (alpha^2 S0^2 + std^2) I)."""
+
+    def score(params, x, t, y):
+        alpha, std = sde.marginal(t)
+        alpha, var = alpha[:, None], (alpha**2 * S0**2 + std**2)[:, None]
+        return -(x - alpha * params["mu"]) / var
+
+    return agents.over_agents(score, strategy, in_axes=(0, None, None, None))
+
+
+def make_sampler(sde, aggregator, method="ode", solver="euler", num_steps=20, **spec):
+    spec = sampling.SolverSpec(
+        method=method, solver=sampling.make_solver(method, solver), num_steps=num_steps, **spec
+    )
+    return sampling.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
+
+
+def draw(sampler, n, seed=0, mus=MUS):
+    return sampler({"mu": mus}, sampling.sample_keys(seed, n), jnp.zeros(n, jnp.int32))
+
+
+CLOSED_FORM_CASES = [
+    # (sde, method, solver, steps, adaptive, t_end, denoise, aggregator)
+    (VPSDE(), "ode", "tsit5", 20, True, 1e-3, True, "mean"),
+    (VPSDE(), "sde", "euler", 400, False, 1e-3, True, "weighted"),
+    (VPSDE(), "sde", "euler", 400, False, 0.05, True, "mean"),
+    (VPSDE(), "ode", "heun", 100, False, 0.05, False, "weighted"),  # the paper's stop, no denoise
+    (VESDE(), "sde", "shark", 200, False, 1e-3, True, "mean"),
+    (SubVPSDE(), "sde", "heun", 20, True, 1e-3, True, "weighted"),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    CLOSED_FORM_CASES,
+    ids=lambda c: (
+        f"{type(c[0]).__name__}-{c[1]}-{c[2]}-t_end{c[5]}-{'denoise' if c[6] else 'raw'}-{c[7]}"
+    ),
+)
+def test_gaussian_federation_matches_closed_form(case):
+    """The w-weighted average of the agents' exact scores is the exact score of the diffused
+    N(sum_i w_i mu_i, S0^2 I), so the samples must have its moments: at t_end, N(alpha m,
+    (alpha^2 S0^2 + std^2) I); after Tweedie's denoising, E[x_0 | x_t_end], with mean m and
+    standard deviation S0^2 alpha / sqrt(alpha^2 S0^2 + std^2)."""
+    sde, method, solver, steps, adaptive, t_end, denoise, name = case
+    w = np.array([0.2, 0.3, 0.5]) if name == "weighted" else np.full(3, 1 / 3)
+    agg = aggregators.weighted(w) if name == "weighted" else aggregators.mean()
+    sampler = make_sampler(
+        sde,
+        agg,
+        method,
+        solver,
+        steps,
+        adaptive=adaptive,
+        rtol=1e-2 if method == "sde" else 1e-4,  # SDE: the error is the Brownian path's
+        atol=1e-2 if method == "sde" else 1e-4,
+        t_end=t_end,
+        denoise=denoise,
+    )
+    x = np.asarray(draw(sampler, 4000).images)
+    m = w @ np.asarray(MUS)
+    alpha, std = (float(v) for v in sde.marginal(jnp.asarray(t_end)))
+    spread = np.sqrt(alpha**2 * S0**2 + std**2)
+    want_mean, want_std = (m, S0**2 * alpha / spread) if denoise else (alpha * m, spread)
+    # Standard errors with 4000 samples: mean 0.008, std 0.006.
+    np.testing.assert_allclose(x.mean(axis=0), want_mean, atol=0.04)
+    np.testing.assert_allclose(x.std(axis=0), want_std, atol=0.025)
+
+
+def test_diffrax_euler_maruyama_equals_a_scan():
+    sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 50, denoise=False)
+    keys, labels = sampling.sample_keys(3, 64), jnp.zeros(64, jnp.int32)
+    out = sampler({"mu": MUS}, keys, labels)
+    ref = jax.jit(sampling.reverse_euler_maruyama, static_argnums=0)(
+        sampler, {"mu": MUS}, keys, labels
+    )
+    np.testing.assert_allclose(out.images, ref, rtol=1e-5, atol=1e-5)
+    assert out.stats["score_evaluations"] == 50
+
+
+@pytest.mark.parametrize("solver,per_step", [("euler", 1), ("heun", 2)])
+def test_score_evaluations_are_counted(solver, per_step):
+    out = draw(make_sampler(VPSDE(), aggregators.mean(), "ode", solver, 7), 4)
+    assert out.stats["score_evaluations"] == 7 * per_step + 1  # + the denoising step
+    assert int(out.stats["num_accepted_steps"]) == 7
+
+
+def test_one_agent_under_every_aggregator_is_that_agent():
+    sde = VPSDE()
+    alone = aggregators.Aggregator(
+        lambda k, x, y: aggregators.EmptyState(), lambda s, t, x, y, st: (s[0], st)
+    )
+    ref = draw(make_sampler(sde, alone), 16, mus=MUS[:1]).images
+    cfg = base.get_config("smoke").aggregator
+    for name in aggregators.AGGREGATORS:
+        cfg.name = name
+        cfg.trim = 0
+        agg = aggregators.from_config(cfg, counts=np.ones((1, 10)), num_agents=1)
+        out = draw(make_sampler(sde, agg), 16, mus=MUS[:1]).images
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_determinism_and_batch_independence():
+    sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 20)
+    a, b = draw(sampler, 8).images, draw(sampler, 8).images
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, draw(sampler, 8, seed=1).images)
+    # Sample i depends on its own key only: the first 4 of a batch of 8 are a batch of 4.
+    np.testing.assert_allclose(draw(sampler, 4).images, a[:4], rtol=1e-5, atol=1e-5)
+    # Every sample gets its own Brownian path and prior draw.
+    assert len(np.unique(np.round(np.asarray(a[:, 0]), 5))) == 8
+
+
+def _tracking_aggregator():
+    """A toy stateful member: its state integrates d(state) = sum(dx) + dt, so at t_end it
+    must equal sum(x_end - x_T) + (T - t_end) exactly, whichever solver."""
+
+    def init(k, x, y):
+        return jnp.zeros(x.shape[0])
+
+    def aggregate(scores, t, x, y, state):
+        return jnp.mean(scores, axis=0), state
+
+    def tendency(scores, t, x, y, state, dx, dt):
+        return jnp.sum(dx, axis=1) + dt
+
+    return aggregators.Aggregator(init, aggregate, tendency)
+
+
+@pytest.mark.parametrize(
+    "method,solver,steps,adaptive", [("sde", "euler", 30, False), ("ode", "tsit5", 10, True)]
+)
+def test_aggregator_state_is_carried_through_the_solve(method, solver, steps, adaptive):
+    sde = VPSDE()
+    sampler = make_sampler(
+        sde, _tracking_aggregator(), method, solver, steps, adaptive=adaptive, denoise=False
+    )
+    keys = sampling.sample_keys(0, 32)
+    out = sampler({"mu": MUS}, keys, jnp.zeros(32, jnp.int32))
+    x_T, _ = sampler._prior(keys)
+    expected = np.sum(out.images - x_T, axis=1) + (sde.T - sampler.spec.t_end)
+    np.testing.assert_allclose(out.aggregator_state, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_trajectory_is_saved_from_T_to_t_end():
+    sampler = make_sampler(
+        VPSDE(), aggregators.mean(), num_steps=10, save_trajectory=4, denoise=False
+    )
+    out = draw(sampler, 5)
+    np.testing.assert_allclose(
+        out.trajectory_t, [1.0, 1.0 - 0.999 / 3, 1.0 - 2 * 0.999 / 3, 1e-3], atol=1e-6
+    )
+    assert out.trajectory.shape == (4, 5, 2)
+    np.testing.assert_array_equal(out.trajectory[-1], out.images)
+
+
+def test_non_finite_scores_name_the_agent_and_time():
+    sampler = make_sampler(VPSDE(), aggregators.mean(), num_steps=10)
+    with pytest.raises(
+        FloatingPointError, match=r"agent\(s\) \[1\] gave non-finite scores at t = 1$"
+    ):
+        draw(sampler, 4, mus=MUS.at[1, 0].set(jnp.nan))
+
+    sde = VPSDE()
+    base_scores = gaussian_agents(sde)
+
+    def late_failure(params, x, t, y):  # agent 2 overflows once t < 0.3
+        s = base_scores(params, x, t, y)
+        return s.at[2].set(jnp.where(t[:, None] < 0.3, jnp.inf, s[2]))
+
+    spec = sampling.SolverSpec(
+        method="ode", solver=sampling.make_solver("ode", "euler"), num_steps=10
+    )
+    sampler = sampling.FederatedSampler(late_failure, sde, aggregators.median(), spec, (2,))
+    with pytest.raises(FloatingPointError, match=r"agent\(s\) \[2\] .* at t = 0\.2"):
+        draw(sampler, 4)
+
+
+def test_bad_settings_are_clear_errors():
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=r"unknown sampler method 'pde'; valid: \['sde', 'ode'\]"):
+        sampling.make_solver("pde", "euler")
+    with pytest.raises(ValueError, match=r"unknown ode solver 'rk4'; valid: \['bosh3'"):
+        sampling.make_solver("ode", "rk4")
+    for t_end in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"t_end must lie in \(0, T = 1.0\)"):
+            make_sampler(sde, aggregators.mean(), t_end=t_end)
+    with pytest.raises(
+        ValueError, match=r"Euler has no error estimate.*adaptive sde solver: \['heun'\]"
+    ):
+        make_sampler(sde, aggregators.mean(), "sde", "euler", adaptive=True)
+    with pytest.raises(ValueError, match="save_trajectory must be 0"):
+        make_sampler(sde, aggregators.mean(), save_trajectory=1)
+    with pytest.raises(ValueError, match="one key per label"):
+        make_sampler(sde, aggregators.mean())(
+            {"mu": MUS}, sampling.sample_keys(0, 3), jnp.zeros(4, jnp.int32)
+        )
+    config = base.get_config("smoke")
+    config.sampler.solver = "nope"
+    with pytest.raises(ValueError, match="unknown sde solver 'nope'"):
+        sampling.SolverSpec.from_config(config.sampler, sde)
+
+
+def test_paper_sampler_preset():
+    config = base.get_config("cpu,paper_sampler")
+    assert (config.sampler.method, config.sampler.solver, config.sampler.adaptive) == (
+        "ode",
+        "dopri5",
+        True,
+    )
+    assert (config.sampler.t_end, config.sampler.denoise, config.aggregator.name) == (
+        0.05,
+        False,
+        "mean",
+    )
+    assert config.model.block_out_channels == base.get_config("cpu").model.block_out_channels
+    with pytest.raises(
+        ValueError, match=r"unknown preset modifier 'fast'; valid: \['paper_sampler'\]"
+    ):
+        base.get_config("cpu,fast")
+
+
+def test_identical_network_agents_under_mean_equal_one_agent():
+    config = base.get_config("smoke")
+    config.model.block_out_channels = (4,)  # a one-level U-Net: quick to compile
+    config.model.attention_levels = (True,)
+    config.model.up_attention_levels = (True,)
+    config.model.norm_groups = 2
+    comp = train_lib.resolve(config)
+    one = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
+    two = jax.tree.map(lambda p: jnp.concatenate([p, p]), one)
+    score_fn = make_score_fn(comp.model, comp.sde)
+    spec = sampling.SolverSpec(
+        method="sde", solver=sampling.make_solver("sde", "euler"), num_steps=3
+    )
+    sampler = sampling.FederatedSampler(
+        agents.over_agents(score_fn, comp.score_strategy, in_axes=(0, None, None, None)),
+        comp.sde,
+        aggregators.mean(),
+        spec,
+        (28, 28, 1),
+    )
+    keys, y = sampling.sample_keys(0, 3), jnp.array([0, 5, 9])
+    np.testing.assert_allclose(
+        sampler(two, keys, y).images, sampler(one, keys, y).images, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_sample_cli_writes_the_files(smoke_run, tmp_path):
+    outdir = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--config=configs/hetero.py:smoke",
+            f"--workdir={smoke_run}",
+            f"--outdir={outdir}",
+            "--config.aggregator.name=label_prior",
+            "--config.sampler.save_trajectory=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with np.load(outdir / "samples.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (20, 28, 28)
+        np.testing.assert_array_equal(f["labels"], np.repeat(np.arange(10), 2))
+        assert f["trajectory"].shape == (3, 20, 28, 28)
+        np.testing.assert_array_equal(f["batch_num_steps"], [8, 8])  # batches of 10
+    record = json.loads((outdir / "samples.json").read_text())
+    assert record["stats"]["score_evaluations"] == 2 * (8 + 1)
+    assert record["stats"]["checkpoint_step"] == 30 and record["stats"]["num_agents"] == 2
+    assert record["config"]["aggregator"]["name"] == "label_prior"
+    assert (outdir / "samples.png").stat().st_size > 1000
+
+
+def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
+    config = base.get_config("smoke")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint under .*train first"):
+        sample_lib.run(config, str(tmp_path / "empty"))
+    config.sampler.checkpoint_step = 7
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step 7 .*\[10, 20, 30\]"):
+        sample_lib.load_federation(config, str(smoke_run))
+    config.sampler.checkpoint_step = -1
+    federation = sample_lib.load_federation(config, str(smoke_run))
+    assert federation.step == 30 and federation.counts.shape == (2, 10)
+    config.aggregator.name = "superdiff"
+    with pytest.raises(ValueError, match="unknown aggregator 'superdiff'"):
+        sample_lib.build_sampler(sample_lib.load_federation(config, str(smoke_run)))
