@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import textwrap
 
 import numpy as np
 
@@ -81,7 +82,35 @@ def plot_sample_grid(images: np.ndarray, labels: np.ndarray, path: str, title: s
     for side in ax.spines.values():
         side.set_visible(False)
     if title:
-        ax.set_title(title, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title, width=max(24, 7 * cols))), fontsize=8)
+    return _save(fig, path)
+
+
+def plot_trajectory(
+    trajectory: np.ndarray, times: np.ndarray, labels: np.ndarray, path: str, per_class: int = 1
+) -> str:
+    """The reverse process of the first ``per_class`` samples of each class: one row per sample,
+    one column per saved time (from t = T on the left to t_end on the right).
+
+    Args:
+      trajectory: uint8 (S, N, H, W); times: (S,) diffusion times; labels: (N,).
+    """
+    plt = _pyplot()
+    rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    s, (h, w) = len(times), trajectory.shape[2:4]
+    fig, axes = plt.subplots(
+        len(rows), s, figsize=(0.6 * s + 0.6, 0.6 * len(rows) + 0.4), squeeze=False
+    )
+    for r, i in enumerate(rows):
+        for j in range(s):
+            ax = axes[r, j]
+            ax.imshow(trajectory[j, i].reshape(h, w), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t={times[j]:.2g}", fontsize=6)
+            if j == 0:
+                ax.set_ylabel(str(labels[i]), rotation=0, labelpad=8)
     return _save(fig, path)
 
 

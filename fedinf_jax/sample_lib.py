@@ -7,7 +7,8 @@ atomically (a failure leaves any earlier folder intact):
 
 * ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
   statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked;
-* ``samples.png``: one row per digit (the paper's Figure 2 layout);
+* ``samples.png``: one row per digit (the paper's Figure 2 layout), and ``trajectory.png``, the
+  reverse process of one sample per digit, when the trajectory is saved;
 * ``samples.json``: the resolved config, the checkpoint step and the statistics (score
   evaluations, accepted and rejected steps, wall time).
 """
@@ -253,6 +254,13 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
     try:
         np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
         plots.plot_sample_grid(pixels, labels, os.path.join(tmp, "samples.png"), title)
+        if "trajectory" in arrays:
+            plots.plot_trajectory(
+                arrays["trajectory"],
+                arrays["trajectory_t"],
+                labels,
+                os.path.join(tmp, "trajectory.png"),
+            )
         record = {"config": json.loads(config.to_json_best_effort()), "stats": stats}
         with open(os.path.join(tmp, "samples.json"), "w") as f:
             json.dump(record, f, indent=2)

@@ -297,6 +297,7 @@ def test_sample_cli_writes_the_files(smoke_run, tmp_path):
     assert record["stats"]["checkpoint_step"] == 30 and record["stats"]["num_agents"] == 2
     assert record["config"]["aggregator"]["name"] == "label_prior"
     assert (outdir / "samples.png").stat().st_size > 1000
+    assert (outdir / "trajectory.png").stat().st_size > 1000
 
 
 def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
