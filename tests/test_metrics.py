@@ -1,0 +1,81 @@
+"""Metric formulas pinned by closed forms and limiting cases."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from fedinf_jax.evaluation import metrics as M
+
+
+def _spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = np.random.default_rng(0).normal(size=(500, 16))
+    assert abs(M.fid(f, f)) < 1e-8
+
+
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    a, b = rng.uniform(0.5, 2.0, 4), rng.uniform(0.5, 2.0, 4)
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2.
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    np.testing.assert_allclose(M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)), want)
+    # General covariances: against scipy's matrix square root.
+    s1, s2 = _spd(rng, 6), _spd(rng, 6)
+    m1, m2 = rng.normal(size=6), rng.normal(size=6)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    want = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+    np.testing.assert_allclose(M.frechet_distance(m1, s1, m2, s2), want, rtol=1e-8)
+
+
+def test_fid_of_samples_converges_to_the_gaussians_distance():
+    rng = np.random.default_rng(2)
+    a = rng.normal(0.0, 1.0, size=(20000, 3))
+    b = rng.normal(1.0, 2.0, size=(20000, 3))
+    want = 3 * 1.0 + 3 * (1.0 - 2.0) ** 2
+    np.testing.assert_allclose(M.fid(a, b), want, rtol=0.03)
+
+
+def test_inception_score_limits():
+    confident = np.eye(10)[np.arange(1000) % 10]  # confident and uniform over classes
+    mean, std = M.inception_score(confident)
+    np.testing.assert_allclose([mean, std], [10.0, 0.0], atol=1e-9)
+    constant = np.tile(np.full(10, 0.1), (1000, 1))
+    np.testing.assert_allclose(M.inception_score(constant), [1.0, 0.0], atol=1e-9)
+    one_class = np.eye(10)[np.zeros(1000, int)]
+    np.testing.assert_allclose(M.inception_score(one_class)[0], 1.0)
+
+
+def test_accuracy_and_noise_rate():
+    labels = np.array([0, 1, 2, 2])
+    probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.0, 0.3, 0.7], [0.4, 0.3, 0.3]])
+    acc, per_class = M.label_accuracy(probs, labels, num_classes=4)
+    assert acc == 0.5
+    np.testing.assert_array_equal(per_class[:3], [1.0, 0.0, 0.5])
+    assert np.isnan(per_class[3])
+    assert M.noise_rate(probs) == 0.25
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(300, 2))
+    assert M.precision_recall(real, real.copy()) == (1.0, 1.0)
+    far = real + 100.0
+    assert M.precision_recall(real, far) == (0.0, 0.0)
+    # Generated samples covering half of the real support: high precision, recall about half.
+    half = real[real[:, 0] > 0]
+    precision, recall = M.precision_recall(real, half)
+    assert precision == 1.0 and 0.4 < recall < 0.75
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rows of probabilities"):
+        M.noise_rate(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="splits must be in"):
+        M.inception_score(np.eye(3), splits=5)
+    with pytest.raises(ValueError, match=r"features must be \(N >= 2, D\)"):
+        M.fid(np.ones((1, 3)), np.ones((5, 3)))
