@@ -1,0 +1,34 @@
+"""The evaluation classifier: trains, checkpoints with its accuracy, is reused, has a floor."""
+
+import numpy as np
+import pytest
+
+from configs import classifier as classifier_config
+from fedinf_jax.evaluation import classifier
+
+
+def test_train_save_reuse_and_floor(tmp_path, mnist):
+    config = classifier_config.get_config("smoke")
+    trained = classifier.train_classifier(config, str(tmp_path))
+    assert 0.0 <= trained.test_accuracy <= 1.0
+    feats, probs = trained.features_and_probs(mnist.test_images[:5])
+    assert feats.shape == (5, 16) and probs.shape == (5, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    # A second call restores the checkpoint instead of training: same numbers.
+    again = classifier.train_classifier(config, str(tmp_path))
+    assert again.test_accuracy == trained.test_accuracy
+    np.testing.assert_array_equal(again.features_and_probs(mnist.test_images[:5])[1], probs)
+    config.min_test_accuracy = 0.999
+    with pytest.raises(ValueError, match=r"below min_test_accuracy = 0\.999"):
+        classifier.train_classifier(config, str(tmp_path))
+
+
+def test_shift_augmentation_moves_pixels_within_bounds():
+    rng = np.random.default_rng(0)
+    images = np.zeros((50, 28, 28), np.uint8)
+    images[:, 14, 14] = 255
+    shifted = classifier._shift(images, rng, 2)
+    ys, xs = np.nonzero(shifted.reshape(50, 28, 28).max(axis=0))
+    assert set(ys) <= set(range(12, 17)) and set(xs) <= set(range(12, 17))
+    assert np.all(shifted.reshape(50, -1).sum(axis=1) == 255)
+    assert len({tuple(np.argwhere(s)[0]) for s in shifted}) > 5
