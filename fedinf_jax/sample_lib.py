@@ -7,7 +7,8 @@ atomically (a failure leaves any earlier folder intact):
 
 * ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
   statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked;
-* ``samples.png``: one row per digit (the paper's Figure 2 layout), and ``trajectory.png``, the
+* ``samples.png``: one row per digit, its first 10 samples (the paper's Figure 2 layout), and
+  ``trajectory.png``, the
   reverse process of one sample per digit, when the trajectory is saved;
 * ``samples.json``: the resolved config, the checkpoint step and the statistics (score
   evaluations, accepted and rejected steps, wall time).
@@ -115,6 +116,15 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
     score_fn = make_score_fn(comp.model, comp.sde)
     agent_scores = agents.over_agents(score_fn, comp.score_strategy, in_axes=(0, None, None, None))
     return sampling.FederatedSampler(agent_scores, comp.sde, aggregator, spec, data.IMAGE_SHAPE)
+
+
+GRID_PER_CLASS = 10
+"""Samples per digit shown in ``samples.png`` (the npz holds all of them)."""
+
+
+def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` samples of each class, class by class."""
+    return np.concatenate([np.flatnonzero(labels == c)[:n] for c in np.unique(labels)])
 
 
 def class_labels(num_per_class: int, num_classes: int = 10) -> np.ndarray:
@@ -253,7 +263,10 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
-        plots.plot_sample_grid(pixels, labels, os.path.join(tmp, "samples.png"), title)
+        shown = first_per_class(labels, GRID_PER_CLASS)
+        plots.plot_sample_grid(
+            pixels[shown], labels[shown], os.path.join(tmp, "samples.png"), title
+        )
         if "trajectory" in arrays:
             plots.plot_trajectory(
                 arrays["trajectory"],

@@ -151,7 +151,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
     found = load_classifier(workdir)
     if found is not None:
         logging.info("classifier in %s: test accuracy %.4f (reused)", workdir, found.test_accuracy)
-        _check_accuracy(found.test_accuracy, config, workdir)
+        check_accuracy(found.test_accuracy, config, workdir)
         return found
     mnist = data.load_mnist(config.data.mnist_dir)
     model = make_classifier(config.model)
@@ -204,11 +204,11 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
         checkpoint.save(manager, config.train.num_steps, params, meta)
     finally:
         manager.close()
-    _check_accuracy(accuracy, config, workdir)
+    check_accuracy(accuracy, config, workdir)
     return TrainedClassifier(model, params, accuracy, config.data.centered)
 
 
-def _check_accuracy(accuracy: float, config, workdir: str) -> None:
+def check_accuracy(accuracy: float, config, workdir: str) -> None:
     if accuracy < config.min_test_accuracy:
         raise ValueError(
             f"the classifier in {workdir} reaches {accuracy:.4f} test accuracy, below "

@@ -1,0 +1,40 @@
+"""The reproduction pipeline (reproduce.py, fedinf_jax/pipeline.py): what to train, sample and
+measure. ``--config=configs/reproduce.py:PRESET`` with PRESET the regimes' model preset
+(smoke, demo, cpu, paper).
+"""
+
+import ml_collections
+
+from configs import base
+
+# Samples per digit for FID/IS/accuracy; the grids (samples.png) show the first 10.
+_EVAL_PER_CLASS = {"smoke": 2, "demo": 10, "cpu": 30, "paper": 100}
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    preset = preset or base.DEFAULT_PRESET
+    if preset not in base.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {list(base.PRESETS)}")
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.regimes = ("control", "homogeneous", "heterogeneous")
+    # "paper": the paper's procedure (configs/base.py, paper_sampler); the others: the corrected
+    # sampler with that aggregator. With one agent every aggregator is the agent, so the control
+    # regime runs only "paper" and "mean".
+    config.procedures = (
+        "paper",
+        "mean",
+        "weighted",
+        "label_prior",
+        "schedule",
+        "median",
+        "trimmed_mean",
+    )
+    config.eval_per_class = _EVAL_PER_CLASS[preset]
+    config.classifier_preset = "smoke" if preset == "smoke" else "cpu"
+    # The corrected sampler (every regime and aggregator); fields as in base.get_config().sampler.
+    config.sampler = base.get_config(preset).sampler
+    config.agreement_samples = 10  # S in the paper's eqs. 11-13
+    config.agreement_times = (1.0, 0.5, 0.1, 0.01)
+    config.seed = 0
+    return config

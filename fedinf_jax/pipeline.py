@@ -1,0 +1,273 @@
+"""The paper's experiment, end to end and resumable (``reproduce.py``).
+
+Stages, each skipped when its output exists (a rerun redoes only what is missing):
+
+1. ``classifier/``: the evaluation classifier (``configs/classifier.py``), trained once;
+2. ``<regime>/``: the regime's agents (``train.py``'s trainer; resumes an interrupted run);
+3. ``<regime>/samples/<procedure>/``: ``eval_per_class`` samples per digit under each procedure:
+   ``paper`` (uniform mean, stop at t = 0.05, no denoising) and the corrected sampler with each
+   aggregator;
+4. ``metrics.json``: IS, FID, label accuracy, noise rate, precision/recall of every sample set
+   against the MNIST test set, in the classifier's feature space;
+5. ``agreement.json``: the paper's Tables 3/4 (magnitude and cosine agreement of the agents'
+   scores) per regime;
+6. ``report.md``: Table 1, the Figure 2 grids, Tables 3/4 and the wall times (``timings.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import classifier as classifier_config
+from configs import control, hetero, homo
+from fedinf_jax import agents, aggregators, data, sample_lib, train_lib
+from fedinf_jax.evaluation import agreement, classifier, metrics
+from fedinf_jax.score import make_score_fn
+
+REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
+SINGLE_AGENT_PROCEDURES = ("paper", "mean")
+PRECISION_RECALL_REAL = 2000  # test images in the real manifold for precision/recall
+
+
+def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list[str]:
+    """With one agent every aggregator is that agent: only the paper's and the corrected mean."""
+    if regime_config.partition.num_agents == 1:
+        return [p for p in procedures if p in SINGLE_AGENT_PROCEDURES]
+    return list(procedures)
+
+
+def regime_config(config, regime: str, procedure: str | None = None) -> ml_collections.ConfigDict:
+    """The regime's run config; with a procedure, its sampler and aggregator set."""
+    if regime not in REGIME_FILES:
+        raise ValueError(f"unknown regime {regime!r}; valid: {sorted(REGIME_FILES)}")
+    paper = procedure == "paper"
+    cfg = REGIME_FILES[regime].get_config(config.preset + (",paper_sampler" if paper else ""))
+    if procedure is not None and not paper:
+        if procedure not in aggregators.AGGREGATORS:
+            valid = ["paper", *sorted(aggregators.AGGREGATORS)]
+            raise ValueError(f"unknown procedure {procedure!r}; valid: {valid}")
+        cfg.sampler.update(config.sampler.to_dict())
+        cfg.aggregator.name = procedure
+    cfg.sampler.num_per_class = config.eval_per_class
+    cfg.sampler.seed = config.seed
+    return cfg
+
+
+class Timings:
+    """Wall time per stage, kept in ``timings.json`` across reruns (a skipped stage keeps the
+    time it took when it ran)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.record = _read_json(path) if os.path.exists(path) else {}
+
+    def run(self, name: str, fn: Callable[[], object]):
+        start = time.time()
+        out = fn()
+        self.record[name] = round(time.time() - start, 1)
+        _write_json(self.path, self.record)
+        return out
+
+
+def _sample_dir(outdir: str, regime: str, procedure: str) -> str:
+    return os.path.join(outdir, regime, "samples", procedure)
+
+
+def evaluate_sample_set(
+    clf: classifier.TrainedClassifier,
+    real_features: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+) -> dict:
+    """Every metric of one sample set (uint8 images) against the real test features."""
+    feats, probs = clf.features_and_probs(images)
+    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(images)))
+    accuracy, per_class = metrics.label_accuracy(probs, labels)
+    rng = np.random.default_rng(0)
+    real = real_features[rng.choice(len(real_features), PRECISION_RECALL_REAL, replace=False)]
+    precision, recall = metrics.precision_recall(real, feats, k=3)
+    return {
+        "num_samples": len(images),
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "fid": metrics.fid(feats, real_features),
+        "accuracy": accuracy,
+        "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_class],
+        "noise_rate": metrics.noise_rate(probs),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list[dict]:
+    """The paper's Tables 3/4 for one regime, with its uniform mean (eq. 10)."""
+    federation = sample_lib.load_federation(regime_config(config, regime, "mean"), workdir)
+    comp = federation.components
+    lifted = agents.over_agents(
+        make_score_fn(comp.model, comp.sde), comp.score_strategy, in_axes=(0, None, None, None)
+    )
+    s = config.agreement_samples
+    rng = np.random.default_rng(config.seed)
+    noise = rng.normal(size=(s, *data.IMAGE_SHAPE)).astype(np.float32)
+    images = [
+        data.to_model_input(
+            mnist.train_images[rng.choice(np.flatnonzero(mnist.train_labels == c), s, False)]
+        )
+        for c in range(data.NUM_CLASSES)
+    ]
+    rows = agreement.agreement_table(
+        lifted, federation.params, aggregators.mean(), noise, images, config.agreement_times
+    )
+    return [dict(r, regime=regime) for r in rows]
+
+
+def run(config: ml_collections.ConfigDict, outdir: str) -> str:
+    """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path."""
+    os.makedirs(outdir, exist_ok=True)
+    timings = Timings(os.path.join(outdir, "timings.json"))
+    mnist = data.load_mnist(REGIME_FILES["control"].get_config(config.preset).data.mnist_dir)
+
+    clf_dir = os.path.join(outdir, "classifier")
+    clf = classifier.load_classifier(clf_dir)
+    if clf is None:
+        cfg = classifier_config.get_config(config.classifier_preset)
+        clf = timings.run("classifier", lambda: classifier.train_classifier(cfg, clf_dir))
+    else:
+        cfg = classifier_config.get_config(config.classifier_preset)
+        classifier.check_accuracy(clf.test_accuracy, cfg, clf_dir)
+    real_features, _ = clf.features_and_probs(mnist.test_images)
+
+    for regime in config.regimes:
+        cfg = regime_config(config, regime)
+        workdir = os.path.join(outdir, regime)
+        if _trained_step(workdir) < cfg.train.num_steps:
+            timings.run(
+                f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
+            )
+
+    results = {}
+    for regime in config.regimes:
+        workdir = os.path.join(outdir, regime)
+        for procedure in procedures_for(regime_config(config, regime), config.procedures):
+            sample_dir = _sample_dir(outdir, regime, procedure)
+            if not os.path.exists(os.path.join(sample_dir, "samples.npz")):
+                cfg = regime_config(config, regime, procedure)
+                timings.run(
+                    f"sample/{regime}/{procedure}",
+                    lambda c=cfg, w=workdir, d=sample_dir: sample_lib.run(c, w, d),
+                )
+            with np.load(os.path.join(sample_dir, "samples.npz")) as f:
+                images, labels = f["images"], f["labels"]
+            stats = _read_json(os.path.join(sample_dir, "samples.json"))["stats"]
+            results[f"{regime}/{procedure}"] = dict(
+                evaluate_sample_set(clf, real_features, images, labels),
+                regime=regime,
+                procedure=procedure,
+                sampling_wall_time_s=stats["wall_time_s"],
+                score_evaluations=stats["score_evaluations"],
+            )
+    _write_json(
+        os.path.join(outdir, "metrics.json"),
+        {"classifier_test_accuracy": clf.test_accuracy, "results": results},
+    )
+
+    agreement_path = os.path.join(outdir, "agreement.json")
+    if not os.path.exists(agreement_path):
+        rows = []
+        for regime in config.regimes:
+            rows += timings.run(
+                f"agreement/{regime}",
+                lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
+            )
+        _write_json(agreement_path, rows)
+    rows = _read_json(agreement_path)
+    return write_report(config, outdir, clf.test_accuracy, results, rows, timings.record)
+
+
+def _trained_step(workdir: str) -> int:
+    ckpt = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt):
+        return 0
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
+    return max(steps, default=0)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
+    """``report.md``: Table 1, the grids, Tables 3/4 and the wall times."""
+    lines = [
+        f"# fedinf_jax reproduction, preset `{config.preset}`",
+        "",
+        f"Backend {jax.default_backend()}; evaluation classifier test accuracy "
+        f"{clf_accuracy:.4f}; {config.eval_per_class} samples per digit per set; FID against the "
+        "10,000 MNIST test images in the classifier's penultimate features; IS over 10 splits; "
+        "noise rate = share with max softmax < 0.5; precision/recall with k = 3 against "
+        f"{PRECISION_RECALL_REAL} test images.",
+        "",
+        "## Table 1: sample quality",
+        "",
+        "| regime | procedure | IS | FID | accuracy | noise rate | precision | recall | "
+        "score evals | sampling s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| {r['regime']} | {r['procedure']} | {r['inception_score']:.2f} +- "
+            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | {r['accuracy']:.3f} | "
+            f"{r['noise_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{r['score_evaluations']} | {r['sampling_wall_time_s']:.0f} |"
+        )
+    lines += ["", "## Figure 2: samples (first 10 per digit)", ""]
+    for r in results.values():
+        rel = os.path.join(r["regime"], "samples", r["procedure"], "samples.png")
+        lines.append(f"![{r['regime']} {r['procedure']}]({rel})")
+    lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
+    lines += _agreement_tables(rows)
+    lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    path = os.path.join(outdir, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _agreement_tables(rows: list[dict]) -> list[str]:
+    """One table per t: rows (input, regime), columns digits, cells "magnitude / cosine"."""
+    out = []
+    for t in sorted({r["t"] for r in rows}, reverse=True):
+        labels = sorted({r["label"] for r in rows})
+        out += [
+            f"t = {t:g}: magnitude +- std / cosine +- std",
+            "",
+            "| input | regime | " + " | ".join(str(c) for c in labels) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in labels) + " |",
+        ]
+        for kind in agreement.INPUTS:
+            for regime in dict.fromkeys(r["regime"] for r in rows):
+                cells = {
+                    r["label"]: f"{r['magnitude']:.2f} +- {r['magnitude_std']:.2f} / "
+                    f"{r['cosine']:.2f} +- {r['cosine_std']:.2f}"
+                    for r in rows
+                    if r["t"] == t and r["input"] == kind and r["regime"] == regime
+                }
+                out.append(f"| {kind} | {regime} | " + " | ".join(cells[c] for c in labels) + " |")
+        out.append("")
+    return out
