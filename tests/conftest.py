@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from configs import base
 from fedinf_jax import data, runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,6 +24,17 @@ def _mnist_dir() -> pathlib.Path | None:
 
 
 MNIST_DIR = _mnist_dir()
+
+
+def micro_config():
+    """A one-level U-Net without attention (labels enter through the class embedding): every code
+    path of the agent axis, the trainer and the sampler, with far fewer ops to compile."""
+    c = base.get_config("smoke")
+    c.model.block_out_channels = (4,)
+    c.model.attention_levels = (False,)
+    c.model.up_attention_levels = (False,)
+    c.model.norm_groups = 2
+    return c
 
 
 @pytest.fixture(scope="session", autouse=True)

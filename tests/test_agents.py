@@ -7,27 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
 from fedinf_jax import agents, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_loss_fn, make_score_fn
+from tests.conftest import micro_config
 
 K, B = 2, 4
 
 
-def _micro_config():
-    """A one-level U-Net: the same code paths, far fewer ops to compile."""
-    c = base.get_config("smoke")
-    c.model.block_out_channels = (4,)
-    c.model.attention_levels = (True,)
-    c.model.up_attention_levels = (True,)
-    c.model.norm_groups = 2
-    return c
-
-
 @pytest.fixture(scope="module")
 def setup():
-    config = _micro_config()
+    config = micro_config()
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, K, train_lib.make_key(0))
     batch = synthetic_batch(K, B)
@@ -43,7 +33,7 @@ def _two_steps(step, comp, params, batch, key):
 
 @functools.cache
 def _train_step(strategy):
-    config = _micro_config()
+    config = micro_config()
     comp = train_lib.resolve(config)
     loss_fn = make_loss_fn(comp.model, comp.sde)
     return agents.maybe_jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy), strategy)

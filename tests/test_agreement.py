@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base
 from fedinf_jax import agents, aggregators, train_lib
 from fedinf_jax.evaluation import agreement
 from fedinf_jax.score import make_score_fn
+from tests.conftest import micro_config
 
 
 def test_agreement_closed_forms():
@@ -24,11 +24,7 @@ def test_agreement_closed_forms():
 
 
 def test_table_on_an_untrained_single_agent():
-    config = base.get_config("smoke")
-    config.model.block_out_channels = (4,)
-    config.model.attention_levels = (True,)
-    config.model.up_attention_levels = (True,)
-    config.model.norm_groups = 2
+    config = micro_config()
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
     lifted = agents.over_agents(make_score_fn(comp.model, comp.sde), "vmap", (0, None, None, None))

@@ -13,7 +13,7 @@ from configs import base
 from fedinf_jax import agents, aggregators, sample_lib, sampling, train_lib
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import ROOT
+from tests.conftest import ROOT, micro_config
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -244,11 +244,7 @@ def test_paper_sampler_preset():
 
 
 def test_identical_network_agents_under_mean_equal_one_agent():
-    config = base.get_config("smoke")
-    config.model.block_out_channels = (4,)  # a one-level U-Net: quick to compile
-    config.model.attention_levels = (True,)
-    config.model.up_attention_levels = (True,)
-    config.model.norm_groups = 2
+    config = micro_config()
     comp = train_lib.resolve(config)
     one = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
     two = jax.tree.map(lambda p: jnp.concatenate([p, p]), one)
