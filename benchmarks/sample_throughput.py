@@ -59,8 +59,7 @@ def _spec(solver, steps=100, adaptive=False, tol=1e-3):
 
 
 def _sampler(comp, strategy, spec):
-    score_fn = make_score_fn(comp.model, comp.sde)
-    lifted = agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+    lifted = sample_lib.agent_score_fn(comp, strategy)
     return sampling.FederatedSampler(lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE)
 
 
@@ -72,7 +71,7 @@ def _paper_loop(comp, params, keys, labels, steps, sampler):
 
     @jax.jit
     def euler(x, mean_score, t, dt):
-        return x + dt * (-sde.drift(x, t) + 0.5 * sde.diffusion(t) ** 2 * mean_score)
+        return x + dt * sampling.reverse_drift(sde, "ode", x, t, mean_score)
 
     def run():
         x, _ = sampler._prior(keys)

@@ -61,6 +61,14 @@ def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggreg
     return Aggregator(init, aggregate)
 
 
+def _count_matrix(counts) -> np.ndarray:
+    """The count matrix n[agent, class] as float64, checked."""
+    n = np.asarray(counts, dtype=np.float64)
+    if n.ndim != 2 or np.any(n < 0):
+        raise ValueError(f"counts must be a non-negative (agents, classes) matrix, got {n.shape}")
+    return n
+
+
 def _weighted_sum(agent_scores: Array, weights: Array) -> Array:
     """sum_i w_i s_i with weights (agents,) or (agents, batch)."""
     w = weights.reshape(weights.shape + (1,) * (agent_scores.ndim - weights.ndim))
@@ -96,9 +104,7 @@ def label_prior(counts) -> Aggregator:
     Raises:
       ValueError: a class that no agent holds (its weights would be 0/0).
     """
-    n = np.asarray(counts, dtype=np.float64)
-    if n.ndim != 2 or np.any(n < 0):
-        raise ValueError(f"counts must be a non-negative (agents, classes) matrix, got {n.shape}")
+    n = _count_matrix(counts)
     totals = n.sum(axis=0)
     if np.any(totals == 0):
         raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} are held by no agent")
@@ -141,9 +147,7 @@ def switch_schedule(num_agents: int, early_agents, t_switch: float) -> Callable:
 def owner_switch_schedule(counts, t_switch: float) -> Callable:
     """For t > t_switch only the agents holding the most examples of the label y (its owner in
     the heterogeneous regime; ties share uniformly), for t <= t_switch all agents uniformly."""
-    n = np.asarray(counts, dtype=np.float64)
-    if n.ndim != 2 or np.any(n < 0):
-        raise ValueError(f"counts must be a non-negative (agents, classes) matrix, got {n.shape}")
+    n = _count_matrix(counts)
     owners = (n == n.max(axis=0, keepdims=True)).astype(np.float32)
     early = owners / owners.sum(axis=0, keepdims=True)
     late = np.full(n.shape, 1.0 / n.shape[0], np.float32)

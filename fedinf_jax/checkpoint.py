@@ -44,6 +44,17 @@ def make_manager(workdir: str | os.PathLike, keep: int = 3, create: bool = True)
     )
 
 
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The latest checkpointed step under ``workdir``, or None (no checkpoint, or no folder)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    manager = make_manager(workdir, create=False)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def save(manager, step: int, state, meta: dict[str, Any]) -> None:
     """Saves ``state`` and the JSON-serialisable ``meta`` as checkpoint ``step``."""
     manager.save(

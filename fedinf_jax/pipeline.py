@@ -27,9 +27,8 @@ import numpy as np
 
 from configs import classifier as classifier_config
 from configs import control, hetero, homo
-from fedinf_jax import agents, aggregators, data, sample_lib, train_lib
+from fedinf_jax import aggregators, checkpoint, data, sample_lib, train_lib
 from fedinf_jax.evaluation import agreement, classifier, metrics
-from fedinf_jax.score import make_score_fn
 
 REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
@@ -110,9 +109,7 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
     """The paper's Tables 3/4 for one regime, with its uniform mean (eq. 10)."""
     federation = sample_lib.load_federation(regime_config(config, regime, "mean"), workdir)
     comp = federation.components
-    lifted = agents.over_agents(
-        make_score_fn(comp.model, comp.sde), comp.score_strategy, in_axes=(0, None, None, None)
-    )
+    lifted = sample_lib.agent_score_fn(comp)
     s = config.agreement_samples
     rng = np.random.default_rng(config.seed)
     noise = rng.normal(size=(s, *data.IMAGE_SHAPE)).astype(np.float32)
@@ -147,7 +144,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     for regime in config.regimes:
         cfg = regime_config(config, regime)
         workdir = os.path.join(outdir, regime)
-        if _trained_step(workdir) < cfg.train.num_steps:
+        if (checkpoint.latest_step(workdir) or 0) < cfg.train.num_steps:
             timings.run(
                 f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
             )
@@ -191,23 +188,20 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     return write_report(config, outdir, clf.test_accuracy, results, rows, timings.record)
 
 
-def _trained_step(workdir: str) -> int:
-    ckpt = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt):
-        return 0
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
-    return max(steps, default=0)
-
-
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def _write_text(path: str, text: str) -> None:
+    """Writes a temporary file and renames it: never a half-written file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def _write_json(path: str, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
 
 
 def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
@@ -243,9 +237,7 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     path = os.path.join(outdir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    _write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -53,6 +53,11 @@ def plot_training_loss(workdir: str, path: str | None = None) -> str:
     return _save(fig, path)
 
 
+def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` samples of each class, class by class."""
+    return np.concatenate([np.flatnonzero(labels == c)[:n] for c in np.unique(labels)])
+
+
 def plot_sample_grid(images: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> str:
     """One row per class, its samples side by side (the paper's Figure 2 layout).
 
@@ -96,7 +101,7 @@ def plot_trajectory(
       trajectory: uint8 (S, N, H, W); times: (S,) diffusion times; labels: (N,).
     """
     plt = _pyplot()
-    rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    rows = first_per_class(labels, per_class)
     s, (h, w) = len(times), trajectory.shape[2:4]
     fig, axes = plt.subplots(
         len(rows), s, figsize=(0.6 * s + 0.6, 0.6 * len(rows) + 0.4), squeeze=False

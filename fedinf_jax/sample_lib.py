@@ -113,18 +113,21 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
     aggregator = aggregators.from_config(
         config.aggregator, federation.counts, federation.num_agents
     )
-    score_fn = make_score_fn(comp.model, comp.sde)
-    agent_scores = agents.over_agents(score_fn, comp.score_strategy, in_axes=(0, None, None, None))
-    return sampling.FederatedSampler(agent_scores, comp.sde, aggregator, spec, data.IMAGE_SHAPE)
+    return sampling.FederatedSampler(
+        agent_score_fn(comp), comp.sde, aggregator, spec, data.IMAGE_SHAPE
+    )
+
+
+def agent_score_fn(components: train_lib.Components, strategy: str | None = None):
+    """``(stacked params, x, t, y) -> (agents, batch, ...)`` scores of all agents, through
+    ``strategy`` (default: the config's score strategy)."""
+    score_fn = make_score_fn(components.model, components.sde)
+    strategy = strategy or components.score_strategy
+    return agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
 
 
 GRID_PER_CLASS = 10
 """Samples per digit shown in ``samples.png`` (the npz holds all of them)."""
-
-
-def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the first ``n`` samples of each class, class by class."""
-    return np.concatenate([np.flatnonzero(labels == c)[:n] for c in np.unique(labels)])
 
 
 def class_labels(num_per_class: int, num_classes: int = 10) -> np.ndarray:
@@ -243,9 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
     arrays.update({f"batch_{k}": v for k, v in per_batch.items()})
     if trajectory is not None:
         arrays["trajectory_t"] = trajectory_t
-        arrays["trajectory"] = sampling.to_uint8(
-            trajectory.reshape(-1, *trajectory.shape[2:]), cfg.data.centered
-        ).reshape(trajectory.shape[:2] + pixels.shape[1:])
+        arrays["trajectory"] = sampling.to_uint8(trajectory, cfg.data.centered)
     outdir = outdir or default_outdir(cfg, workdir)
     title = (
         f"{cfg.partition.name}, {federation.num_agents} agents, {cfg.aggregator.name}, "
@@ -263,7 +264,7 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
-        shown = first_per_class(labels, GRID_PER_CLASS)
+        shown = plots.first_per_class(labels, GRID_PER_CLASS)
         plots.plot_sample_grid(
             pixels[shown], labels[shown], os.path.join(tmp, "samples.png"), title
         )

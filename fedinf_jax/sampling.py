@@ -260,6 +260,13 @@ for _tag in (lineax.is_symmetric, lineax.is_positive_semidefinite, lineax.is_neg
     _tag.register(NoiseOperator)(lambda operator: False)
 
 
+def reverse_drift(sde: SDE, method: str, x: Array, t, score: Array) -> Array:
+    """dx/dtau = -f(x, t) + c g(t)^2 s of the reverse process in tau = T - t; c = 1 for the
+    reverse SDE (noise g dW added separately), 1/2 for the probability-flow ODE."""
+    c = 1.0 if method == "sde" else 0.5
+    return -sde.drift(x, t) + c * sde.diffusion(t) ** 2 * score
+
+
 def _raise_nonfinite(bad_agents, bad_aggregate, t) -> None:
     agents = np.flatnonzero(np.asarray(bad_agents)).tolist()
     what = (
@@ -329,8 +336,7 @@ class FederatedSampler:
         t = self.sde.T - tau
         x = state.x
         scores, score, agg, t_batch = self._evaluate(params, x, t, y, state.aggregator)
-        c = 1.0 if self.spec.method == "sde" else 0.5
-        b = -self.sde.drift(x, t) + c * self.sde.diffusion(t) ** 2 * score
+        b = reverse_drift(self.sde, self.spec.method, x, t, score)
         return SolveState(b, self._tendency(scores, t_batch, x, y, agg, b, 1.0))
 
     def _diffusion(self, tau, state: SolveState, args) -> NoiseOperator:
@@ -478,12 +484,13 @@ def reverse_euler_maruyama(
 
 
 def to_uint8(images: Array, centered: bool = True) -> np.ndarray:
-    """Model-space images ([-1, 1] if ``centered``, else [0, 1]) to uint8 pixels (N, H, W)."""
+    """Model-space images (..., H, W, C), in [-1, 1] if ``centered`` else [0, 1], to uint8
+    pixels (..., H, W) (the channel axis dropped when it has size 1)."""
     x = np.asarray(images, np.float32)
     if centered:
         x = (x + 1.0) / 2.0
     x = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
-    return x.reshape(x.shape[0], x.shape[1], x.shape[2]) if x.shape[-1] == 1 else x
+    return x[..., 0] if x.shape[-1] == 1 else x
 
 
 def sample_keys(seed: int, num: int, start: int = 0) -> Key:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -215,7 +214,3 @@ def check_accuracy(accuracy: float, config, workdir: str) -> None:
             f"min_test_accuracy = {config.min_test_accuracy}: train longer "
             "(classifier.train.num_steps) in a fresh directory"
         )
-
-
-def steps_for_epochs(epochs: float, batch_size: int, num_train: int = 60000) -> int:
-    return math.ceil(epochs * num_train / batch_size)
