@@ -24,6 +24,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from configs import classifier as classifier_config
 from configs import control, hetero, homo
@@ -68,11 +69,17 @@ class Timings:
         self.record = _read_json(path) if os.path.exists(path) else {}
 
     def run(self, name: str, fn: Callable[[], object]):
+        logging.info("stage %s: running", name)
         start = time.time()
         out = fn()
         self.record[name] = round(time.time() - start, 1)
         _write_json(self.path, self.record)
+        logging.info("stage %s: done in %.1f s", name, self.record[name])
         return out
+
+    @staticmethod
+    def reuse(name: str, path: str) -> None:
+        logging.info("stage %s: reused (%s)", name, path)
 
 
 def _sample_dir(outdir: str, regime: str, procedure: str) -> str:
@@ -137,6 +144,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         cfg = classifier_config.get_config(config.classifier_preset)
         clf = timings.run("classifier", lambda: classifier.train_classifier(cfg, clf_dir))
     else:
+        timings.reuse("classifier", clf_dir)
         cfg = classifier_config.get_config(config.classifier_preset)
         classifier.check_accuracy(clf.test_accuracy, cfg, clf_dir)
     real_features, _ = clf.features_and_probs(mnist.test_images)
@@ -148,6 +156,8 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
             timings.run(
                 f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
             )
+        else:
+            timings.reuse(f"train/{regime}", workdir)
 
     results = {}
     for regime in config.regimes:
@@ -160,6 +170,8 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
                     f"sample/{regime}/{procedure}",
                     lambda c=cfg, w=workdir, d=sample_dir: sample_lib.run(c, w, d),
                 )
+            else:
+                timings.reuse(f"sample/{regime}/{procedure}", sample_dir)
             with np.load(os.path.join(sample_dir, "samples.npz")) as f:
                 images, labels = f["images"], f["labels"]
             stats = _read_json(os.path.join(sample_dir, "samples.json"))["stats"]
@@ -184,6 +196,8 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
                 lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
             )
         _write_json(agreement_path, rows)
+    else:
+        timings.reuse("agreement", agreement_path)
     rows = _read_json(agreement_path)
     return write_report(config, outdir, clf.test_accuracy, results, rows, timings.record)
 

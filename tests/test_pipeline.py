@@ -1,0 +1,125 @@
+"""The reproduction pipeline (reproduce.py): end to end on the smoke preset, resumption, configs."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from configs import reproduce
+from fedinf_jax import pipeline
+from tests.conftest import ROOT
+
+PROCEDURES = ("paper", "label_prior")
+
+
+def _run(outdir):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "reproduce.py",
+            "--config=configs/reproduce.py:smoke",
+            f"--outdir={outdir}",
+            "--config.regimes=('heterogeneous',)",
+            f"--config.procedures={PROCEDURES!r}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+def _section(report: str, title: str) -> list[str]:
+    """The lines of ``## title...`` up to the next ``## `` heading."""
+    body = report.split("\n## " + title, 1)[1].split("\n## ", 1)[0]
+    return body.splitlines()
+
+
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    rows = [line for line in lines if line.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+
+
+@pytest.fixture(scope="module")
+def reproduced(smoke_run, tmp_path_factory):
+    """reproduce.py on the smoke preset: the heterogeneous regime (the session's smoke training
+    run, copied in and reused), the classifier, two procedures, metrics, agreement, report."""
+    outdir = tmp_path_factory.mktemp("reproduce")
+    shutil.copytree(smoke_run, outdir / "heterogeneous")
+    log = _run(outdir)
+    return outdir, log
+
+
+def test_report_tables_parse(reproduced):
+    outdir, log = reproduced
+    assert "stage train/heterogeneous: reused" in log  # the copied run is at num_steps
+    report = (outdir / "report.md").read_text()
+
+    table1 = _table_rows(_section(report, "Table 1"))
+    assert [(r[0], r[1]) for r in table1] == [("heterogeneous", p) for p in PROCEDURES]
+    for row in table1:
+        is_mean, is_std = (float(v) for v in row[2].split("+-"))
+        assert 1.0 <= is_mean <= 10.0 and is_std >= 0.0
+        fid, accuracy, noise, precision, recall = (float(v) for v in row[3:8])
+        assert fid >= 0.0
+        assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
+        assert int(row[8]) > 0 and float(row[9]) >= 0.0
+
+    grids = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert len(grids) == len(PROCEDURES)
+    assert all(os.path.getsize(outdir / g) > 1000 for g in grids)
+
+    agreement = _section(report, "Tables 3/4")
+    times = [line for line in agreement if line.startswith("t = ")]
+    assert [float(line.split()[2].rstrip(":")) for line in times] == [1.0, 0.5, 0.1, 0.01]
+    rows = _table_rows(agreement[agreement.index(times[0]) :])[:2]
+    assert [r[:2] for r in rows] == [["noise", "heterogeneous"], ["label", "heterogeneous"]]
+    for cell in rows[0][2:]:
+        magnitude, cosine = (float(v.split("+-")[0]) for v in cell.split("/"))
+        assert magnitude > 0.0 and -1.0 <= cosine <= 1.0
+    assert len(rows[0]) == 2 + 10
+
+    metrics = json.loads((outdir / "metrics.json").read_text())
+    assert set(metrics["results"]) == {f"heterogeneous/{p}" for p in PROCEDURES}
+    assert len(json.loads((outdir / "agreement.json").read_text())) == 2 * 10 * 4
+    timings = json.loads((outdir / "timings.json").read_text())
+    assert {"classifier", "agreement/heterogeneous"} <= set(timings)
+
+
+def test_rerun_reuses_every_finished_stage(reproduced):
+    outdir, _ = reproduced
+    outputs = [
+        outdir / "timings.json",
+        outdir / "agreement.json",
+        *(outdir / "heterogeneous" / "samples" / p / "samples.npz" for p in PROCEDURES),
+    ]
+    before = [os.stat(p).st_mtime_ns for p in outputs]
+    log = _run(outdir)
+    assert [os.stat(p).st_mtime_ns for p in outputs] == before
+    assert "running" not in " ".join(line for line in log.splitlines() if "stage " in line)
+    for stage in ("classifier", "train/heterogeneous", "agreement"):
+        assert f"stage {stage}: reused" in log
+
+
+def test_procedures_and_regime_configs():
+    config = reproduce.get_config("cpu")
+    control = pipeline.regime_config(config, "control")
+    assert pipeline.procedures_for(control, config.procedures) == ["paper", "mean"]
+    hetero = pipeline.regime_config(config, "heterogeneous", "label_prior")
+    assert hetero.partition.num_agents == 10 and hetero.aggregator.name == "label_prior"
+    assert hetero.sampler.num_per_class == config.eval_per_class
+    paper = pipeline.regime_config(config, "homogeneous", "paper")
+    assert (paper.sampler.method, paper.sampler.t_end, paper.sampler.denoise) == ("ode", 0.05, False)
+    assert paper.aggregator.name == "mean"
+    with pytest.raises(ValueError, match=r"unknown procedure 'avg'; valid: \['paper', "):
+        pipeline.regime_config(config, "heterogeneous", "avg")
+    with pytest.raises(ValueError, match="unknown regime 'iid'"):
+        pipeline.regime_config(config, "iid")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        reproduce.get_config("huge")
