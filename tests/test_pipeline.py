@@ -115,7 +115,8 @@ def test_procedures_and_regime_configs():
     assert hetero.partition.num_agents == 10 and hetero.aggregator.name == "label_prior"
     assert hetero.sampler.num_per_class == config.eval_per_class
     paper = pipeline.regime_config(config, "homogeneous", "paper")
-    assert (paper.sampler.method, paper.sampler.t_end, paper.sampler.denoise) == ("ode", 0.05, False)
+    sampler = paper.sampler
+    assert (sampler.method, sampler.t_end, sampler.denoise) == ("ode", 0.05, False)
     assert paper.aggregator.name == "mean"
     with pytest.raises(ValueError, match=r"unknown procedure 'avg'; valid: \['paper', "):
         pipeline.regime_config(config, "heterogeneous", "avg")
