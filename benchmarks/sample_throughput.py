@@ -65,7 +65,7 @@ def _sampler(comp, strategy, spec):
 
 def _paper_loop(comp, params, keys, labels, steps, sampler):
     """The paper's execution: host loop over steps and agents, one jitted call per agent."""
-    score_one = jax.jit(make_score_fn(comp.model, comp.sde))
+    score_one = jax.jit(make_score_fn(comp.model, comp.sde, comp.param))
     singles = [agents.agent(params, i) for i in range(agents.num_agents_of(params))]
     sde, t_end = comp.sde, sampler.spec.t_end
 

@@ -55,7 +55,7 @@ def main(_):
     params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
     batch = synthetic_batch(k, b)
     key = jax.random.key(0)
-    loss_fn = make_loss_fn(comp.model, comp.sde)
+    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
     print(
         f"backend {jax.default_backend()}, preset {FLAGS.preset}, K={k}, batch {b}/agent, "
         f"{train_lib.count_params(params) // k:,} parameters per agent",

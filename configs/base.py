@@ -70,6 +70,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 10
     config.model.class_embedding = True
     config.model.dtype = "float32"
+    # How the network's output is read (fedinf_jax/score.py): "edm" (Karras et al. 2022
+    # preconditioning; v-prediction under VP) or "eps" (noise prediction).
+    config.model.parametrization = "edm"
+    config.model.sigma_data = 0.5  # edm: the data's scale
 
     config.sde = ml_collections.ConfigDict()
     config.sde.name = "vp"

@@ -121,7 +121,7 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
 def agent_score_fn(components: train_lib.Components, strategy: str | None = None):
     """``(stacked params, x, t, y) -> (agents, batch, ...)`` scores of all agents, through
     ``strategy`` (default: the config's score strategy)."""
-    score_fn = make_score_fn(components.model, components.sde)
+    score_fn = make_score_fn(components.model, components.sde, components.param)
     strategy = strategy or components.score_strategy
     return agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
 

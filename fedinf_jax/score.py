@@ -1,18 +1,37 @@
-"""From a noise-prediction network to a score, and the denoising score-matching loss.
+"""From the network's output to a score, and the denoising score-matching loss.
 
-The network eps_theta(c_in(t) x, 999 t, y) predicts the noise z in x_t = alpha(t) x_0 + std(t) z,
-so the score is s(x, t, y) = -eps_theta / std(t) (Ho et al. 2020; Song et al. 2021). The input is
-scaled by c_in(t) = 1 / sqrt(alpha(t)^2 + std(t)^2) so that it has about unit scale under every
-SDE (for VE, x_t reaches sigma_max = 50); this, and dividing by std(t), is the score scaling the
-paper's code left out (RESEARCH.md section 1).
+Every SDE here perturbs data as x_t = alpha(t) x_0 + std(t) z. The network F(c_in x, 999 t, y)
+is read as a denoiser (Karras et al. 2022, "Elucidating the Design Space...", section 5)
 
-Loss (denoising score matching with lambda(t) = std(t)^2, Song et al. 2021 eq. 7):
-    L = E_{t ~ U(eps, T), x_0, z} || eps_theta(x_t, t, y) - z ||^2,
-averaged over pixels and the batch.
+    x0_hat(x, t, y) = c_skip(t) x + c_out(t) F(c_in(t) x, 999 t, y),
+
+and the score follows from Tweedie's formula, s(x, t, y) = (alpha x0_hat - x) / std^2.
+Two parametrizations (``config.model.parametrization``):
+
+* ``eps`` (Ho et al. 2020; Song et al. 2021): F predicts the noise z: c_skip = 1 / alpha,
+  c_out = -std / alpha, so s = -F / std; input scale c_in = 1 / sqrt(alpha^2 + std^2) (unit scale
+  under every SDE; VE reaches sigma_max = 50). Dividing by std and scaling the input is what the
+  paper's code left out (RESEARCH.md section 1).
+* ``edm`` (Karras et al. 2022, Table 1, in the scaled form of their eq. 4): with sigma = std /
+  alpha and sigma_data = ``config.model.sigma_data``,
+      c_in = 1 / sqrt(std^2 + alpha^2 sigma_data^2),
+      c_skip = sigma_data^2 / ((sigma^2 + sigma_data^2) alpha),
+      c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2).
+  Under the VP SDE with sigma_data = 1 this is v-prediction (Salimans & Ho 2022). Its error in
+  x0_hat stays of the order of the network's error at every noise level; under ``eps`` it is
+  that error times std / alpha, which is about 150 at t = 1 of the VP SDE, so an agent that has
+  not yet learnt the high-noise regime to 1e-3 drives the reverse process away from the data
+  (docs and numbers: README, "Score parametrization").
+
+Loss (denoising score matching; Song et al. 2021 eq. 7 with lambda(t) = std^2 for ``eps``, EDM's
+lambda = 1 / c_out^2 for ``edm``): the network's target is F* = (x_0 - c_skip x_t) / c_out,
+    L = E_{t ~ U(eps, T), x_0, z} || F - F* ||^2,
+averaged over pixels and the batch (F* = z for ``eps``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -25,38 +44,96 @@ from fedinf_jax.types import Array, Images, Key, Labels, Params, Times
 TIME_SCALE = 999.0
 """Diffusion time t in [0, 1] enters the sinusoidal embedding as 999 t (the DDPM step range)."""
 
+PARAMETRIZATIONS = ("eps", "edm")
 
-def make_eps_fn(model: nn.Module, sde: SDE) -> Callable[[Params, Images, Times, Labels], Images]:
-    """eps_theta(params, x_t, t, y): the network's noise prediction with input scaling."""
 
-    def eps_fn(params, x, t, y):
+@dataclasses.dataclass(frozen=True)
+class Parametrization:
+    """How the network's output F maps to a denoised image and a score (module docstring)."""
+
+    name: str = "eps"
+    sigma_data: float = 0.5  # edm only
+
+    def __post_init__(self):
+        if self.name not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"unknown parametrization {self.name!r}; valid: {list(PARAMETRIZATIONS)}"
+            )
+        if self.sigma_data <= 0:
+            raise ValueError(f"model.sigma_data must be > 0, got {self.sigma_data}")
+
+    def input_scale(self, alpha: Array, std: Array) -> Array:
+        """c_in(t)."""
+        if self.name == "eps":
+            return jax.lax.rsqrt(alpha**2 + std**2)
+        return jax.lax.rsqrt(std**2 + (alpha * self.sigma_data) ** 2)
+
+    def _edm(self, alpha: Array, std: Array) -> tuple[Array, Array, Array]:
+        """(c_skip, c_out, 1 - alpha c_skip) of ``edm``; the last computed without cancellation."""
+        sigma2, sd2 = (std / alpha) ** 2, self.sigma_data**2
+        c_skip = sd2 / ((sigma2 + sd2) * alpha)
+        c_out = std / alpha * self.sigma_data * jax.lax.rsqrt(sigma2 + sd2)
+        return c_skip, c_out, sigma2 / (sigma2 + sd2)
+
+    def score(self, out: Array, x: Array, alpha: Array, std: Array) -> Array:
+        """s = (alpha x0_hat - x) / std^2 from the network output ``out`` at x (per-example
+        alpha and std, already broadcast)."""
+        if self.name == "eps":
+            return -out / std
+        _, c_out, residual = self._edm(alpha, std)
+        return (alpha * c_out * out - residual * x) / std**2
+
+    def target(self, x0: Array, z: Array, alpha: Array, std: Array) -> Array:
+        """F* = (x_0 - c_skip x_t) / c_out for x_t = alpha x_0 + std z."""
+        if self.name == "eps":
+            return z
+        c_skip, c_out, residual = self._edm(alpha, std)
+        return (residual * x0 - c_skip * std * z) / c_out
+
+
+def parametrization_of(model_config) -> Parametrization:
+    """The ``config.model`` section's parametrization (``eps`` for records that predate it)."""
+    get = getattr(model_config, "get", None)
+    name = get("parametrization", "eps") if get else "eps"
+    return Parametrization(name, float(get("sigma_data", 0.5)) if get else 0.5)
+
+
+def _network(model: nn.Module, param: Parametrization, sde: SDE):
+    """(params, x, t, y) -> (F, alpha, std), the latter two broadcast against x."""
+
+    def apply(params, x, t, y):
         alpha, std = sde.marginal(t)
-        c_in = jax.lax.rsqrt(alpha**2 + std**2)
-        return model.apply(params, x * batch_broadcast(c_in, x), TIME_SCALE * t, y)
+        alpha, std = batch_broadcast(alpha, x), batch_broadcast(std, x)
+        out = model.apply(params, x * param.input_scale(alpha, std), TIME_SCALE * t, y)
+        return out, alpha, std
 
-    return eps_fn
+    return apply
 
 
-def make_score_fn(model: nn.Module, sde: SDE) -> Callable[[Params, Images, Times, Labels], Images]:
-    """s_theta(params, x, t, y) = -eps_theta(params, x, t, y) / std(t)."""
-    eps_fn = make_eps_fn(model, sde)
+def make_score_fn(
+    model: nn.Module, sde: SDE, param: Parametrization = Parametrization()
+) -> Callable[[Params, Images, Times, Labels], Images]:
+    """s_theta(params, x, t, y) = (alpha x0_hat - x) / std^2."""
+    network = _network(model, param, sde)
 
     def score_fn(params, x, t, y):
-        _, std = sde.marginal(t)
-        return -eps_fn(params, x, t, y) / batch_broadcast(std, x)
+        out, alpha, std = network(params, x, t, y)
+        return param.score(out, x, alpha, std)
 
     return score_fn
 
 
-def make_loss_fn(model: nn.Module, sde: SDE, eps: float = 1e-5):
+def make_loss_fn(
+    model: nn.Module, sde: SDE, eps: float = 1e-5, param: Parametrization = Parametrization()
+):
     """loss(params, x0, y, key) -> scalar DSM loss for one agent's batch (t ~ U(eps, T))."""
-    eps_fn = make_eps_fn(model, sde)
+    network = _network(model, param, sde)
 
     def loss_fn(params: Params, x0: Images, y: Labels, key: Key) -> Array:
         t_key, z_key = jax.random.split(key)
         t = jax.random.uniform(t_key, (x0.shape[0],), minval=eps, maxval=sde.T)
         z = jax.random.normal(z_key, x0.shape)
-        pred = eps_fn(params, sde.perturb(x0, t, z), t, y)
-        return jnp.mean(jnp.square(pred - z))
+        out, alpha, std = network(params, sde.perturb(x0, t, z), t, y)
+        return jnp.mean(jnp.square(out - param.target(x0, z, alpha, std)))
 
     return loss_fn

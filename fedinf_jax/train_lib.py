@@ -27,7 +27,7 @@ from absl import logging
 from fedinf_jax import agents, checkpoint, data, partitions, plots
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
-from fedinf_jax.score import make_loss_fn
+from fedinf_jax.score import Parametrization, make_loss_fn, parametrization_of
 from fedinf_jax.sde import SDE, make_sde
 from fedinf_jax.types import AgentParams, Key, PyTree
 
@@ -164,6 +164,7 @@ class Components:
     schedule: optax.Schedule
     train_strategy: str
     score_strategy: str
+    param: Parametrization  # how the network's output is read as a score
 
 
 def resolve(config: ml_collections.ConfigDict) -> Components:
@@ -181,6 +182,7 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
         schedule=make_schedule(config.train),
         train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
         score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
+        param=parametrization_of(config.model),
     )
 
 
@@ -235,7 +237,9 @@ def build_train_step(config: ml_collections.ConfigDict) -> Callable:
 def _build_train_step(config_json: str) -> Callable:
     config = ml_collections.ConfigDict(json.loads(config_json))
     components = resolve(config)
-    loss_fn = make_loss_fn(components.model, components.sde, eps=config.sde.eps)
+    loss_fn = make_loss_fn(
+        components.model, components.sde, eps=config.sde.eps, param=components.param
+    )
     step = make_train_step(
         loss_fn, components.tx, config.train.ema_decay, components.train_strategy
     )

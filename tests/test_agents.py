@@ -35,14 +35,14 @@ def _two_steps(step, comp, params, batch, key):
 def _train_step(strategy):
     config = micro_config()
     comp = train_lib.resolve(config)
-    loss_fn = make_loss_fn(comp.model, comp.sde)
+    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
     return agents.maybe_jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy), strategy)
 
 
 @pytest.mark.parametrize("strategy", agents.STRATEGIES)
 def test_stacked_forward_equals_loop(setup, strategy):
     _, comp, params, batch = setup
-    score_fn = make_score_fn(comp.model, comp.sde)
+    score_fn = make_score_fn(comp.model, comp.sde, comp.param)
     x, y = batch["images"][0], batch["labels"][0]
     t = jnp.linspace(0.1, 0.9, B)
     lifted = agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))

@@ -27,7 +27,9 @@ def test_table_on_an_untrained_single_agent():
     config = micro_config()
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
-    lifted = agents.over_agents(make_score_fn(comp.model, comp.sde), "vmap", (0, None, None, None))
+    lifted = agents.over_agents(
+        make_score_fn(comp.model, comp.sde, comp.param), "vmap", (0, None, None, None)
+    )
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(3, 28, 28, 1)).astype(np.float32)
     images = [rng.uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32) for _ in range(10)]

@@ -248,7 +248,7 @@ def test_identical_network_agents_under_mean_equal_one_agent():
     comp = train_lib.resolve(config)
     one = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
     two = jax.tree.map(lambda p: jnp.concatenate([p, p]), one)
-    score_fn = make_score_fn(comp.model, comp.sde)
+    score_fn = make_score_fn(comp.model, comp.sde, comp.param)
     spec = sampling.SolverSpec(
         method="sde", solver=sampling.make_solver("sde", "euler"), num_steps=3
     )

@@ -66,7 +66,10 @@ def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
     trained, _ = _restore(cli_workdir, config)
     initial = train_lib.init_agents(comp.model, 2, jax.random.split(train_lib.make_key(0))[0])
     loss_fn = jax.jit(
-        jax.vmap(train_lib.make_loss_fn(comp.model, comp.sde), in_axes=(0, None, None, None))
+        jax.vmap(
+            train_lib.make_loss_fn(comp.model, comp.sde, param=comp.param),
+            in_axes=(0, None, None, None),
+        )
     )
     x = jnp.asarray(data.to_model_input(mnist.test_images[:64]))
     y = jnp.asarray(mnist.test_labels[:64])

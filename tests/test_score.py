@@ -1,0 +1,63 @@
+"""The score parametrizations: targets, scores and their closed forms."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import base
+from fedinf_jax import sde as sde_lib
+from fedinf_jax.score import PARAMETRIZATIONS, Parametrization, parametrization_of
+
+T = jnp.asarray([1e-3, 0.05, 0.3, 0.7, 1.0])
+
+
+def _marginal(name):
+    c = ml_collections.ConfigDict(base.get_config("smoke").sde.to_dict())
+    c.name = name
+    alpha, std = sde_lib.make_sde(c).marginal(T)
+    return alpha[:, None], std[:, None]
+
+
+@pytest.mark.parametrize("sde_name", sorted(sde_lib.SDES))
+@pytest.mark.parametrize("name", PARAMETRIZATIONS)
+def test_the_target_output_gives_the_conditional_score(sde_name, name):
+    """A network that outputs its target F*(x_0, z) scores x_t = alpha x_0 + std z with the
+    conditional score -z / std, and denoises it to x_0 (Tweedie)."""
+    param = Parametrization(name, sigma_data=0.7)
+    alpha, std = _marginal(sde_name)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x0 = jax.random.uniform(k1, (len(T), 64), minval=-1, maxval=1)
+    z = jax.random.normal(k2, x0.shape)
+    x = alpha * x0 + std * z
+    score = param.score(param.target(x0, z, alpha, std), x, alpha, std)
+    np.testing.assert_allclose(score * std, -z, rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose((x + std**2 * score) / alpha, x0, rtol=1e-3, atol=2e-3)
+
+
+def test_edm_under_vp_with_unit_sigma_data_is_v_prediction():
+    alpha, std = _marginal("vp")
+    param = Parametrization("edm", sigma_data=1.0)
+    x0, z = jnp.linspace(-1, 1, len(T))[:, None], jnp.full((len(T), 1), 0.3)
+    v = alpha * z - std * x0  # Salimans & Ho 2022
+    np.testing.assert_allclose(param.target(x0, z, alpha, std), -v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(param.input_scale(alpha, std), 1.0, rtol=1e-5)
+
+
+def test_eps_reads_the_output_as_noise():
+    alpha, std = _marginal("vp")
+    param = Parametrization("eps")
+    out = jnp.ones((len(T), 1))
+    np.testing.assert_allclose(param.score(out, 0 * out, alpha, std), -1.0 / std, rtol=1e-6)
+    np.testing.assert_allclose(param.input_scale(alpha, std), 1.0, rtol=1e-5)
+
+
+def test_config_and_old_records():
+    assert parametrization_of(base.get_config("smoke").model) == Parametrization("edm", 0.5)
+    record = ml_collections.ConfigDict({"block_out_channels": [8, 16]})  # before the field
+    assert parametrization_of(record) == Parametrization("eps")
+    with pytest.raises(ValueError, match=r"unknown parametrization 'x0'; valid: \['eps', 'edm'\]"):
+        Parametrization("x0")
+    with pytest.raises(ValueError, match="sigma_data must be > 0"):
+        Parametrization("edm", 0.0)
