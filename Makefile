@@ -1,14 +1,14 @@
-# The two commands the README promises: `make demo` and `make test`.
+# The README's commands: `make demo`, `make test`, `make reproduce [PRESET=cpu|paper]`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The local MNIST copy (IDX files); without it, TFDS downloads MNIST (needs internet).
 MNIST_DIR ?= $(firstword $(wildcard ../shared/data/mnist))
 export FEDINF_MNIST_DIR ?= $(MNIST_DIR)
-PRESET ?= demo
+PRESET ?= cpu
 REGIME ?= hetero
 
-.PHONY: install test lint demo train benchmark clean
+.PHONY: install test lint demo reproduce train benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,19 @@ lint: install
 test: lint
 	$(PY) -m pytest -q
 
-# Trains the heterogeneous regime's 10 agents on the small `demo` preset (minutes on 2 cores).
+# The reproduction pipeline on the small `demo` preset: minutes on 2 cores, runs/reproduce_demo.
 demo: install
-	$(PY) train.py --config=configs/$(REGIME).py:$(PRESET) --workdir=runs/$(REGIME)_$(PRESET)
+	$(PY) reproduce.py --config=configs/reproduce.py:demo --outdir=runs/reproduce_demo
 
-train: demo
+# The paper's experiment (fedinf_jax/pipeline.py): classifier, three regimes, samples under every
+# procedure, metrics, agreement tables, runs/reproduce_$(PRESET)/report.md. Hours for the `cpu`
+# preset on 2 cores; rerunning resumes where it stopped.
+reproduce: install
+	$(PY) reproduce.py --config=configs/reproduce.py:$(PRESET) --outdir=runs/reproduce_$(PRESET)
+
+# One regime's agents: make train REGIME=homo PRESET=demo
+train: install
+	$(PY) train.py --config=configs/$(REGIME).py:$(PRESET) --workdir=runs/$(REGIME)_$(PRESET)
 
 benchmark: install
 	$(PY) benchmarks/train_throughput.py

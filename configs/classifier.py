@@ -1,12 +1,13 @@
 """The evaluation classifier (fedinf_jax/evaluation/classifier.py): its own model and recipe.
 
-Presets: ``cpu`` (default; about 3 epochs, meant to pass 99.3% test accuracy) and ``smoke`` (a
-few steps for tests, with no accuracy floor).
+Presets: ``cpu`` (default; about 3 epochs, meant to pass 99.3% test accuracy), ``demo`` (a
+smaller network for a minute, for ``make demo``; floor 95%) and ``smoke`` (a few steps for tests,
+with no accuracy floor).
 """
 
 import ml_collections
 
-PRESETS = ("smoke", "cpu")
+PRESETS = ("smoke", "demo", "cpu")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +39,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.max_shift = 2  # random translation augmentation, pixels
     config.train.log_every = 100
 
-    if preset == "smoke":
+    if preset == "demo":
+        config.min_test_accuracy = 0.95
+        config.model.channels = (16, 32, 64)
+        config.train.batch_size = 64
+        config.train.num_steps = 500
+        config.train.warmup_steps = 30
+        config.train.log_every = 50
+    elif preset == "smoke":
         config.min_test_accuracy = 0.0
         config.model.channels = (8, 16)
         config.model.groups = 4

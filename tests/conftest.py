@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +83,37 @@ def smoke_run(tmp_path_factory) -> pathlib.Path:
     assert result.returncode == 0, result.stderr[-4000:]
     assert "ETA" in result.stderr and "parameters per agent" in result.stderr
     return workdir
+
+
+REPRODUCE_PROCEDURES = ("paper", "label_prior")
+
+
+def run_reproduce(outdir) -> str:
+    """``reproduce.py`` on the smoke preset, the heterogeneous regime only, two procedures, in a
+    subprocess; returns its log."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "reproduce.py",
+            "--config=configs/reproduce.py:smoke",
+            f"--outdir={outdir}",
+            "--config.regimes=('heterogeneous',)",
+            f"--config.procedures={REPRODUCE_PROCEDURES!r}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+@pytest.fixture(scope="session")
+def reproduced(smoke_run, tmp_path_factory) -> tuple[pathlib.Path, str]:
+    """The smoke pipeline: the session's smoke training run copied in as the heterogeneous regime
+    (reused), the smoke classifier trained, samples, metrics, agreement, report. Returns (outdir,
+    log). Tests read it; only test_pipeline's rerun runs in it again."""
+    outdir = tmp_path_factory.mktemp("reproduce")
+    shutil.copytree(smoke_run, outdir / "heterogeneous")
+    return outdir, run_reproduce(outdir)

@@ -7,20 +7,22 @@ from configs import classifier as classifier_config
 from fedinf_jax.evaluation import classifier
 
 
-def test_train_save_reuse_and_floor(tmp_path, mnist):
+def test_train_save_reuse_and_floor(reproduced, mnist):
+    """The smoke pipeline trained the smoke classifier (and saved it with its accuracy)."""
+    workdir = str(reproduced[0] / "classifier")
     config = classifier_config.get_config("smoke")
-    trained = classifier.train_classifier(config, str(tmp_path))
+    trained = classifier.load_classifier(workdir)
     assert 0.0 <= trained.test_accuracy <= 1.0
     feats, probs = trained.features_and_probs(mnist.test_images[:5])
     assert feats.shape == (5, 16) and probs.shape == (5, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
     # A second call restores the checkpoint instead of training: same numbers.
-    again = classifier.train_classifier(config, str(tmp_path))
+    again = classifier.train_classifier(config, workdir)
     assert again.test_accuracy == trained.test_accuracy
     np.testing.assert_array_equal(again.features_and_probs(mnist.test_images[:5])[1], probs)
     config.min_test_accuracy = 0.999
     with pytest.raises(ValueError, match=r"below min_test_accuracy = 0\.999"):
-        classifier.train_classifier(config, str(tmp_path))
+        classifier.train_classifier(config, workdir)
 
 
 def test_shift_augmentation_moves_pixels_within_bounds():

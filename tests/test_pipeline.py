@@ -3,36 +3,14 @@
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 
 from configs import reproduce
 from fedinf_jax import pipeline
-from tests.conftest import ROOT
+from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
 
-PROCEDURES = ("paper", "label_prior")
-
-
-def _run(outdir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "reproduce.py",
-            "--config=configs/reproduce.py:smoke",
-            f"--outdir={outdir}",
-            "--config.regimes=('heterogeneous',)",
-            f"--config.procedures={PROCEDURES!r}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr
+PROCEDURES = REPRODUCE_PROCEDURES
 
 
 def _section(report: str, title: str) -> list[str]:
@@ -44,16 +22,6 @@ def _section(report: str, title: str) -> list[str]:
 def _table_rows(lines: list[str]) -> list[list[str]]:
     rows = [line for line in lines if line.startswith("|")]
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
-
-
-@pytest.fixture(scope="module")
-def reproduced(smoke_run, tmp_path_factory):
-    """reproduce.py on the smoke preset: the heterogeneous regime (the session's smoke training
-    run, copied in and reused), the classifier, two procedures, metrics, agreement, report."""
-    outdir = tmp_path_factory.mktemp("reproduce")
-    shutil.copytree(smoke_run, outdir / "heterogeneous")
-    log = _run(outdir)
-    return outdir, log
 
 
 def test_report_tables_parse(reproduced):
@@ -100,7 +68,7 @@ def test_rerun_reuses_every_finished_stage(reproduced):
         *(outdir / "heterogeneous" / "samples" / p / "samples.npz" for p in PROCEDURES),
     ]
     before = [os.stat(p).st_mtime_ns for p in outputs]
-    log = _run(outdir)
+    log = run_reproduce(outdir)
     assert [os.stat(p).st_mtime_ns for p in outputs] == before
     assert "running" not in " ".join(line for line in log.splitlines() if "stage " in line)
     for stage in ("classifier", "train/heterogeneous", "agreement"):
@@ -122,5 +90,9 @@ def test_procedures_and_regime_configs():
         pipeline.regime_config(config, "heterogeneous", "avg")
     with pytest.raises(ValueError, match="unknown regime 'iid'"):
         pipeline.regime_config(config, "iid")
+    demo = reproduce.get_config("demo")
+    assert demo.procedures == ("paper", "mean", "label_prior")
+    assert (demo.classifier_preset, demo.sampler.num_steps) == ("demo", 25)
+    assert config.classifier_preset == "cpu" and config.sampler.num_steps == 100
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         reproduce.get_config("huge")

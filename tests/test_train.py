@@ -11,6 +11,7 @@ import pytest
 
 from configs import base, hetero
 from fedinf_jax import checkpoint, data, plots, train_lib
+from tests.conftest import micro_config
 
 
 def _abstract_state(config, num_agents):
@@ -48,16 +49,21 @@ def test_cli_writes_checkpoints_and_tensorboard(cli_workdir):
     assert meta["config"]["model"]["block_out_channels"] == [8, 16]
 
 
-def test_resumed_run_equals_uninterrupted(cli_workdir, tmp_path):
-    config = hetero.get_config("smoke")
-    train_lib.train_and_evaluate(config, str(tmp_path), stop_at=15)
-    state, _ = _restore(tmp_path, config)
-    assert int(state.step) == 15
-    train_lib.train_and_evaluate(config, str(tmp_path))
-    resumed, _ = _restore(tmp_path, config)
-    straight, _ = _restore(cli_workdir, config)
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
-        np.testing.assert_array_equal(a, b)
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    """Stopped at step 3 and resumed to 6, a run ends bitwise where a straight run ends."""
+    config = micro_config()
+    config.train.update(num_steps=6, warmup_steps=2, checkpoint_every=3, log_every=3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_lib.train_and_evaluate(config, str(straight))
+    train_lib.train_and_evaluate(config, str(resumed), stop_at=3)
+    state, _ = _restore(resumed, config)
+    assert int(state.step) == 3
+    train_lib.train_and_evaluate(config, str(resumed))
+    a, _ = _restore(resumed, config)
+    b, _ = _restore(straight, config)
+    assert int(a.step) == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
