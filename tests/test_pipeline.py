@@ -96,3 +96,24 @@ def test_procedures_and_regime_configs():
     assert config.classifier_preset == "cpu" and config.sampler.num_steps == 100
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         reproduce.get_config("huge")
+
+
+def test_ratios_to_control_and_the_papers():
+    def result(regime, procedure, is_, fid, accuracy, noise):
+        return dict(regime=regime, procedure=procedure, inception_score=is_, fid=fid,
+                    accuracy=accuracy, noise_rate=noise)  # fmt: skip
+
+    results = {
+        "control/paper": result("control", "paper", 5.0, 2.0, 0.9, 0.1),
+        "control/mean": result("control", "mean", 8.0, 1.0, 0.95, 0.0),
+        "heterogeneous/paper": result("heterogeneous", "paper", 2.5, 10.0, 0.5, 0.6),
+        "heterogeneous/label_prior": result("heterogeneous", "label_prior", 8.0, 1.5, 0.9, 0.02),
+    }
+    rows = _table_rows(pipeline._ratio_table(results))
+    assert rows == [
+        ["heterogeneous", "paper", "0.50", "5.0", "-0.400", "+0.500", "0.53", "22.9"],
+        ["heterogeneous", "label_prior", "1.00", "1.5", "-0.050", "+0.020", "0.53", "22.9"],
+    ]
+    del results["control/mean"]
+    assert len(_table_rows(pipeline._ratio_table(results))) == 1
+    assert pipeline._ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []
