@@ -202,9 +202,9 @@ def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
         # 10 epochs of a heterogeneous shard of about 6000 images at batch 16.
         config.train.num_steps = 3750
         config.train.ema_decay = 0.9999
-        config.sampler.num_steps = 250
         config.train.log_every = 100
         config.train.checkpoint_every = 500
+        config.sampler.num_steps = 250
 
 
 def for_regime(preset: str | None, partition: str, num_agents: int) -> ml_collections.ConfigDict:

@@ -139,14 +139,13 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     mnist = data.load_mnist(REGIME_FILES["control"].get_config(config.preset).data.mnist_dir)
 
     clf_dir = os.path.join(outdir, "classifier")
+    clf_cfg = classifier_config.get_config(config.classifier_preset)
     clf = classifier.load_classifier(clf_dir)
     if clf is None:
-        cfg = classifier_config.get_config(config.classifier_preset)
-        clf = timings.run("classifier", lambda: classifier.train_classifier(cfg, clf_dir))
+        clf = timings.run("classifier", lambda: classifier.train_classifier(clf_cfg, clf_dir))
     else:
         timings.reuse("classifier", clf_dir)
-        cfg = classifier_config.get_config(config.classifier_preset)
-        classifier.check_accuracy(clf.test_accuracy, cfg, clf_dir)
+        classifier.check_accuracy(clf.test_accuracy, clf_cfg, clf_dir)
     real_features, _ = clf.features_and_probs(mnist.test_images)
 
     for regime in config.regimes:

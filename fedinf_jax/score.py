@@ -21,7 +21,7 @@ Two parametrizations (``config.model.parametrization``):
   x0_hat stays of the order of the network's error at every noise level; under ``eps`` it is
   that error times std / alpha, which is about 150 at t = 1 of the VP SDE, so an agent that has
   not yet learnt the high-noise regime to 1e-3 drives the reverse process away from the data
-  (docs and numbers: README, "Score parametrization").
+  (docs and numbers: README, "Why the `edm` parametrization").
 
 Loss (denoising score matching; Song et al. 2021 eq. 7 with lambda(t) = std^2 for ``eps``, EDM's
 lambda = 1 / c_out^2 for ``edm``): the network's target is F* = (x_0 - c_skip x_t) / c_out,
@@ -93,9 +93,9 @@ class Parametrization:
 
 def parametrization_of(model_config) -> Parametrization:
     """The ``config.model`` section's parametrization (``eps`` for records that predate it)."""
-    get = getattr(model_config, "get", None)
-    name = get("parametrization", "eps") if get else "eps"
-    return Parametrization(name, float(get("sigma_data", 0.5)) if get else 0.5)
+    return Parametrization(
+        model_config.get("parametrization", "eps"), float(model_config.get("sigma_data", 0.5))
+    )
 
 
 def _network(model: nn.Module, param: Parametrization, sde: SDE):
