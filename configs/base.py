@@ -129,11 +129,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     # How the server combines the agents' scores (fedinf_jax/aggregators.py).
     config.aggregator = ml_collections.ConfigDict()
-    config.aggregator.name = "mean"  # mean weighted label_prior schedule median trimmed_mean
+    # mean weighted label_prior schedule median trimmed_mean superdiff_or superdiff_and
+    config.aggregator.name = "mean"
     config.aggregator.weights = ()  # weighted: one per agent; empty: data shares n_i / N
     config.aggregator.early_agents = ()  # schedule: agents used for t > t_switch; empty: owners
     config.aggregator.t_switch = 0.5  # schedule
     config.aggregator.trim = 1  # trimmed_mean: drop this many largest and smallest per element
+    # superdiff_or: w = softmax(temperature * log q_i + log prior_i(y)); prior: "label" (n_iy / n_y,
+    # the pooled data's mixture), "shares" (n_i / N) or "uniform"
+    config.aggregator.prior = "label"
+    config.aggregator.temperature = 1.0
+    config.aggregator.probes = 1  # superdiff_*, ODE only: Hutchinson probes per step
+    config.aggregator.ridge = 1e-6  # superdiff_and: regularisation where agents agree
 
     _apply_preset(config, preset)
     for modifier in modifiers:

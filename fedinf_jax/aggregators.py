@@ -1,27 +1,38 @@
 """Aggregators: how the server combines K agents' scores, as optax-style pure plug-ins.
 
-An ``Aggregator`` is a pair of pure functions, plus an optional third:
+An ``Aggregator`` is a pair of pure functions, plus optional parts for members with state:
 
     state = init(num_agents, x, y)
     score, state = aggregate(agent_scores, t, x, y, state)
-    dstate = tendency(agent_scores, t, x, y, state, dx, dt)     # optional
+    dstate = tendency(agent_scores, t, x, y, state, dx, dt[, divergence=...])  # optional
+    dx_noise = noise(agent_scores, t, x, y, state, g_dw)                      # optional
 
 with ``agent_scores`` of shape (agents, batch, ...), ``t`` a scalar or (batch,) diffusion time,
 ``x`` (batch, ...) the current state of the reverse process and ``y`` (batch,) labels.
 
 The state is a pytree carried inside the sampler's Diffrax solve, as part of the solution
 ``(x, state)``, so a member can accumulate quantities along a trajectory (the density-weighted
-members of a later issue do). Because a Diffrax vector field returns rates, not new values, the
-state evolves through ``tendency``: its increment over a reverse step ``dx`` taken in time ``dt``
-(``dt`` > 0 runs from noise to data), which must be linear in ``(dx, dt)``. The sampler feeds it
+members do). Because a Diffrax vector field returns rates, not new values, the state evolves
+through ``tendency``: its increment over a reverse step ``dx`` taken in time ``dt`` (``dt`` > 0
+runs from noise to data), which must be linear in ``(dx, dt)``. The sampler feeds it
 ``dx = b dtau + g dW``, split into its drift and noise parts, so for Euler-Maruyama the update is
-exactly ``state + tendency(..., dx, dt)`` with the step actually taken. ``aggregate`` may add
-quantities derived at the current point (weights, say) to the state it returns; ``tendency``
-receives that state. Without ``tendency`` (every member here) the state is constant.
+exactly ``state + tendency(..., dx, dt)`` with the step actually taken; for higher-order SDE
+solvers it is the solver's own combination of those evaluations (consistent, not exact per step).
+``aggregate`` may add quantities derived at the current point to the state it returns; ``tendency``
+receives that state. Without ``tendency`` the state is constant.
+
+``noise`` (optional) replaces the reverse SDE's noise g dW by a state-dependent linear map of it
+(``superdiff_and`` projects out the directions that would make the agents' densities drift apart).
+``divergence_probes`` > 0 asks the sampler for Hutchinson estimates of each agent's score
+divergence, passed to ``aggregate`` and ``tendency`` as ``divergence`` (agents, batch) (the
+probability-flow ODE's density change needs it). ``weights(state, y)``, where given, returns the
+(agents, batch) weights the member gives the agents in that state (for plots).
 
 Weighted members compute s = sum_i w_i s_i. Only the mixture weights
 w_i proportional to pi_i p_i,t(x) give the score of the pooled data (RESEARCH.md section 2); the
 uniform mean is the score of a tempered product of experts and is exact only when all agents agree.
+``superdiff_or`` tracks log p_i,t along the trajectory (``fedinf_jax.density``) to use exactly
+those weights.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedinf_jax import density
+from fedinf_jax.sde import SDE
 from fedinf_jax.types import Array
 
 
@@ -42,12 +55,15 @@ class EmptyState(NamedTuple):
 
 class Aggregator(NamedTuple):
     """``init(num_agents, x, y) -> state``; ``aggregate(scores, t, x, y, state) -> (score,
-    state)``; optionally ``tendency(scores, t, x, y, state, dx, dt) -> dstate`` (see the module
-    docstring)."""
+    state)``; optionally ``tendency``, ``noise``, ``weights`` and ``divergence_probes`` (see the
+    module docstring)."""
 
     init: Callable[..., Any]
     aggregate: Callable[..., tuple[Array, Any]]
     tendency: Callable[..., Any] | None = None
+    noise: Callable[..., Array] | None = None
+    weights: Callable[[Any, Array], Array] | None = None
+    divergence_probes: int = 0
 
 
 def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggregator:
@@ -179,6 +195,196 @@ def trimmed_mean(trim: int = 1) -> Aggregator:
     return _stateless(combine)
 
 
+class DensityState(NamedTuple):
+    """The density-weighted members' state: each agent's tracked log-density log q_i,t(x | y)
+    at the current point, (agents, batch)."""
+
+    log_q: Array
+
+
+PRIORS = ("label", "shares", "uniform")
+
+
+def log_prior_table(counts, prior: str = "label") -> np.ndarray:
+    """log pi_i(y) as an (agents, classes) table from the count matrix n[agent, class]:
+    ``label``: n_{i,y} / n_y (the pooled data's posterior weights, RESEARCH.md section 2);
+    ``shares``: n_i / N for every class; ``uniform``: 1 / K. Zero counts give -inf (weight 0).
+
+    Raises:
+      ValueError: an unknown prior, or a class no agent holds.
+    """
+    n = _count_matrix(counts)
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; valid: {list(PRIORS)}")
+    if prior == "shares":
+        n = np.broadcast_to(n.sum(axis=1, keepdims=True), n.shape)
+    elif prior == "uniform":
+        n = np.ones_like(n)
+    totals = n.sum(axis=0)
+    if np.any(totals == 0):
+        raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} are held by no agent")
+    with np.errstate(divide="ignore"):
+        return np.log(n / totals)
+
+
+def _density_init(sde: SDE):
+    def init(num_agents, x, y):
+        del y
+        return DensityState(jnp.broadcast_to(sde.prior_logp(x), (num_agents, x.shape[0])))
+
+    return init
+
+
+def _density_tendency(sde: SDE, method: str):
+    def tendency(scores, t, x, y, state, dx, dt, divergence=None):
+        del y, state
+        inc = density.log_density_increment(sde, method, scores, t, x, dx, dt, divergence)
+        return DensityState(inc)
+
+    return tendency
+
+
+def _check_method(method: str, probes: int) -> int:
+    if method not in density.METHODS:
+        raise ValueError(f"unknown sampler method {method!r}; valid: {list(density.METHODS)}")
+    if method == "ode" and probes < 1:
+        raise ValueError(f"the ODE's density needs >= 1 Hutchinson probe, got {probes}")
+    return probes if method == "ode" else 0
+
+
+def superdiff_or(
+    sde: SDE, method: str, log_prior=None, temperature: float = 1.0, probes: int = 1
+) -> Aggregator:
+    """The mixture (SuperDiff's OR): s = sum_i w_i s_i, w = softmax_i(T log q_i + log pi_i(y)).
+
+    log q_i is each agent's log-density tracked along the trajectory (``fedinf_jax.density``): the
+    Ito estimator on the reverse SDE (no extra network evaluations) or, on the probability-flow
+    ODE, the instantaneous change of variables with ``probes`` Hutchinson probes. With
+    temperature T = 1 and the label prior this is the score of the pooled data's class-conditional
+    mixture, up to the agents' and the estimator's errors.
+
+    Args:
+      sde: the SDE the agents were trained with.
+      method: the sampler's method, "sde" or "ode".
+      log_prior: (agents, classes) log pi_i(y) (``log_prior_table``); None: uniform.
+      temperature: T; 0 gives the prior's fixed weights.
+      probes: Rademacher probes per ODE step (ignored on the SDE).
+
+    Raises:
+      ValueError: an unknown method, or no probe for the ODE.
+    """
+    probes = _check_method(method, probes)
+    table = None if log_prior is None else jnp.asarray(log_prior, jnp.float32)
+
+    def weights(state, y):
+        logits = temperature * state.log_q
+        if table is not None:
+            logits = logits + table[:, y]
+        return jax.nn.softmax(logits, axis=0)
+
+    def aggregate(scores, t, x, y, state, divergence=None):
+        del divergence
+        return _weighted_sum(scores, weights(state, y)), state
+
+    return Aggregator(
+        _density_init(sde),
+        aggregate,
+        _density_tendency(sde, method),
+        weights=weights,
+        divergence_probes=probes,
+    )
+
+
+def _equal_density_system(sde, method, scores, t, x, divergence, ridge):
+    """kappa (agents, batch) with sum 1 such that the reverse drift b = -f + c g^2 sum_j kappa_j s_j
+    changes every agent's log-density at the same rate: <s_i - s_0, b> + a_i - a_0 = 0 for
+    i = 1..K-1 (a_i: ``density.log_density_rate``). Solved per sample as ridge-regularised least
+    squares towards uniform kappa, which keeps it defined when agents agree."""
+    k, b = scores.shape[:2]
+    s = scores.reshape(k, b, -1)
+    c = 1.0 if method == "sde" else 0.5
+    g2 = sde.diffusion(t) ** 2  # (batch,)
+    rate = density.log_density_rate(sde, method, scores, t, x, divergence)  # (k, b)
+    d = s[1:] - s[:1]  # (k-1, b, dim)
+    f = sde.drift(x, t).reshape(b, -1)
+    a = c * g2[:, None, None] * jnp.einsum("ibd,jbd->bij", d, s)  # (b, k-1, k)
+    r = jnp.einsum("ibd,bd->bi", d, f) - (rate[1:] - rate[:1]).T  # (b, k-1)
+    ata = jnp.einsum("bij,bil->bjl", a, a)  # (b, k, k)
+    lam = ridge * jnp.trace(ata, axis1=1, axis2=2) / k + 1e-30
+    u = jnp.full((k,), 1.0 / k)
+    top = jnp.concatenate([ata + lam[:, None, None] * jnp.eye(k), jnp.ones((b, k, 1))], axis=2)
+    bottom = jnp.concatenate([jnp.ones((b, 1, k)), jnp.zeros((b, 1, 1))], axis=2)
+    rhs = jnp.concatenate(
+        [jnp.einsum("bij,bi->bj", a, r) + lam[:, None] * u, jnp.ones((b, 1))], axis=1
+    )
+    sol = jnp.linalg.solve(jnp.concatenate([top, bottom], axis=1), rhs[..., None])[..., 0]
+    return sol[:, :k].T  # (k, b)
+
+
+def _project_out_differences(scores, g_dw, ridge):
+    """(I - P) g dW with P the (ridge-regularised) projection onto span{s_i - s_0}: the noise
+    that leaves every <s_i - s_0, dx> unchanged."""
+    k, b = scores.shape[:2]
+    d = (scores[1:] - scores[:1]).reshape(k - 1, b, -1).transpose(1, 0, 2)  # (b, k-1, dim)
+    v = g_dw.reshape(b, -1)
+    gram = jnp.einsum("bid,bjd->bij", d, d)
+    lam = ridge * jnp.trace(gram, axis1=1, axis2=2) / (k - 1) + 1e-30
+    coef = jnp.linalg.solve(
+        gram + lam[:, None, None] * jnp.eye(k - 1), jnp.einsum("bid,bd->bi", d, v)[..., None]
+    )[..., 0]
+    return (v - jnp.einsum("bi,bid->bd", coef, d)).reshape(g_dw.shape)
+
+
+def superdiff_and(sde: SDE, method: str, probes: int = 1, ridge: float = 1e-6) -> Aggregator:
+    """Equal-density superposition (SuperDiff's AND), generalised to K agents.
+
+    SuperDiff picks kappa so that d log q_1 = d log q_2 over each Euler-Maruyama step, noise
+    included. Written out, that step is the drift of the midpoint kappa = 1/2 plus the noise g dW
+    with its component along s_1 - s_2 removed. For K agents the same conditions
+    d log q_i = d log q_0 (i = 1..K-1) give: the drift of the point of the agents' affine hull
+    sum_j kappa_j s_j (sum kappa = 1) that equalises the rates of change (on the SDE, the point
+    equidistant from all s_i, the circumcentre), plus the noise projected onto the complement of
+    span{s_i - s_0}. The agents' tracked log-densities then move together; the state is
+    ``DensityState`` (one log q per agent, all equal up to ``ridge``). On the ODE the rates include
+    the scores' divergence (``probes`` Hutchinson probes) and there is no noise.
+
+    Args:
+      sde: the SDE the agents were trained with.
+      method: "sde" or "ode".
+      probes: Rademacher probes per ODE step (ignored on the SDE).
+      ridge: relative Tikhonov term towards uniform kappa (and in the projection), which keeps
+        both defined where the agents' scores (nearly) coincide.
+
+    Raises:
+      ValueError: an unknown method, no probe for the ODE, or ridge < 0.
+    """
+    probes = _check_method(method, probes)
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+
+    def kappa(scores, t, x, divergence=None):
+        if scores.shape[0] == 1:
+            return jnp.ones(scores.shape[:2], scores.dtype)
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+        return _equal_density_system(sde, method, scores, t, x, divergence, ridge)
+
+    def aggregate(scores, t, x, y, state, divergence=None):
+        return _weighted_sum(scores, kappa(scores, t, x, divergence)), state
+
+    def noise(scores, t, x, y, state, g_dw):
+        if scores.shape[0] == 1:
+            return g_dw
+        return _project_out_differences(scores, g_dw, ridge)
+
+    return Aggregator(
+        _density_init(sde),
+        aggregate,
+        _density_tendency(sde, method),
+        noise=None if method == "ode" else noise,
+        divergence_probes=probes,
+    )
+
+
 AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
     "mean": mean,
     "weighted": weighted,
@@ -186,6 +392,8 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
     "schedule": schedule,
     "median": median,
     "trimmed_mean": trimmed_mean,
+    "superdiff_or": superdiff_or,
+    "superdiff_and": superdiff_and,
 }
 
 
@@ -209,15 +417,23 @@ def _need_counts(name: str, counts) -> np.ndarray:
     return np.asarray(counts)
 
 
-def from_config(agg_config, counts=None, num_agents: int | None = None) -> Aggregator:
+def from_config(
+    agg_config,
+    counts=None,
+    num_agents: int | None = None,
+    sde: SDE | None = None,
+    method: str = "sde",
+) -> Aggregator:
     """The aggregator a config's ``aggregator`` section names (``configs/base.py``).
 
     Args:
       agg_config: ``name`` plus the members' settings: ``weights`` (``weighted``; empty: the data
         shares n_i / N), ``early_agents`` and ``t_switch`` (``schedule``; no early agents: each
-        label's owners), ``trim`` (``trimmed_mean``).
+        label's owners), ``trim`` (``trimmed_mean``), ``prior``, ``temperature``, ``probes``
+        (``superdiff_or``), ``probes`` and ``ridge`` (``superdiff_and``).
       counts: the partition's count matrix n[agent, class] from the checkpoint, or None.
       num_agents: K, checked against ``weights`` and ``early_agents``.
+      sde, method: the agents' SDE and the sampler's method (the superdiff members need them).
 
     Raises:
       ValueError: an unknown name, settings that do not fit K, or a member that needs the count
@@ -245,4 +461,14 @@ def from_config(agg_config, counts=None, num_agents: int | None = None) -> Aggre
         return schedule(owner_switch_schedule(_need_counts(name, counts), agg_config.t_switch))
     if name == "trimmed_mean":
         return trimmed_mean(agg_config.trim)
+    if name.startswith("superdiff"):
+        if sde is None:
+            raise ValueError(f"aggregator {name!r} needs the agents' SDE")
+        if name == "superdiff_and":
+            return superdiff_and(sde, method, agg_config.probes, agg_config.ridge)
+        if agg_config.prior == "uniform":
+            log_prior = None
+        else:
+            log_prior = log_prior_table(_need_counts(name, counts), agg_config.prior)
+        return superdiff_or(sde, method, log_prior, agg_config.temperature, agg_config.probes)
     return AGGREGATORS[name]()

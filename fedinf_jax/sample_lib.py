@@ -111,7 +111,7 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
     config, comp = federation.config, federation.components
     spec = sampling.SolverSpec.from_config(config.sampler, comp.sde)
     aggregator = aggregators.from_config(
-        config.aggregator, federation.counts, federation.num_agents
+        config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
     )
     return sampling.FederatedSampler(
         agent_score_fn(comp), comp.sde, aggregator, spec, data.IMAGE_SHAPE

@@ -18,7 +18,13 @@ diffrax issue 598).
 Details that matter for the numbers:
 
 * The solution is the pair ``(x, aggregator state)``: the aggregator's state is carried inside the
-  solve and changes through its ``tendency`` (``fedinf_jax.aggregators``).
+  solve and changes through its ``tendency`` (``fedinf_jax.aggregators``). Where the SDE's noise
+  drives that state (the density-weighted members), drift and noise form one control term in
+  (dtau, dW), so each step evaluates the K agents once, and only Ito solvers are accepted: the
+  Ito density estimator integrated by a Stratonovich solver (Heun) is biased by (g^2/2) div s.
+* For the probability-flow ODE, members that need the scores' divergence get Hutchinson
+  estimates from one linearisation of the agents, with Rademacher probes fixed per sample for
+  the whole solve (as FFJORD), so the vector field stays deterministic for adaptive solvers.
 * Each sample has its own key (its prior draw and its own Brownian path), so with constant steps a
   sample does not depend on which other samples share its batch. Adaptive steps are controlled on
   the batch's error norm, so there the batch matters.
@@ -47,6 +53,7 @@ import jax.numpy as jnp
 import lineax
 import numpy as np
 
+from fedinf_jax import density
 from fedinf_jax.agents import num_agents_of
 from fedinf_jax.aggregators import Aggregator
 from fedinf_jax.sde import SDE, batch_broadcast
@@ -170,8 +177,9 @@ class Samples(NamedTuple):
 
     ``images``: (N, H, W, C) in model space, denoised to t = 0 when asked (else at t_end);
     ``aggregator_state``: the aggregator's state at t_end; ``stats``: Diffrax's step counts;
-    ``trajectory_t`` (S,) and ``trajectory`` (S, N, H, W, C): the reverse process at S diffusion
-    times from T to t_end, when ``save_trajectory`` > 0 (else None).
+    ``trajectory_t`` (S,), ``trajectory`` (S, N, H, W, C) and ``trajectory_state`` (the
+    aggregator's state, each leaf with a leading S axis): the reverse process at S diffusion times
+    from T to t_end, when ``save_trajectory`` > 0 (else None).
     """
 
     images: Array
@@ -179,6 +187,7 @@ class Samples(NamedTuple):
     stats: dict[str, Array]
     trajectory_t: Array | None
     trajectory: Array | None
+    trajectory_state: Any = None
 
 
 class PerSampleBrownianPath(diffrax.AbstractBrownianPath):
@@ -221,27 +230,21 @@ class PerSampleBrownianPath(diffrax.AbstractBrownianPath):
 
 
 class NoiseOperator(lineax.AbstractLinearOperator):
-    """The reverse process's noise g dW acting on the solution ``(x, aggregator state)``:
-    dW (shaped like x) -> SolveState(g dW, tendency(..., dx = g dW, dt = 0)).
+    """The reverse SDE's additive noise on the solution ``(x, aggregator state)``:
+    dW (shaped like x) -> SolveState(g dW, 0), for aggregators whose state the noise does not
+    drive.
 
     An operator with array fields (not a closure) so that Diffrax's additive-noise solvers can
-    evaluate it at two times under ``vmap``; without a ``tendency`` it holds nothing that depends
-    on the solution, which those solvers check. A state driven by the noise (``tendency`` given)
-    is multiplicative noise, which the additive-noise solvers (SEA, ShARK, SRA1) refuse.
+    evaluate it at two times under ``vmap``; it holds nothing that depends on the solution, which
+    those solvers check.
     """
 
     g: Array
     structure: Any = eqx.field(static=True)  # (x, aggregator state) as ShapeDtypeStructs
-    tendency: Callable | None = eqx.field(static=True, default=None)
-    evaluation: tuple | None = None  # (agent scores, t per sample, x, labels, aggregator state)
 
     def mv(self, vector):
-        dx = self.g * vector
-        if self.tendency is None:
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.structure.aggregator)
-            return SolveState(dx, zeros)
-        scores, t_batch, x, y, agg = self.evaluation
-        return SolveState(dx, self.tendency(scores, t_batch, x, y, agg, dx, 0.0))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.structure.aggregator)
+        return SolveState(self.g * vector, zeros)
 
     def as_matrix(self):
         raise NotImplementedError("NoiseOperator is matrix-free")
@@ -256,8 +259,70 @@ class NoiseOperator(lineax.AbstractLinearOperator):
         return self.structure
 
 
+class StepOperator(lineax.AbstractLinearOperator):
+    """The whole reverse-SDE step from one evaluation, for aggregators whose state the noise
+    drives (``tendency``) or whose noise is their own (``noise``):
+    (dtau, dW) -> SolveState(dx, tendency(..., dx, dtau)), dx = b dtau + noise(g dW).
+
+    Linear in its control (dtau, dW) (``TimeAndNoise``), so Euler-Maruyama's single product
+    ``vf_prod`` takes the step with the scores evaluated once; splitting drift and noise into two
+    Diffrax terms would evaluate the K agents twice per step (measured: twice the time).
+    """
+
+    b: Array
+    g: Array
+    structure: Any = eqx.field(static=True)  # (x, aggregator state) as ShapeDtypeStructs
+    aggregator: Aggregator = eqx.field(static=True)
+    evaluation: tuple  # (agent scores, t per sample, x, labels, aggregator state, extra)
+
+    def mv(self, vector):
+        dtau, dw = vector
+        scores, t_batch, x, y, state, extra = self.evaluation
+        noise = self.g * dw
+        if self.aggregator.noise is not None:
+            noise = self.aggregator.noise(scores, t_batch, x, y, state, noise)
+        dx = self.b * dtau + noise
+        if self.aggregator.tendency is None:
+            return SolveState(dx, jax.tree.map(jnp.zeros_like, state))
+        tendency = self.aggregator.tendency(scores, t_batch, x, y, state, dx, dtau, **extra)
+        return SolveState(dx, tendency)
+
+    def as_matrix(self):
+        raise NotImplementedError("StepOperator is matrix-free")
+
+    def transpose(self):
+        raise NotImplementedError("StepOperator is matrix-free")
+
+    def in_structure(self):
+        return (jax.ShapeDtypeStruct((), self.structure.x.dtype), self.structure.x)
+
+    def out_structure(self):
+        return self.structure
+
+
+class TimeAndNoise(diffrax.AbstractPath):
+    """The control (dtau, dW) of ``StepOperator``: the time increment and the Brownian one."""
+
+    brownian: diffrax.AbstractBrownianPath
+
+    @property
+    def t0(self):
+        return self.brownian.t0
+
+    @property
+    def t1(self):
+        return self.brownian.t1
+
+    def evaluate(self, t0, t1=None, left=True):
+        if t1 is None:
+            raise ValueError("TimeAndNoise is an increment path: evaluate(t0, t1)")
+        dtau = jnp.asarray(t1 - t0, jnp.float32)
+        return dtau, self.brownian.evaluate(t0, t1, left)
+
+
 for _tag in (lineax.is_symmetric, lineax.is_positive_semidefinite, lineax.is_negative_semidefinite):
     _tag.register(NoiseOperator)(lambda operator: False)
+    _tag.register(StepOperator)(lambda operator: False)
 
 
 def reverse_drift(sde: SDE, method: str, x: Array, t, score: Array) -> Array:
@@ -306,16 +371,33 @@ class FederatedSampler:
         self.sde = sde
         self.aggregator = aggregator
         self.spec = spec
+        if self.noise_drives_state and not isinstance(spec.solver, diffrax.AbstractItoSolver):
+            ito = sorted(
+                n for n, m in SDE_SOLVERS.items() if issubclass(m, diffrax.AbstractItoSolver)
+            )
+            raise ValueError(
+                "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
+                f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "
+                f"bias; use an Ito solver: {ito}"
+            )
         self.image_shape = tuple(image_shape)
         self._evaluations = itertools.count()
         self._solve = jax.jit(self._solve_impl)
 
     # -- the vector fields -------------------------------------------------------------------
-    def _evaluate(self, params, x, t, y, agg_state):
-        """All agents' scores, checked, and their aggregate at one diffusion time t."""
+    def _evaluate(self, args, x, t, agg_state):
+        """All agents' scores, checked, and their aggregate at one diffusion time t; ``extra``
+        holds the scores' divergence estimates when the aggregator asks for them."""
+        params, y, probes = args
         t_batch = jnp.full((x.shape[0],), t, x.dtype)
-        scores = self.agent_score_fn(params, x, t_batch, y)
-        score, agg_state = self.aggregator.aggregate(scores, t_batch, x, y, agg_state)
+        extra = {}
+        if probes is None:
+            scores = self.agent_score_fn(params, x, t_batch, y)
+        else:
+            scores, extra["divergence"] = density.scores_and_divergence(
+                lambda z: self.agent_score_fn(params, z, t_batch, y), x, probes
+            )
+        score, agg_state = self.aggregator.aggregate(scores, t_batch, x, y, agg_state, **extra)
         bad_agents = ~jnp.all(jnp.isfinite(scores.reshape(scores.shape[0], -1)), axis=1)
         bad_aggregate = ~jnp.all(jnp.isfinite(score))
         jax.lax.cond(
@@ -324,32 +406,38 @@ class FederatedSampler:
             lambda: None,
         )
         jax.debug.callback(lambda: next(self._evaluations))
-        return scores, score, agg_state, t_batch
-
-    def _tendency(self, scores, t_batch, x, y, agg_state, dx, dt):
-        if self.aggregator.tendency is None:
-            return jax.tree.map(jnp.zeros_like, agg_state)
-        return self.aggregator.tendency(scores, t_batch, x, y, agg_state, dx, dt)
+        return scores, score, agg_state, t_batch, extra
 
     def _drift(self, tau, state: SolveState, args) -> SolveState:
-        params, y = args
+        y = args[1]
         t = self.sde.T - tau
         x = state.x
-        scores, score, agg, t_batch = self._evaluate(params, x, t, y, state.aggregator)
+        scores, score, agg, t_batch, extra = self._evaluate(args, x, t, state.aggregator)
         b = reverse_drift(self.sde, self.spec.method, x, t, score)
-        return SolveState(b, self._tendency(scores, t_batch, x, y, agg, b, 1.0))
+        if self.aggregator.tendency is None:
+            return SolveState(b, jax.tree.map(jnp.zeros_like, agg))
+        return SolveState(b, self.aggregator.tendency(scores, t_batch, x, y, agg, b, 1.0, **extra))
 
     def _diffusion(self, tau, state: SolveState, args) -> NoiseOperator:
-        params, y = args
+        g = self.sde.diffusion(self.sde.T - tau)
+        return NoiseOperator(
+            g, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        )
+
+    def _step(self, tau, state: SolveState, args) -> StepOperator:
         t = self.sde.T - tau
-        g = self.sde.diffusion(t)
+        scores, score, agg, t_batch, extra = self._evaluate(args, state.x, t, state.aggregator)
         structure = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-        if self.aggregator.tendency is None:
-            return NoiseOperator(g, structure)
-        # A state driven by the noise needs the scores here too: a second evaluation per step.
-        scores, _, agg, t_batch = self._evaluate(params, state.x, t, y, state.aggregator)
-        evaluation = (scores, t_batch, state.x, y, agg)
-        return NoiseOperator(g, structure, self.aggregator.tendency, evaluation)
+        evaluation = (scores, t_batch, state.x, args[1], agg, extra)
+        b = reverse_drift(self.sde, "sde", state.x, t, score)
+        return StepOperator(b, self.sde.diffusion(t), structure, self.aggregator, evaluation)
+
+    @property
+    def noise_drives_state(self) -> bool:
+        """Whether the aggregator's state or noise depends on the Brownian increments (then the
+        SDE is solved as one control term, and only Ito solvers are valid)."""
+        agg = self.aggregator
+        return self.spec.method == "sde" and (agg.tendency is not None or agg.noise is not None)
 
     # -- the solve -----------------------------------------------------------------------------
     def _brownian(self, keys, tau1):
@@ -373,11 +461,13 @@ class FederatedSampler:
 
     def terms(self, keys: Key, tau1: float):
         """The Diffrax terms of the reverse process in tau (Brownian paths from ``keys``)."""
-        drift = diffrax.ODETerm(self._drift)
         if self.spec.method == "ode":
-            return drift
+            return diffrax.ODETerm(self._drift)
+        if self.noise_drives_state:
+            return diffrax.ControlTerm(self._step, TimeAndNoise(self._brownian(keys, tau1)))
         return diffrax.MultiTerm(
-            drift, diffrax.ControlTerm(self._diffusion, self._brownian(keys, tau1))
+            diffrax.ODETerm(self._drift),
+            diffrax.ControlTerm(self._diffusion, self._brownian(keys, tau1)),
         )
 
     def _prior(self, keys: Key) -> tuple[Array, Key]:
@@ -391,6 +481,13 @@ class FederatedSampler:
         tau1 = sde.T - spec.t_end
         x, path_keys = self._prior(keys)
         state = SolveState(x, self.aggregator.init(num_agents_of(params), x, labels))
+        probes = None
+        if self.aggregator.divergence_probes:  # fixed per solve (FFJORD), from each sample's key
+            probe_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(path_keys)
+            probes = density.rademacher_probes(
+                probe_keys, self.aggregator.divergence_probes, self.image_shape
+            )
+        args = (params, labels, probes)
 
         if spec.adaptive:
             controller = diffrax.PIDController(rtol=spec.rtol, atol=spec.atol)
@@ -409,7 +506,7 @@ class FederatedSampler:
             t1=tau1,
             dt0=dt0,
             y0=state,
-            args=(params, labels),
+            args=args,
             saveat=saveat,
             stepsize_controller=controller,
             max_steps=max_steps,
@@ -421,13 +518,13 @@ class FederatedSampler:
         final = jax.tree.map(lambda leaf: leaf[-1], sol.ys)
         images = final.x
         if spec.denoise:
-            _, score, _, _ = self._evaluate(params, images, spec.t_end, labels, final.aggregator)
+            _, score, _, _, _ = self._evaluate(args, images, spec.t_end, final.aggregator)
             images = tweedie_denoise(sde, images, score, spec.t_end)
         stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
-        trajectory_t = trajectory = None
+        trajectory_t = trajectory = trajectory_state = None
         if spec.save_trajectory:
-            trajectory_t, trajectory = sde.T - sol.ts, sol.ys.x
-        return Samples(images, final.aggregator, stats, trajectory_t, trajectory)
+            trajectory_t, trajectory, trajectory_state = sde.T - sol.ts, sol.ys.x, sol.ys.aggregator
+        return Samples(images, final.aggregator, stats, trajectory_t, trajectory, trajectory_state)
 
     def __call__(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
         if keys.shape != labels.shape or labels.ndim != 1:
@@ -474,7 +571,7 @@ def reverse_euler_maruyama(
     def step(x, tau_pair):
         tau0, tau_next = tau_pair
         t = sde.T - tau0
-        _, score, _, _ = sampler._evaluate(params, x, t, labels, agg)
+        _, score, _, _, _ = sampler._evaluate((params, labels, None), x, t, agg)
         drift = -sde.drift(x, t) + sde.diffusion(t) ** 2 * score
         dw = path.evaluate(tau0, tau_next)
         return x + (tau_next - tau0) * drift + sde.diffusion(t) * dw, None

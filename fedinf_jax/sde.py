@@ -41,6 +41,16 @@ class SDE(abc.ABC):
     def prior_std(self) -> float:
         """Standard deviation of the prior N(0, prior_std^2 I) at t = T."""
 
+    @abc.abstractmethod
+    def drift_divergence(self, x: Array, t: Array) -> Array:
+        """div_x f(x, t) per example, shape (batch,) (every drift here is linear in x)."""
+
+    def prior_logp(self, x: Array) -> Array:
+        """log N(x; 0, prior_std^2 I) per example, shape (batch,)."""
+        var = self.prior_std() ** 2
+        x = x.reshape(x.shape[0], -1)
+        return -0.5 * (jnp.sum(x**2, axis=1) / var + x.shape[1] * math.log(2.0 * math.pi * var))
+
     def prior_sample(self, key: Key, shape: tuple[int, ...]) -> Array:
         """A draw from the prior N(0, prior_std^2 I)."""
         return self.prior_std() * jax.random.normal(key, shape)
@@ -73,6 +83,10 @@ class _LinearBetaSDE(SDE):
 
     def drift(self, x, t):
         return -0.5 * batch_broadcast(self.beta(t), x) * x
+
+    def drift_divergence(self, x, t):
+        dim = math.prod(x.shape[1:])
+        return jnp.broadcast_to(-0.5 * dim * self.beta(t), x.shape[:1])
 
     def prior_std(self):
         return 1.0
@@ -117,6 +131,9 @@ class VESDE(SDE):
     def drift(self, x, t):
         return jnp.zeros_like(x)
 
+    def drift_divergence(self, x, t):
+        return jnp.zeros(x.shape[:1], x.dtype)
+
     def diffusion(self, t):
         return self.sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
 
@@ -137,6 +154,9 @@ class PaperVESDE(SDE):
 
     def drift(self, x, t):
         return jnp.zeros_like(x)
+
+    def drift_divergence(self, x, t):
+        return jnp.zeros(x.shape[:1], x.dtype)
 
     def diffusion(self, t):
         return self.sigma**t

@@ -118,7 +118,7 @@ def test_one_agent_under_every_aggregator_is_that_agent():
     for name in aggregators.AGGREGATORS:
         cfg.name = name
         cfg.trim = 0
-        agg = aggregators.from_config(cfg, counts=np.ones((1, 10)), num_agents=1)
+        agg = aggregators.from_config(cfg, np.ones((1, 10)), 1, sde, "ode")
         out = draw(make_sampler(sde, agg), 16, mus=MUS[:1]).images
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6, err_msg=name)
 
