@@ -25,14 +25,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.procedures = (
         "paper",
         "mean",
-        "weighted",
         "label_prior",
+        "superdiff_or",
+        "weighted",
         "schedule",
         "median",
         "trimmed_mean",
+        "superdiff_and",
     )
-    if preset == "demo":  # minutes: the paper's procedure, the corrected mean and label_prior
-        config.procedures = ("paper", "mean", "label_prior")
+    if preset == "demo":  # minutes: the paper's procedure, the corrected mean, two weightings
+        config.procedures = ("paper", "mean", "label_prior", "superdiff_or")
+    # Procedures whose reverse process is saved at this many times, for the agents' weights
+    # along it (weights.png; the density-weighted members).
+    config.trajectory_procedures = ("superdiff_or",)
+    config.trajectory_times = 11
     config.eval_per_class = _EVAL_PER_CLASS[preset]
     config.classifier_preset = _CLASSIFIER_PRESET[preset]
     # The corrected sampler (every regime and aggregator); fields as in base.get_config().sampler.

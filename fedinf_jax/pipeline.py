@@ -55,6 +55,8 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
             raise ValueError(f"unknown procedure {procedure!r}; valid: {valid}")
         cfg.sampler.update(config.sampler.to_dict())
         cfg.aggregator.name = procedure
+        if procedure in config.get("trajectory_procedures", ()):
+            cfg.sampler.save_trajectory = config.trajectory_times
     cfg.sampler.num_per_class = config.eval_per_class
     cfg.sampler.seed = config.seed
     return cfg
@@ -201,6 +203,10 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     return write_report(config, outdir, clf.test_accuracy, results, rows, timings.record)
 
 
+def _weights_png(outdir: str, result: dict) -> str:
+    return os.path.join(_sample_dir(outdir, result["regime"], result["procedure"]), "weights.png")
+
+
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -246,6 +252,13 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
     for r in results.values():
         rel = os.path.join(r["regime"], "samples", r["procedure"], "samples.png")
         lines.append(f"![{r['regime']} {r['procedure']}]({rel})")
+    weights = [r for r in results.values() if os.path.exists(_weights_png(outdir, r))]
+    if weights:
+        lines += ["", "## The agents' weights along the reverse process", ""]
+        lines += [
+            f"![{r['regime']} {r['procedure']}]({os.path.relpath(_weights_png(outdir, r), outdir)})"
+            for r in weights
+        ]
     lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
     lines += _agreement_tables(rows)
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]

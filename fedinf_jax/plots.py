@@ -119,6 +119,42 @@ def plot_trajectory(
     return _save(fig, path)
 
 
+def plot_weights(
+    weights: np.ndarray, times: np.ndarray, labels: np.ndarray, path: str, title: str = ""
+) -> str:
+    """The aggregator's agent weights w_i(t) along the reverse process of the first sample of
+    each class: one panel per sample, one line per agent, t from T (left) to t_end (right).
+
+    Args:
+      weights: (S, K, N); times: (S,) diffusion times; labels: (N,).
+    """
+    plt = _pyplot()
+    rows = first_per_class(labels, 1)
+    cols = min(5, len(rows))
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(2.2 * cols + 1.2, 1.8 * nrows + 0.6), squeeze=False, sharey=True
+    )
+    cmap = plt.get_cmap("tab10")
+    for ax, i in zip(axes.flat, rows, strict=False):
+        for k in range(weights.shape[1]):
+            ax.plot(times, weights[:, k, i], color=cmap(k % 10), lw=1.2, label=f"agent {k}")
+        ax.set_xlim(times[0], times[-1])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"digit {labels[i]}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(rows) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("t", fontsize=7)
+    axes[0, 0].set_ylabel("weight", fontsize=7)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return _save(fig, path, rect=(0, 0, 0.86, 1))
+
+
 def _pyplot():
     import matplotlib
 
@@ -128,11 +164,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> str:
-    """Writes the figure to a temporary file and renames it: never a half-written figure."""
+def _save(fig, path: str, rect=None) -> str:
+    """Writes the figure to a temporary file and renames it: never a half-written figure.
+    ``rect``: the part of the figure the panels fill (the rest is left to a legend)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -6,10 +6,12 @@ to sample (``sampler``) and how to aggregate (``aggregator``). Outputs, in one f
 atomically (a failure leaves any earlier folder intact):
 
 * ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
-  statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked;
-* ``samples.png``: one row per digit, its first 10 samples (the paper's Figure 2 layout), and
-  ``trajectory.png``, the
-  reverse process of one sample per digit, when the trajectory is saved;
+  statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked; for the
+  density-weighted aggregators also ``weights`` (K, N), the agents' weights at t_end, and with the
+  trajectory ``trajectory_weights`` (S, K, N);
+* ``samples.png``: one row per digit, its first 10 samples (the paper's Figure 2 layout);
+  ``trajectory.png``, the reverse process of one sample per digit, when the trajectory is saved,
+  and ``weights.png``, the agents' weights along it (which agent "owns" a digit, and when);
 * ``samples.json``: the resolved config, the checkpoint step and the statistics (score
   evaluations, accepted and rejected steps, wall time).
 """
@@ -23,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,19 +138,28 @@ def class_labels(num_per_class: int, num_classes: int = 10) -> np.ndarray:
     return np.repeat(np.arange(num_classes), num_per_class).astype(np.int32)
 
 
+class Drawn(NamedTuple):
+    """What ``sample_in_batches`` returns: ``images`` (N, H, W, C) float, ``per_batch``
+    statistics, and where saved/defined ``trajectory_t`` (S,), ``trajectory`` (S, N, H, W, C),
+    the aggregator's agent ``weights`` (K, N) at t_end and ``trajectory_weights`` (S, K, N)."""
+
+    images: np.ndarray
+    per_batch: dict
+    trajectory_t: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    trajectory_weights: np.ndarray | None = None
+
+
 def sample_in_batches(
     sampler: sampling.FederatedSampler,
     params: AgentParams,
     labels: np.ndarray,
     batch_size: int,
     seed: int,
-) -> tuple[np.ndarray, dict, np.ndarray | None, np.ndarray | None]:
+) -> Drawn:
     """Draws one sample per label in batches of ``batch_size`` (the last one padded, so one
-    compiled shape serves all). Sample i's key is ``fold_in(seed, i)`` whatever the batching.
-
-    Returns:
-      (images (N, H, W, C) float, per-batch statistics, trajectory times, trajectory).
-    """
+    compiled shape serves all). Sample i's key is ``fold_in(seed, i)`` whatever the batching."""
     n = len(labels)
     if n < 1:
         raise ValueError("nothing to sample: sampler.num_per_class must be >= 1")
@@ -155,8 +167,9 @@ def sample_in_batches(
         raise ValueError(f"sampler.batch_size must be >= 1, got {batch_size}")
     batch = min(batch_size, n)
     num_batches = math.ceil(n / batch)
-    images, trajectories, stats = [], [], []
+    images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
     trajectory_t = None
+    weights_of = sampler.aggregator.weights
     start_time = time.time()
     for b in range(num_batches):
         lo = b * batch
@@ -168,6 +181,11 @@ def sample_in_batches(
         if out.trajectory is not None:
             trajectory_t = np.asarray(out.trajectory_t)
             trajectories.append(np.asarray(out.trajectory)[:, :keep])
+        if weights_of is not None:
+            weights.append(np.asarray(weights_of(out.aggregator_state, y))[:, :keep])
+            if out.trajectory_state is not None:
+                w = jax.vmap(weights_of, in_axes=(0, None))(out.trajectory_state, y)
+                trajectory_weights.append(np.asarray(w)[:, :, :keep])
         stats.append({k: int(v) for k, v in out.stats.items()})
         elapsed = time.time() - start_time
         logging.info(
@@ -183,8 +201,15 @@ def sample_in_batches(
             elapsed / (b + 1) * (num_batches - b - 1),
         )
     per_batch = {k: np.array([s[k] for s in stats]) for k in stats[0]}
-    trajectory = np.concatenate(trajectories, axis=1) if trajectories else None
-    return np.concatenate(images), per_batch, trajectory_t, trajectory
+    joined = lambda parts, axis: np.concatenate(parts, axis) if parts else None  # noqa: E731
+    return Drawn(
+        np.concatenate(images),
+        per_batch,
+        trajectory_t,
+        joined(trajectories, 1),
+        joined(weights, 1),
+        joined(trajectory_weights, 2),
+    )
 
 
 def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -223,9 +248,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
         federation.components.score_strategy,
     )
     start = time.time()
-    images, per_batch, trajectory_t, trajectory = sample_in_batches(
+    drawn = sample_in_batches(
         sampler, federation.params, labels, cfg.sampler.batch_size, cfg.sampler.seed
     )
+    images, per_batch = drawn.images, drawn.per_batch
     wall = time.time() - start
     pixels = sampling.to_uint8(images, cfg.data.centered)
     stats = {
@@ -244,9 +270,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
     }
     arrays = {"images": pixels, "labels": labels.astype(np.int64)}
     arrays.update({f"batch_{k}": v for k, v in per_batch.items()})
-    if trajectory is not None:
-        arrays["trajectory_t"] = trajectory_t
-        arrays["trajectory"] = sampling.to_uint8(trajectory, cfg.data.centered)
+    if drawn.trajectory is not None:
+        arrays["trajectory_t"] = drawn.trajectory_t
+        arrays["trajectory"] = sampling.to_uint8(drawn.trajectory, cfg.data.centered)
+    if drawn.weights is not None:
+        arrays["weights"] = drawn.weights.astype(np.float32)
+    if drawn.trajectory_weights is not None:
+        arrays["trajectory_weights"] = drawn.trajectory_weights.astype(np.float32)
     outdir = outdir or default_outdir(cfg, workdir)
     title = (
         f"{cfg.partition.name}, {federation.num_agents} agents, {cfg.aggregator.name}, "
@@ -274,6 +304,14 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
                 arrays["trajectory_t"],
                 labels,
                 os.path.join(tmp, "trajectory.png"),
+            )
+        if "trajectory_weights" in arrays:
+            plots.plot_weights(
+                arrays["trajectory_weights"],
+                arrays["trajectory_t"],
+                labels,
+                os.path.join(tmp, "weights.png"),
+                title,
             )
         record = {"config": json.loads(config.to_json_best_effort()), "stats": stats}
         with open(os.path.join(tmp, "samples.json"), "w") as f:

@@ -85,7 +85,7 @@ def smoke_run(tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
-REPRODUCE_PROCEDURES = ("paper", "label_prior")
+REPRODUCE_PROCEDURES = ("paper", "superdiff_or")
 
 
 def run_reproduce(outdir) -> str:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from configs import reproduce
@@ -39,9 +40,18 @@ def test_report_tables_parse(reproduced):
         assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
         assert int(row[8]) > 0 and float(row[9]) >= 0.0
 
-    grids = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    grids = re.findall(r"!\[[^]]*\]\(([^)]+)\)", "\n".join(_section(report, "Figure 2")))
     assert len(grids) == len(PROCEDURES)
     assert all(os.path.getsize(outdir / g) > 1000 for g in grids)
+    # superdiff_or's agents' weights: saved along its trajectory, plotted, each summing to one.
+    plots = re.findall(r"!\[[^]]*\]\(([^)]+)\)", "\n".join(_section(report, "The agents' w")))
+    assert plots == ["heterogeneous/samples/superdiff_or/weights.png"]
+    assert os.path.getsize(outdir / plots[0]) > 1000
+    with np.load(outdir / "heterogeneous/samples/superdiff_or/samples.npz") as f:
+        weights, trajectory_weights = f["weights"], f["trajectory_weights"]
+    assert weights.shape == (2, 20) and trajectory_weights.shape == (11, 2, 20)
+    np.testing.assert_allclose(trajectory_weights.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(trajectory_weights[-1], weights, rtol=1e-5)
 
     agreement = _section(report, "Tables 3/4")
     times = [line for line in agreement if line.startswith("t = ")]
@@ -91,7 +101,10 @@ def test_procedures_and_regime_configs():
     with pytest.raises(ValueError, match="unknown regime 'iid'"):
         pipeline.regime_config(config, "iid")
     demo = reproduce.get_config("demo")
-    assert demo.procedures == ("paper", "mean", "label_prior")
+    assert demo.procedures == ("paper", "mean", "label_prior", "superdiff_or")
+    superdiff = pipeline.regime_config(config, "heterogeneous", "superdiff_or")
+    assert superdiff.sampler.save_trajectory == config.trajectory_times
+    assert hetero.sampler.save_trajectory == 0
     assert (demo.classifier_preset, demo.sampler.num_steps) == ("demo", 25)
     assert config.classifier_preset == "cpu" and config.sampler.num_steps == 100
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
