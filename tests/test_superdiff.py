@@ -110,18 +110,14 @@ def test_hutchinson_divergence():
     "sde,method,solver,steps,probes,mus,tol,tol_diff",
     [
         (VPSDE(), "sde", "euler", 1000, 0, MUS[:2], 0.35, 0.2),
-        (SubVPSDE(), "sde", "euler", 1000, 0, MUS[:2], 0.35, 0.2),
         (VESDE(), "sde", "euler", 1000, 0, MUS[:2], 0.35, 0.2),
         (VPSDE(), "sde", "euler", 1000, 0, MIXTURES, 0.35, 0.25),
-        (VPSDE(), "ode", "heun", 200, 1, MUS[:2], 0.1, 0.05),
         (VPSDE(), "ode", "heun", 200, 4, MIXTURES, 0.15, 0.25),
     ],
     ids=[
         "VP-sde-gaussians",
-        "subVP-sde-gaussians",
         "VE-sde-gaussians",
         "VP-sde-mixtures",
-        "VP-ode-gaussians",
         "VP-ode-mixtures",
     ],
 )
@@ -145,7 +141,7 @@ def test_tracked_log_density_matches_the_closed_form(
 
 
 def test_ito_estimator_converges_with_the_step():
-    sde = VPSDE()
+    sde = SubVPSDE()
     errors = []
     for steps in (250, 2000):
         _, out = solve(
@@ -156,8 +152,9 @@ def test_ito_estimator_converges_with_the_step():
     assert errors[1] < 0.5 * errors[0], errors  # strong order 1/2: sqrt(8) smaller
 
 
-@pytest.mark.parametrize("method,solver,steps", [("sde", "euler", 500), ("ode", "heun", 100)])
-@pytest.mark.parametrize("share", [0.5, 0.2])
+@pytest.mark.parametrize(
+    "method,solver,steps,share", [("sde", "euler", 500, 0.2), ("ode", "heun", 100, 0.5)]
+)
 def test_superdiff_or_samples_the_mixture(method, solver, steps, share):
     """Two agents N(+-3 e_1, S0^2 I) with prior (share, 1 - share): superdiff_or's samples split
     between the modes in those proportions with the mixture's mean; the uniform mean puts them
