@@ -152,7 +152,7 @@ def plot_weights(
     fig.legend(handles, names, loc="center right", fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    return _save(fig, path, rect=(0, 0, 0.86, 1))
+    return _save(fig, path, rect=(0, 0, 0.9, 1))
 
 
 def _pyplot():
