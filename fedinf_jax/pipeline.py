@@ -115,9 +115,20 @@ def evaluate_sample_set(
 
 
 def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list[dict]:
-    """The paper's Tables 3/4 for one regime, with its uniform mean (eq. 10)."""
+    """The paper's Tables 3/4 for one regime: with its uniform mean (eq. 10) and each other
+    aggregator in ``config.agreement_aggregators`` (one agent: the mean only, all are the agent)."""
     federation = sample_lib.load_federation(regime_config(config, regime, "mean"), workdir)
     comp = federation.components
+    names = ["mean"]
+    if federation.num_agents > 1:
+        names += [n for n in config.get("agreement_aggregators", ()) if n != "mean"]
+    members = {}
+    for name in names:
+        agg_config = federation.config.aggregator.copy_and_resolve_references()
+        agg_config.name = name
+        members[name] = aggregators.from_config(
+            agg_config, federation.counts, federation.num_agents, comp.sde
+        )
     lifted = sample_lib.agent_score_fn(comp)
     s = config.agreement_samples
     rng = np.random.default_rng(config.seed)
@@ -129,7 +140,7 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
         for c in range(data.NUM_CLASSES)
     ]
     rows = agreement.agreement_table(
-        lifted, federation.params, aggregators.mean(), noise, images, config.agreement_times
+        lifted, federation.params, members, noise, images, config.agreement_times
     )
     return [dict(r, regime=regime) for r in rows]
 
@@ -259,8 +270,23 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
             f"![{r['regime']} {r['procedure']}]({os.path.relpath(_weights_png(outdir, r), outdir)})"
             for r in weights
         ]
+    by_aggregator = {}
+    for r in rows:  # rows written before the aggregator field existed are the mean's
+        by_aggregator.setdefault(r.get("aggregator", "mean"), []).append(r)
     lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
-    lines += _agreement_tables(rows)
+    lines += _agreement_tables(by_aggregator.pop("mean", []))
+    for name, group in by_aggregator.items():
+        lines += [
+            "",
+            f"## Tables 3/4 under `{name}`: the agents' agreement with that aggregate",
+            "",
+        ]
+        if name == "label_prior":
+            lines += [
+                "(`superdiff_or`'s weights before any density evidence, at t = T.)",
+                "",
+            ]
+        lines += _agreement_tables(group)
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     path = os.path.join(outdir, "report.md")

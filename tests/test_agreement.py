@@ -33,8 +33,10 @@ def test_table_on_an_untrained_single_agent():
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(3, 28, 28, 1)).astype(np.float32)
     images = [rng.uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32) for _ in range(10)]
-    rows = agreement.agreement_table(lifted, params, aggregators.mean(), noise, images, (1.0, 0.1))
-    assert len(rows) == 2 * 2 * 10
+    members = {"mean": aggregators.mean(), "median": aggregators.median()}
+    rows = agreement.agreement_table(lifted, params, members, noise, images, (1.0, 0.1))
+    assert len(rows) == 2 * 2 * 2 * 10
+    assert {r["aggregator"] for r in rows} == {"mean", "median"}
     assert {(r["t"], r["input"]) for r in rows} == {
         (t, k) for t in (1.0, 0.1) for k in ("noise", "label")
     }

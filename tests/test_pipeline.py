@@ -65,7 +65,10 @@ def test_report_tables_parse(reproduced):
 
     metrics = json.loads((outdir / "metrics.json").read_text())
     assert set(metrics["results"]) == {f"heterogeneous/{p}" for p in PROCEDURES}
-    assert len(json.loads((outdir / "agreement.json").read_text())) == 2 * 10 * 4
+    rows = json.loads((outdir / "agreement.json").read_text())
+    assert len(rows) == 2 * 2 * 10 * 4  # mean and label_prior
+    assert {r["aggregator"] for r in rows} == {"mean", "label_prior"}
+    assert len(_table_rows(_section(report, "Tables 3/4 under `label_prior`"))) >= 2
     timings = json.loads((outdir / "timings.json").read_text())
     assert {"classifier", "agreement/heterogeneous"} <= set(timings)
 
