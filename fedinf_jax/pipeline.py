@@ -6,7 +6,7 @@ Stages, each skipped when its output exists (a rerun redoes only what is missing
 2. ``<regime>/``: the regime's agents (``train.py``'s trainer; resumes an interrupted run);
 3. ``<regime>/samples/<procedure>/``: ``eval_per_class`` samples per digit under each procedure:
    ``paper`` (uniform mean, stop at t = 0.05, no denoising) and the corrected sampler with each
-   aggregator;
+   aggregator; procedure by procedure, each across the regimes;
 4. ``metrics.json``: IS, FID, label accuracy, noise rate, precision/recall of every sample set
    against the MNIST test set, in the classifier's feature space;
 5. ``agreement.json``: the paper's Tables 3/4 (magnitude and cosine agreement of the agents'
@@ -171,29 +171,38 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         else:
             timings.reuse(f"train/{regime}", workdir)
 
+    # Procedure by procedure (each across the regimes), so that an interrupted run has the
+    # comparisons that matter most (the order of config.procedures) for every regime first.
+    sets = [
+        (regime, procedure)
+        for procedure in config.procedures
+        for regime in config.regimes
+        if procedure in procedures_for(regime_config(config, regime), config.procedures)
+    ]
     results = {}
-    for regime in config.regimes:
+    for regime, procedure in sets:
         workdir = os.path.join(outdir, regime)
-        for procedure in procedures_for(regime_config(config, regime), config.procedures):
-            sample_dir = _sample_dir(outdir, regime, procedure)
-            if not os.path.exists(os.path.join(sample_dir, "samples.npz")):
-                cfg = regime_config(config, regime, procedure)
-                timings.run(
-                    f"sample/{regime}/{procedure}",
-                    lambda c=cfg, w=workdir, d=sample_dir: sample_lib.run(c, w, d),
-                )
-            else:
-                timings.reuse(f"sample/{regime}/{procedure}", sample_dir)
-            with np.load(os.path.join(sample_dir, "samples.npz")) as f:
-                images, labels = f["images"], f["labels"]
-            stats = _read_json(os.path.join(sample_dir, "samples.json"))["stats"]
-            results[f"{regime}/{procedure}"] = dict(
-                evaluate_sample_set(clf, real_features, images, labels),
-                regime=regime,
-                procedure=procedure,
-                sampling_wall_time_s=stats["wall_time_s"],
-                score_evaluations=stats["score_evaluations"],
+        sample_dir = _sample_dir(outdir, regime, procedure)
+        if not os.path.exists(os.path.join(sample_dir, "samples.npz")):
+            cfg = regime_config(config, regime, procedure)
+            timings.run(
+                f"sample/{regime}/{procedure}",
+                lambda c=cfg, w=workdir, d=sample_dir: sample_lib.run(c, w, d),
             )
+        else:
+            timings.reuse(f"sample/{regime}/{procedure}", sample_dir)
+        with np.load(os.path.join(sample_dir, "samples.npz")) as f:
+            images, labels = f["images"], f["labels"]
+        stats = _read_json(os.path.join(sample_dir, "samples.json"))["stats"]
+        results[f"{regime}/{procedure}"] = dict(
+            evaluate_sample_set(clf, real_features, images, labels),
+            regime=regime,
+            procedure=procedure,
+            sampling_wall_time_s=stats["wall_time_s"],
+            score_evaluations=stats["score_evaluations"],
+        )
+    order = {regime: i for i, regime in enumerate(config.regimes)}
+    results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
     _write_json(
         os.path.join(outdir, "metrics.json"),
         {"classifier_test_accuracy": clf.test_accuracy, "results": results},
