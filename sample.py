@@ -5,11 +5,15 @@
         --config.sampler.method=ode --config.sampler.solver=tsit5 \\
         --config.sampler.adaptive=True --config.aggregator.name=label_prior
     python sample.py --config=configs/hetero.py:cpu,paper_sampler --workdir=runs/hetero_cpu
+    python sample.py --config=configs/hetero.py:cpu --workdir=runs/hetero_cpu \\
+        --config.aggregator.name=superdiff_or --config.sampler.save_trajectory=11
 
 --workdir is a train.py run: its checkpoint fixes the model, SDE and partition; the config's
 ``sampler`` and ``aggregator`` sections (configs/base.py documents every field) choose how to
-sample. Writes samples.npz (uint8 images, labels, solver statistics), samples.png (one row per
-digit) and samples.json (resolved config and statistics) to --outdir, by default
+sample (aggregators: mean weighted label_prior schedule median trimmed_mean superdiff_or
+superdiff_and). Writes samples.npz (uint8 images, labels, solver statistics; the agents' weights
+for superdiff_or), samples.png (one row per digit), trajectory.png and weights.png when the
+trajectory is saved, and samples.json (resolved config and statistics) to --outdir, by default
 WORKDIR/samples/<method>_<solver>_<aggregator>.
 """
 
