@@ -172,8 +172,9 @@ def test_superdiff_or_samples_the_mixture(method, solver, steps, share):
     assert np.mean(np.abs(np.asarray(out.images)[:, 0]) > 1.5) < 0.01
 
 
-@pytest.mark.parametrize("method,solver,steps", [("sde", "euler", 300), ("ode", "heun", 100)])
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize(
+    "method,solver,steps,k", [("sde", "euler", 300, 3), ("ode", "heun", 100, 2)]
+)
 def test_superdiff_and_keeps_the_densities_equal(method, solver, steps, k):
     """The agents' tracked log-densities move together, and the samples land where the true
     densities are equal: on the bisector x_1 = 0 (K = 2), at the circumcentre 0 (K = 3)."""
