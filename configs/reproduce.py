@@ -33,8 +33,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "trimmed_mean",
         "superdiff_and",
     )
-    if preset == "demo":  # minutes: the paper's procedure, the corrected mean, two weightings
-        config.procedures = ("paper", "mean", "label_prior", "superdiff_or")
+    if preset == "demo":  # minutes: the paper's procedure, the corrected mean, the mixture
+        config.procedures = ("paper", "mean", "superdiff_or")
     # Procedures whose reverse process is saved at this many times, for the agents' weights
     # along it (weights.png; the density-weighted members).
     config.trajectory_procedures = ("superdiff_or",)

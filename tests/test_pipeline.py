@@ -104,7 +104,7 @@ def test_procedures_and_regime_configs():
     with pytest.raises(ValueError, match="unknown regime 'iid'"):
         pipeline.regime_config(config, "iid")
     demo = reproduce.get_config("demo")
-    assert demo.procedures == ("paper", "mean", "label_prior", "superdiff_or")
+    assert demo.procedures == ("paper", "mean", "superdiff_or")
     superdiff = pipeline.regime_config(config, "heterogeneous", "superdiff_or")
     assert superdiff.sampler.save_trajectory == config.trajectory_times
     assert hetero.sampler.save_trajectory == 0
