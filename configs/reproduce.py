@@ -27,11 +27,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "mean",
         "label_prior",
         "superdiff_or",
-        "weighted",
         "schedule",
+        "superdiff_and",
+        "weighted",
         "median",
         "trimmed_mean",
-        "superdiff_and",
     )
     if preset == "demo":  # minutes: the paper's procedure, the corrected mean, the mixture
         config.procedures = ("paper", "mean", "superdiff_or")
