@@ -1,5 +1,6 @@
 """Shared fixtures: the local MNIST copy, a persistent compilation cache, tiny configs."""
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
@@ -68,52 +69,142 @@ def mnist_env(mnist_dir):
     os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> pathlib.Path:
-    """``python train.py --config=configs/hetero.py:smoke`` in a subprocess: 2 agents, 30 steps,
-    checkpoints at 10, 20, 30. Tests read it; none may write into it."""
-    workdir = tmp_path_factory.mktemp("cli_run")
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/hetero.py:smoke", f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "ETA" in result.stderr and "parameters per agent" in result.stderr
-    return workdir
+class EntryPoints:
+    """Runs ``python ENTRY_POINT ARGS`` in the repository root, in subprocesses that
+    ``kill_running`` can stop, with the environment as it was when this was made (tests that run
+    meanwhile may change ``os.environ`` through monkeypatch)."""
+
+    def __init__(self):
+        self.env = dict(os.environ)
+        self.processes: list[subprocess.Popen] = []
+
+    def run(self, args: list[str], timeout: float) -> str:
+        """Asserts the run succeeded; returns its log (stderr)."""
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(proc)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, stderr[-4000:]
+        return stderr
+
+    def kill_running(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
 
 
 REPRODUCE_PROCEDURES = ("paper", "superdiff_or")
 
 
-def run_reproduce(outdir) -> str:
+def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
     """``reproduce.py`` on the smoke preset, the heterogeneous regime only, two procedures, in a
     subprocess; returns its log."""
-    result = subprocess.run(
+    return (entry_points or EntryPoints()).run(
         [
-            sys.executable,
             "reproduce.py",
             "--config=configs/reproduce.py:smoke",
             f"--outdir={outdir}",
             "--config.regimes=('heterogeneous',)",
             f"--config.procedures={REPRODUCE_PROCEDURES!r}",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr
+
+
+# The session's entry-point runs (fixtures of the same names). They run in subprocesses on a
+# background thread, started when the session starts, so that they overlap the in-process tests
+# (on 2 cores, XLA compiles here and there at once); the tests that read them run last.
+SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced")
+_NEEDED = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items):
+    needed = {name for item in items for name in item.fixturenames if name in SESSION_RUNS}
+    config.stash[_NEEDED] = needed
+    items.sort(key=lambda item: any(name in SESSION_RUNS for name in item.fixturenames))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
+    """Starts the entry-point runs the collected tests need; returns {name: Future}."""
+    needed = request.config.stash.get(_NEEDED, set())
+    entry_points = EntryPoints()
+    runs: dict[str, concurrent.futures.Future] = {}
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    if needed:
+        workdir = tmp_path_factory.mktemp("cli_run")
+        runs["smoke_run"] = executor.submit(_train_smoke, entry_points, workdir)
+    if "sample_cli_run" in needed:
+        outdir = tmp_path_factory.mktemp("sample_cli") / "out"
+        runs["sample_cli_run"] = executor.submit(
+            _sample_smoke, entry_points, runs["smoke_run"], outdir
+        )
+    if "reproduced" in needed:
+        outdir = tmp_path_factory.mktemp("reproduce")
+        runs["reproduced"] = executor.submit(
+            _reproduce_smoke, entry_points, runs["smoke_run"], outdir
+        )
+    yield runs
+    entry_points.kill_running()  # an interrupted session
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _train_smoke(entry_points, workdir) -> pathlib.Path:
+    log = entry_points.run(
+        ["train.py", "--config=configs/hetero.py:smoke", f"--workdir={workdir}"], timeout=600
+    )
+    assert "ETA" in log and "parameters per agent" in log
+    return workdir
+
+
+def _sample_smoke(entry_points, trained, outdir) -> pathlib.Path:
+    entry_points.run(
+        [
+            "sample.py",
+            "--config=configs/hetero.py:smoke",
+            f"--workdir={trained.result()}",
+            f"--outdir={outdir}",
+            "--config.aggregator.name=label_prior",
+            "--config.sampler.save_trajectory=3",
+        ],
+        timeout=600,
+    )
+    return outdir
+
+
+def _reproduce_smoke(entry_points, trained, outdir) -> tuple[pathlib.Path, str]:
+    shutil.copytree(trained.result(), outdir / "heterogeneous")
+    return outdir, run_reproduce(outdir, entry_points)
 
 
 @pytest.fixture(scope="session")
-def reproduced(smoke_run, tmp_path_factory) -> tuple[pathlib.Path, str]:
+def smoke_run(session_runs) -> pathlib.Path:
+    """``python train.py --config=configs/hetero.py:smoke`` in a subprocess: 2 agents, 30 steps,
+    checkpoints at 10, 20, 30. Tests read it; none may write into it."""
+    return session_runs["smoke_run"].result()
+
+
+@pytest.fixture(scope="session")
+def sample_cli_run(session_runs) -> pathlib.Path:
+    """``python sample.py`` on the smoke run with ``label_prior`` and a 3-time trajectory: its
+    output folder."""
+    return session_runs["sample_cli_run"].result()
+
+
+@pytest.fixture(scope="session")
+def reproduced(session_runs) -> tuple[pathlib.Path, str]:
     """The smoke pipeline: the session's smoke training run copied in as the heterogeneous regime
     (reused), the smoke classifier trained, samples, metrics, agreement, report. Returns (outdir,
     log). Tests read it; only test_pipeline's rerun runs in it again."""
-    outdir = tmp_path_factory.mktemp("reproduce")
-    shutil.copytree(smoke_run, outdir / "heterogeneous")
-    return outdir, run_reproduce(outdir)
+    return session_runs["reproduced"].result()

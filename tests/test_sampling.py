@@ -1,8 +1,6 @@
 """The federated sampler: closed forms, equivalences, determinism, failures, the CLI."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ from configs import base
 from fedinf_jax import agents, aggregators, sample_lib, sampling, train_lib
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import ROOT, micro_config
+from tests.conftest import micro_config
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -266,24 +264,10 @@ def test_identical_network_agents_under_mean_equal_one_agent():
     )
 
 
-def test_sample_cli_writes_the_files(smoke_run, tmp_path):
-    outdir = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            "--config=configs/hetero.py:smoke",
-            f"--workdir={smoke_run}",
-            f"--outdir={outdir}",
-            "--config.aggregator.name=label_prior",
-            "--config.sampler.save_trajectory=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_sample_cli_writes_the_files(sample_cli_run):
+    """``sample.py --config.aggregator.name=label_prior --config.sampler.save_trajectory=3`` on
+    the smoke run (conftest)."""
+    outdir = sample_cli_run
     with np.load(outdir / "samples.npz") as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape == (20, 28, 28)
         np.testing.assert_array_equal(f["labels"], np.repeat(np.arange(10), 2))
