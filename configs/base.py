@@ -106,6 +106,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agent_axis.train = "auto"
     config.agent_axis.score = "auto"
 
+    # The device mesh (fedinf_jax/sharding.py), used when there is more than one device: the
+    # stacked agents are split along "agents", the sampler's batch along "batch" (sampling only).
+    # agents x batch must equal the number of devices; agents = 0: all devices not on the batch
+    # axis. K not a multiple of agents: zero agents pad the agent axis (never aggregated).
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.agents = 0
+    config.mesh.batch = 1
+
     # Sampling (sample.py; fedinf_jax/sampling.py). Times t run from T (noise) to t_end (data).
     config.sampler = ml_collections.ConfigDict()
     config.sampler.method = "sde"  # "sde": reverse SDE; "ode": probability-flow ODE

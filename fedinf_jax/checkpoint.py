@@ -72,8 +72,10 @@ def restore_meta(manager, step: int | None = None) -> dict[str, Any]:
     return restored["meta"]
 
 
-def _shape_mismatches(target, stored) -> list[str]:
-    """Paths whose shapes differ between an abstract target and a checkpoint's metadata."""
+def _shape_mismatches(target, stored, num_agents: int | None = None) -> list[str]:
+    """Paths whose shapes differ between an abstract target and a checkpoint's metadata. With
+    ``num_agents``, leading axes that differ but both hold at least that many agents (padding,
+    ``fedinf_jax.sharding``) are not a difference."""
     found = []
     target_flat = dict(jax.tree_util.tree_flatten_with_path(target)[0])
     stored_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
@@ -87,7 +89,7 @@ def _shape_mismatches(target, stored) -> list[str]:
         k = key(path)
         if k not in stored_by_key:
             found.append(f"{'/'.join(k)}: missing in checkpoint")
-        elif tuple(stored_by_key[k].shape) != tuple(leaf.shape):
+        elif not _same_up_to_padding(stored_by_key[k].shape, leaf.shape, num_agents):
             found.append(
                 f"{'/'.join(k)}: checkpoint {tuple(stored_by_key[k].shape)}, "
                 f"config {tuple(leaf.shape)}"
@@ -97,9 +99,25 @@ def _shape_mismatches(target, stored) -> list[str]:
     return found
 
 
-def restore(manager, abstract_state, step: int | None = None):
+def _same_up_to_padding(stored, target, num_agents: int | None) -> bool:
+    stored, target = tuple(stored), tuple(target)
+    if stored == target:
+        return True
+    return (
+        num_agents is not None
+        and len(stored) == len(target) > 0
+        and stored[1:] == target[1:]
+        and min(stored[0], target[0]) >= num_agents
+    )
+
+
+def restore(manager, abstract_state, step: int | None = None, num_agents: int | None = None):
     """Restores (state, meta) of checkpoint ``step`` (default: the latest) into the target's
-    structure.
+    structure, shapes and shardings.
+
+    With ``num_agents`` (K), the agent axis may be padded differently in the checkpoint and the
+    target (a run saved on one mesh, restored on another): Orbax truncates the stored axis or
+    appends zero agents, and the first K agents are restored exactly.
 
     Raises:
       FileNotFoundError: there is no checkpoint.
@@ -110,7 +128,7 @@ def restore(manager, abstract_state, step: int | None = None):
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {manager.directory}")
     stored = manager.item_metadata(step)["state"]
-    mismatches = _shape_mismatches(abstract_state, stored)
+    mismatches = _shape_mismatches(abstract_state, stored, num_agents)
     if mismatches:
         shown = "\n  ".join(mismatches[:8])
         more = f"\n  ... and {len(mismatches) - 8} more" if len(mismatches) > 8 else ""
@@ -119,10 +137,20 @@ def restore(manager, abstract_state, step: int | None = None):
             f"({len(mismatches)} arrays differ):\n  {shown}{more}\n"
             "Use the config it was trained with, or a fresh --workdir."
         )
+    # Leaves without a sharding go to this process's first device (not the layout they were
+    # saved with, which may belong to another mesh).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda leaf: leaf
+        if getattr(leaf, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+        abstract_state,
+    )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract_state, strict=num_agents is None),
+            meta=ocp.args.JsonRestore(),
         ),
     )
     return restored["state"], restored["meta"]

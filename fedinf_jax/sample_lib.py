@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fedinf_jax import agents, aggregators, checkpoint, data, plots, sampling, train_lib
+from fedinf_jax import agents, aggregators, checkpoint, data, plots, sampling, sharding, train_lib
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.types import AgentParams
 
@@ -50,9 +50,13 @@ class Federation:
     counts: np.ndarray | None  # n[agent, class]
     step: int
     components: train_lib.Components
+    # Several devices: the mesh ``params`` are padded and laid out on (fedinf_jax/sharding.py).
+    agent_mesh: sharding.AgentMesh | None = None
 
     @property
     def num_agents(self) -> int:
+        if self.agent_mesh is not None:
+            return self.agent_mesh.num_agents
         return agents.num_agents_of(self.params)
 
 
@@ -82,14 +86,16 @@ def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federati
         merged = _with_trained_sections(config, meta.get("config", {}), workdir)
         components = train_lib.resolve(merged)
         num_agents = int(meta.get("num_agents", merged.partition.num_agents))
-        state, _ = checkpoint.restore(
-            manager, train_lib.abstract_train_state(components, num_agents), step
-        )
+        agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
+        abstract = train_lib.abstract_train_state(components, num_agents)
+        if agent_mesh is not None:
+            abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
+        state, _ = checkpoint.restore(manager, abstract, step, num_agents=num_agents)
     finally:
         manager.close()
     params = state.ema_params if config.sampler.use_ema else state.params
     counts = np.asarray(meta["counts"]) if "counts" in meta else None
-    return Federation(merged, params, counts, int(step), components)
+    return Federation(merged, params, counts, int(step), components, agent_mesh)
 
 
 def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections.ConfigDict:
@@ -111,22 +117,46 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
     Raises:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
     """
-    config, comp = federation.config, federation.components
+    config, comp, agent_mesh = federation.config, federation.components, federation.agent_mesh
     spec = sampling.SolverSpec.from_config(config.sampler, comp.sde)
     aggregator = aggregators.from_config(
         config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
     )
+    if agent_mesh is not None:
+        batch = min(config.sampler.batch_size, 10 * config.sampler.num_per_class)
+        if batch % agent_mesh.batch_shards:
+            raise ValueError(
+                f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
+                f"{agent_mesh.batch_shards}"
+            )
     return sampling.FederatedSampler(
-        agent_score_fn(comp), comp.sde, aggregator, spec, data.IMAGE_SHAPE
+        agent_score_fn(comp, agent_mesh=agent_mesh),
+        comp.sde,
+        aggregator,
+        spec,
+        data.IMAGE_SHAPE,
+        num_agents=federation.num_agents,
     )
 
 
-def agent_score_fn(components: train_lib.Components, strategy: str | None = None):
+def agent_score_fn(
+    components: train_lib.Components,
+    strategy: str | None = None,
+    agent_mesh: sharding.AgentMesh | None = None,
+):
     """``(stacked params, x, t, y) -> (agents, batch, ...)`` scores of all agents, through
-    ``strategy`` (default: the config's score strategy)."""
+    ``strategy`` (default: the config's score strategy); on ``agent_mesh``, each device scores
+    its own agents on its slice of the batch and the padding agents are dropped."""
     score_fn = make_score_fn(components.model, components.sde, components.param)
     strategy = strategy or components.score_strategy
-    return agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+    if agent_mesh is None:
+        return agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+    lifted = sharding.over_sharded_agents(
+        score_fn, agent_mesh, strategy, in_axes=(0, None, None, None), batch_args=(1, 2, 3)
+    )
+    return lambda params, x, t, y: sharding.first_agents(
+        lifted(params, x, t, y), agent_mesh.num_agents
+    )
 
 
 GRID_PER_CLASS = 10

@@ -356,6 +356,8 @@ class FederatedSampler:
       aggregator: how to combine the scores.
       spec: how to integrate.
       image_shape: the shape of one sample, e.g. (28, 28, 1).
+      num_agents: K, when ``params`` carry padding agents that ``agent_score_fn`` drops
+        (``fedinf_jax.sharding``); default: the size of the params' agent axis.
 
     ``keys`` holds one key per sample (its prior draw and Brownian path); ``labels`` (N,) the
     classes to condition on. The number of score evaluations (each: K agents on the batch) of the
@@ -369,8 +371,10 @@ class FederatedSampler:
         aggregator: Aggregator,
         spec: SolverSpec,
         image_shape: tuple[int, ...],
+        num_agents: int | None = None,
     ):
         spec.check(sde)
+        self.num_agents = num_agents
         self.agent_score_fn = agent_score_fn
         self.sde = sde
         self.aggregator = aggregator
@@ -491,7 +495,9 @@ class FederatedSampler:
         spec, sde = self.spec, self.sde
         tau1 = sde.T - spec.t_end
         x, path_keys = self._prior(keys)
-        state = SolveState(x, self.aggregator.init(num_agents_of(params), x, labels))
+        state = SolveState(
+            x, self.aggregator.init(self.num_agents or num_agents_of(params), x, labels)
+        )
         probe_keys = None
         if self.aggregator.divergence_probes:
             probe_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(path_keys)
@@ -578,7 +584,7 @@ def reverse_euler_maruyama(
     taus = jnp.linspace(0.0, tau1, spec.num_steps + 1)
     x, path_keys = sampler._prior(keys)
     path = sampler._brownian(path_keys, tau1)
-    agg = sampler.aggregator.init(num_agents_of(params), x, labels)
+    agg = sampler.aggregator.init(sampler.num_agents or num_agents_of(params), x, labels)
 
     def step(x, tau_pair):
         tau0, tau_next = tau_pair

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fedinf_jax import agents, checkpoint, data, partitions, plots
+from fedinf_jax import agents, checkpoint, data, partitions, plots, sharding
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
 from fedinf_jax.score import Parametrization, make_loss_fn, parametrization_of
@@ -110,12 +110,19 @@ def abstract_train_state(components: Components, num_agents: int) -> TrainState:
 
 
 def make_train_step(
-    loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float, strategy: str
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    strategy: str,
+    agent_mesh: sharding.AgentMesh | None = None,
 ) -> Callable:
     """Builds ``train_step(state, batch, key) -> (state, metrics)`` for stacked agents.
 
     The step's key is ``fold_in(key, state.step)`` split into one key per agent, so a resumed run
     draws the same noise. ``metrics`` hold per-agent arrays: ``loss`` and ``grad_norm`` (K,).
+    On ``agent_mesh`` the state and batch carry its padded agent axis, each device updates its own
+    agents, the padding agents get copies of real agents' keys and their metrics are dropped: the
+    real agents' numbers are the single-device ones.
     """
 
     def agent_update(params, ema, opt_state, images, labels, key, step):
@@ -125,11 +132,17 @@ def make_train_step(
         ema = optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, ema_decay))
         return params, ema, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    update_all = agents.over_agents(agent_update, strategy, in_axes=(0, 0, 0, 0, 0, 0, None))
+    in_axes = (0, 0, 0, 0, 0, 0, None)
+    if agent_mesh is None:
+        update_all = agents.over_agents(agent_update, strategy, in_axes=in_axes)
+    else:
+        update_all = sharding.over_sharded_agents(agent_update, agent_mesh, strategy, in_axes)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: Key):
-        num_agents = agents.num_agents_of(state.params)
+        stacked = agents.num_agents_of(state.params)
+        num_agents = stacked if agent_mesh is None else agent_mesh.num_agents
         keys = jax.random.split(jax.random.fold_in(key, state.step), num_agents)
+        keys = keys[jnp.arange(stacked) % num_agents]  # padding agents: any valid keys
         params, ema, opt_state, metrics = update_all(
             state.params,
             state.ema_params,
@@ -139,6 +152,7 @@ def make_train_step(
             keys,
             state.step,
         )
+        metrics = sharding.first_agents(metrics, num_agents)
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
     return train_step
@@ -240,10 +254,29 @@ def _build_train_step(config_json: str) -> Callable:
     loss_fn = make_loss_fn(
         components.model, components.sde, eps=config.sde.eps, param=components.param
     )
+    agent_mesh = training_mesh(config)
     step = make_train_step(
-        loss_fn, components.tx, config.train.ema_decay, components.train_strategy
+        loss_fn, components.tx, config.train.ema_decay, components.train_strategy, agent_mesh
     )
+    if agent_mesh is not None:
+        return jax.jit(step, donate_argnums=(0,))
     return agents.maybe_jit(step, components.train_strategy, donate_argnums=(0,))
+
+
+def training_mesh(config: ml_collections.ConfigDict) -> sharding.AgentMesh | None:
+    """The config's mesh for training (None on one device): agents only.
+
+    Raises:
+      ValueError: ``mesh.batch`` > 1 (each agent's batch is not split: the loss's noise draws
+        would differ from the single-device run's), or an invalid mesh.
+    """
+    agent_mesh = sharding.make_mesh(config.mesh, config.partition.num_agents)
+    if agent_mesh is not None and agent_mesh.batch_shards > 1:
+        raise ValueError(
+            f"training splits the agents, not their batches: set mesh.batch = 1 (got "
+            f"{agent_mesh.batch_shards}); mesh.batch is for sampling"
+        )
+    return agent_mesh
 
 
 def train_and_evaluate(
@@ -285,6 +318,9 @@ def train_and_evaluate(
         partition.counts.sum(axis=1).tolist(),
     )
 
+    agent_mesh = training_mesh(config)
+    if agent_mesh is not None:
+        logging.info("%s", agent_mesh.describe())
     key = make_key(config.seed)
     init_key, train_key = jax.random.split(key)
     abstract = abstract_train_state(components, num_agents)
@@ -302,7 +338,8 @@ def train_and_evaluate(
     meta = run_record(config, partition)
     if manager.latest_step() is not None:
         _check_record(checkpoint.restore_meta(manager), config, workdir)
-        state, _ = checkpoint.restore(manager, abstract)
+        target = abstract if agent_mesh is None else sharding.abstract_on_mesh(abstract, agent_mesh)
+        state, _ = checkpoint.restore(manager, target, num_agents=num_agents)
         logging.info(
             "resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step)
         )
@@ -310,6 +347,8 @@ def train_and_evaluate(
         state = create_train_state(
             init_agents(components.model, num_agents, init_key), components.tx
         )
+        if agent_mesh is not None:
+            state = sharding.to_mesh(state, agent_mesh)
 
     train_step = build_train_step(config)
     logging.info(
@@ -334,6 +373,8 @@ def train_and_evaluate(
     try:
         for step in range(initial_step, last_step):
             batch = batcher(step)
+            if agent_mesh is not None:
+                batch = sharding.to_mesh(batch, agent_mesh)
             state, metrics = train_step(state, batch, train_key)
             loss = np.asarray(metrics["loss"])
             check_finite(loss, step, saved_step)

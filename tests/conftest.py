@@ -78,24 +78,24 @@ class EntryPoints:
         self.env = dict(os.environ)
         self.processes: list[subprocess.Popen] = []
 
-    def run(self, args: list[str], timeout: float) -> str:
-        """Asserts the run succeeded; returns its log (stderr)."""
+    def run(self, args: list[str], timeout: float, extra_env: dict | None = None) -> str:
+        """Asserts the run succeeded; returns its log (stderr, then stdout)."""
         proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(extra_env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         self.processes.append(proc)
         try:
-            _, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-        assert proc.returncode == 0, stderr[-4000:]
-        return stderr
+        assert proc.returncode == 0, stderr[-4000:] + stdout[-4000:]
+        return stderr + stdout
 
     def kill_running(self) -> None:
         for proc in self.processes:
@@ -124,7 +124,8 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
 # The session's entry-point runs (fixtures of the same names). They run in subprocesses on a
 # background thread, started when the session starts, so that they overlap the in-process tests
 # (on 2 cores, XLA compiles here and there at once); the tests that read them run last.
-SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced")
+SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced", "multidevice_run")
+MULTIDEVICE_COUNT = 4
 _NEEDED = pytest.StashKey[set]()
 
 
@@ -142,7 +143,10 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     entry_points = EntryPoints()
     runs: dict[str, concurrent.futures.Future] = {}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    if needed:
+    multidevice = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    if "multidevice_run" in needed:
+        runs["multidevice_run"] = multidevice.submit(_multidevice_checks, entry_points)
+    if needed - {"multidevice_run"}:
         workdir = tmp_path_factory.mktemp("cli_run")
         runs["smoke_run"] = executor.submit(_train_smoke, entry_points, workdir)
     if "sample_cli_run" in needed:
@@ -157,7 +161,8 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
         )
     yield runs
     entry_points.kill_running()  # an interrupted session
-    executor.shutdown(wait=True, cancel_futures=True)
+    for pool in (executor, multidevice):
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _train_smoke(entry_points, workdir) -> pathlib.Path:
@@ -181,6 +186,14 @@ def _sample_smoke(entry_points, trained, outdir) -> pathlib.Path:
         timeout=600,
     )
     return outdir
+
+
+def _multidevice_checks(entry_points) -> str:
+    return entry_points.run(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice_checks.py"],
+        timeout=900,
+        extra_env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={MULTIDEVICE_COUNT}"},
+    )
 
 
 def _reproduce_smoke(entry_points, trained, outdir) -> tuple[pathlib.Path, str]:
@@ -208,3 +221,9 @@ def reproduced(session_runs) -> tuple[pathlib.Path, str]:
     (reused), the smoke classifier trained, samples, metrics, agreement, report. Returns (outdir,
     log). Tests read it; only test_pipeline's rerun runs in it again."""
     return session_runs["reproduced"].result()
+
+
+@pytest.fixture(scope="session")
+def multidevice_run(session_runs) -> str:
+    """``pytest tests/multidevice_checks.py`` on 4 virtual CPU devices: its output."""
+    return session_runs["multidevice_run"].result()

@@ -1,0 +1,193 @@
+"""Sharded agents on 4 virtual CPU devices give the single-device numbers.
+
+Not collected by the main session (one device there): ``tests/test_sharding.py`` runs this file
+with pytest in a subprocess with ``--xla_force_host_platform_device_count=4``.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from fedinf_jax import agents, aggregators, checkpoint, sample_lib, sampling, sharding, train_lib
+from fedinf_jax.input_pipeline import synthetic_batch
+from fedinf_jax.score import make_loss_fn
+from tests.conftest import micro_config
+
+DEVICES = 4
+pytestmark = pytest.mark.skipif(
+    jax.device_count() != DEVICES, reason=f"needs {DEVICES} devices (tests/test_sharding.py)"
+)
+
+
+def _mesh(num_agents, agent_shards=0, batch_shards=1):
+    config = ml_collections.ConfigDict({"agents": agent_shards, "batch": batch_shards})
+    return sharding.make_mesh(config, num_agents)
+
+
+def _conv(x, w):
+    layout = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=layout)
+
+
+def test_shard_map_is_exact_on_the_miscompiled_pattern():
+    """RESEARCH.md section 9: conv3x3 -> concatenate -> conv1x1 vmapped over agents. jax 0.10.2
+    miscompiles it under automatic partitioning of the sharded agent axis; the project's path
+    (``shard_map``, each device its own agents) must equal a loop over agents."""
+    rng = np.random.default_rng(0)
+    k = 8
+    x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+    w = {
+        "a": jnp.asarray(rng.normal(size=(k, 3, 3, 1, 4)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(k, 3, 3, 1, 4)), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=(k, 1, 1, 8, 4)), jnp.float32),
+    }
+
+    def f(w, x):
+        return _conv(jnp.concatenate([_conv(x, w["a"]), _conv(x, w["b"])], -1), w["c"])
+
+    loop = jnp.stack([f(agents.agent(w, i), x) for i in range(k)])
+    agent_mesh = _mesh(k)
+    for strategy in ("vmap", "map"):
+        lifted = sharding.over_sharded_agents(f, agent_mesh, strategy, in_axes=(0, None))
+        out = jax.jit(lifted)(sharding.to_mesh(w, agent_mesh), x)
+        np.testing.assert_allclose(out, loop, rtol=1e-5, atol=1e-4, err_msg=strategy)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = micro_config()
+    comp = train_lib.resolve(config)
+    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
+    return config, comp, loss_fn
+
+
+def _two_steps(step, state, batch, key):
+    state, _ = step(state, batch, key)
+    return step(state, batch, key)
+
+
+@pytest.mark.parametrize("num_agents", [4, 8, 6])
+def test_sharded_train_step_equals_one_device(setup, num_agents):
+    """K = 4 and 8 split over 4 devices (1 and 2 per device), K = 6 padded to 8."""
+    _, comp, loss_fn = setup
+    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0))
+    state = train_lib.create_train_state(params, comp.tx)
+    batch = synthetic_batch(num_agents, 4)
+    key = jax.random.key(3)
+    reference = train_lib.make_train_step(loss_fn, comp.tx, 0.99, "loop")
+    ref_state, ref_metrics = _two_steps(reference, state, batch, key)
+
+    agent_mesh = _mesh(num_agents)
+    step = jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, "map", agent_mesh))
+    sharded_state = sharding.to_mesh(state, agent_mesh)
+    assert sharded_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
+    out_state, metrics = _two_steps(step, sharded_state, sharding.to_mesh(batch, agent_mesh), key)
+    assert out_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
+    assert agents.num_agents_of(out_state.params) == agent_mesh.padded_agents
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    real = sharding.first_agents(out_state, num_agents)
+    for a, b in zip(jax.tree.leaves(real), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_restores_onto_any_mesh(setup, tmp_path, num_agents=3, agent_shards=2):
+    """A padded, sharded state saved by Orbax restores exactly onto one device (K agents) and
+    onto a mesh with another padding."""
+    _, comp, _ = setup
+    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(1))
+    state = train_lib.create_train_state(params, comp.tx)
+    agent_mesh = _mesh(num_agents, agent_shards, DEVICES // agent_shards)
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, 1, sharding.to_mesh(state, agent_mesh), {"num_agents": num_agents})
+    abstract = train_lib.abstract_train_state(comp, num_agents)
+    one, _ = checkpoint.restore(manager, abstract, num_agents=num_agents)
+    other_mesh = _mesh(num_agents, DEVICES)
+    other, _ = checkpoint.restore(
+        manager, sharding.abstract_on_mesh(abstract, other_mesh), num_agents=num_agents
+    )
+    manager.close()
+    for a, b, c in zip(*(jax.tree.leaves(s) for s in (state, one, other)), strict=True):
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(sharding.first_agents(c, num_agents), a)
+    assert other.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
+
+
+def _federation(comp, config, num_agents, agent_mesh):
+    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(2))
+    if agent_mesh is not None:
+        params = sharding.to_mesh(params, agent_mesh)
+    counts = np.arange(1, 10 * num_agents + 1).reshape(num_agents, 10)
+    return sample_lib.Federation(config, params, counts, 0, comp, agent_mesh)
+
+
+@pytest.mark.parametrize(("num_agents", "agent_shards"), [(4, 4), (3, 2)])
+def test_sharded_sampling_equals_one_device(setup, num_agents, agent_shards):
+    """The federation's samples under ``label_prior`` and ``superdiff_or`` (whose weights need
+    every agent's log-density), with the batch split when the agent axis leaves devices over.
+
+    The agents' scores are bitwise the single-device ones; the aggregate's reductions over
+    agents run in another order. ``superdiff_or``'s Ito estimator sums terms of order 1e3-1e5
+    for these untrained agents (more at smaller t), so its log q agree to float32 rounding of
+    those terms (relative 3e-5 measured at t_end = 0.5), and the images through the weights."""
+    _, comp, _ = setup
+    config = micro_config()
+    config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
+    config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
+    agent_mesh = sharding.make_mesh(config.mesh, num_agents)
+    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    for name in ("label_prior", "superdiff_or"):
+        config.aggregator.name = name
+        single = _federation(comp, config, num_agents, None)
+        sharded = _federation(comp, config, num_agents, agent_mesh)
+        ref = sample_lib.build_sampler(single)(single.params, keys, y)
+        out = sample_lib.build_sampler(sharded)(sharded.params, keys, y)
+        if name == "label_prior":
+            np.testing.assert_allclose(out.images, ref.images, rtol=1e-5, atol=1e-5)
+        else:
+            log_q = ref.aggregator_state.log_q
+            np.testing.assert_allclose(out.aggregator_state.log_q, log_q, rtol=1e-4)
+            np.testing.assert_allclose(out.images, ref.images, atol=2e-3)
+
+
+def test_only_the_aggregate_crosses_devices(setup):
+    """Under ``mean`` the compiled score evaluation reduces the agents' scores across devices
+    (an all-reduce of one score per image) and gathers nothing, padding included."""
+    _, comp, _ = setup
+    for num_agents in (4, 6):
+        agent_mesh = _mesh(num_agents)
+        score_fn = sample_lib.agent_score_fn(comp, "map", agent_mesh)
+        mean = aggregators.mean()
+        params = sharding.to_mesh(
+            train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0)), agent_mesh
+        )
+        x, t, y = jnp.zeros((4, 28, 28, 1)), jnp.full((4,), 0.5), jnp.arange(4)
+
+        def federated(params, x, t, y, score_fn=score_fn, mean=mean, k=num_agents):
+            return mean.aggregate(score_fn(params, x, t, y), t, x, y, mean.init(k, x, y))[0]
+
+        hlo = jax.jit(federated).lower(params, x, t, y).compile().as_text()
+        assert re.search(r"all-reduce(-start)?\(", hlo), num_agents
+        assert not re.search(r"all-gather|all-to-all|collective-permute", hlo), num_agents
+
+
+def test_mesh_config_errors():
+    config = base.get_config("smoke").mesh
+    config.update(agents=3, batch=1)
+    with pytest.raises(ValueError, match=r"3 x 1 must equal the number of devices \(4\)"):
+        sharding.make_mesh(config, 4)
+    config.update(agents=0, batch=3)
+    with pytest.raises(ValueError, match=r"mesh.batch = 3 must be >= 1 and divide"):
+        sharding.make_mesh(config, 4)
+    config.update(agents=0, batch=2)
+    agent_mesh = sharding.make_mesh(config, 5)
+    cfg = micro_config()
+    cfg.mesh.update(agents=2, batch=2)
+    with pytest.raises(ValueError, match=r"set mesh\.batch = 1"):  # training splits agents only
+        train_lib.training_mesh(cfg)
+    assert (agent_mesh.agent_shards, agent_mesh.batch_shards, agent_mesh.padded_agents) == (2, 2, 6)
