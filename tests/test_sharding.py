@@ -7,7 +7,7 @@ from tests.conftest import MULTIDEVICE_COUNT
 
 
 def test_sharded_agents_equal_one_device(multidevice_run):
-    """Sharded training steps (K = 4, 8, and 6 padded), Orbax checkpoints restored onto another
+    """Sharded training steps (K = 4, and 6 padded to 8), Orbax checkpoints restored onto another
     mesh, sharded sampling, the compiled program's collectives and the mesh errors: all pass on
     the virtual devices, none skipped."""
     summary = multidevice_run.strip().splitlines()[-1]
