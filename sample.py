@@ -32,11 +32,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "A train.py run directory (its checkpoints are sampled).")
 flags.DEFINE_string("outdir", None, "Output folder (default WORKDIR/samples/<name>).")
 flags.mark_flags_as_required(["config", "workdir"])
+runtime.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+    )
     runtime.setup()
     logging.info("sampler: %s\naggregator: %s", FLAGS.config.sampler, FLAGS.config.aggregator)
     sample_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir)

@@ -25,11 +25,15 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries.")
 flags.mark_flags_as_required(["config", "workdir"])
+runtime.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+    )
     runtime.setup()
     logging.info("config:\n%s", FLAGS.config)
     try:

@@ -141,9 +141,11 @@ def restore(manager, abstract_state, step: int | None = None, num_agents: int | 
     # saved with, which may belong to another mesh).
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_state = jax.tree.map(
-        lambda leaf: leaf
-        if getattr(leaf, "sharding", None) is not None
-        else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+        lambda leaf: (
+            leaf
+            if getattr(leaf, "sharding", None) is not None
+            else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local)
+        ),
         abstract_state,
     )
     restored = manager.restore(

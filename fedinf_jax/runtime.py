@@ -9,6 +9,61 @@ import signal
 CACHE_ENV = "FEDINF_JAX_CACHE"
 
 
+def define_distributed_flags() -> None:
+    """The ``jax.distributed`` flags of ``train.py`` and ``sample.py`` (one process per host, or
+    per GPU; see the README's "Several devices")."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0 of a multi-process run (jax.distributed); every process gets "
+        "the same address and --num_processes, and its own --process_id.",
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Processes in the run (with --coordinator_address)."
+    )
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Initialise jax.distributed from the platform's own settings (Cloud TPU, SLURM, Open "
+        "MPI, ...) instead of --coordinator_address.",
+    )
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> None:
+    """Joins a multi-process JAX run before any computation (nothing to do for one process).
+
+    Raises:
+      ValueError: a coordinator address without the process count and id, or the reverse.
+    """
+    given = (coordinator_address, num_processes, process_id)
+    if all(v is None for v in given) and not auto:
+        return
+    import jax
+
+    # XLA:CPU's cross-process collectives (harmless on GPU/TPU, whose own are used there).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        jax.distributed.initialize()
+        return
+    if any(v is None for v in given):
+        raise ValueError(
+            "a multi-process run needs --coordinator_address, --num_processes and --process_id "
+            f"together (got {coordinator_address!r}, {num_processes!r}, {process_id!r}); or "
+            "--distributed for the platform's auto-detection"
+        )
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def setup() -> None:
     """Keeps TensorFlow (used only for TFDS and summaries) off any accelerator, so JAX owns it,
     makes ``kill`` (SIGTERM) save a checkpoint like Ctrl-C does, and turns on JAX's persistent

@@ -187,9 +187,12 @@ def sample_in_batches(
     labels: np.ndarray,
     batch_size: int,
     seed: int,
+    agent_mesh: sharding.AgentMesh | None = None,
 ) -> Drawn:
     """Draws one sample per label in batches of ``batch_size`` (the last one padded, so one
-    compiled shape serves all). Sample i's key is ``fold_in(seed, i)`` whatever the batching."""
+    compiled shape serves all). Sample i's key is ``fold_in(seed, i)`` whatever the batching.
+    On ``agent_mesh`` each batch is split along its ``batch`` axis and every process gets all
+    the results."""
     n = len(labels)
     if n < 1:
         raise ValueError("nothing to sample: sampler.num_per_class must be >= 1")
@@ -205,7 +208,11 @@ def sample_in_batches(
         lo = b * batch
         idx = np.arange(lo, lo + batch)
         y = jnp.asarray(labels[np.minimum(idx, n - 1)])
-        out = sampler(params, sampling.sample_keys(seed, batch, start=lo), y)
+        keys = sampling.sample_keys(seed, batch, start=lo)
+        if agent_mesh is not None:
+            y, keys = sharding.put_batch((y, keys), agent_mesh)
+        out = jax.tree.map(sharding.to_host, sampler(params, keys, y))
+        y = np.asarray(jax.device_get(sharding.to_host(y)))
         keep = min(batch, n - lo)
         images.append(np.asarray(out.images)[:keep])
         if out.trajectory is not None:
@@ -279,7 +286,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
     )
     start = time.time()
     drawn = sample_in_batches(
-        sampler, federation.params, labels, cfg.sampler.batch_size, cfg.sampler.seed
+        sampler,
+        federation.params,
+        labels,
+        cfg.sampler.batch_size,
+        cfg.sampler.seed,
+        federation.agent_mesh,
     )
     images, per_batch = drawn.images, drawn.per_batch
     wall = time.time() - start
@@ -312,7 +324,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
         f"{cfg.partition.name}, {federation.num_agents} agents, {cfg.aggregator.name}, "
         f"{cfg.sampler.method} {cfg.sampler.solver}"
     )
-    _write_atomically(outdir, cfg, stats, arrays, pixels, labels, title)
+    if jax.process_index() == 0:  # every process holds the samples; one writes them
+        _write_atomically(outdir, cfg, stats, arrays, pixels, labels, title)
     logging.info("%d images in %.1f s (%s); wrote %s", len(labels), wall, stats, outdir)
     return outdir
 

@@ -145,6 +145,32 @@ def put(tree, sharding: NamedSharding):
     return jax.tree.map(one, tree)
 
 
+def put_batch(tree, agent_mesh: AgentMesh):
+    """Per-image arrays (labels, typed PRNG keys; equal on every process) split along the mesh's
+    ``batch`` axis."""
+    sharded = agent_mesh.sharding(BATCH)
+
+    def one(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(leaf)
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf), sharded), impl=impl)
+        return put(leaf, sharded)
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(leaf):
+    """A (possibly multi-process) array as a NumPy array on every process; other leaves as they
+    are."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    if leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
 def over_sharded_agents(
     fn: Callable,
     agent_mesh: AgentMesh,

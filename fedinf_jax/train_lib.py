@@ -153,6 +153,8 @@ def make_train_step(
             state.step,
         )
         metrics = sharding.first_agents(metrics, num_agents)
+        if agent_mesh is not None:  # replicated: every process reads all agents' metrics
+            metrics = jax.lax.with_sharding_constraint(metrics, agent_mesh.sharding())
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
     return train_step

@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -80,6 +81,9 @@ class EntryPoints:
 
     def run(self, args: list[str], timeout: float, extra_env: dict | None = None) -> str:
         """Asserts the run succeeded; returns its log (stderr, then stdout)."""
+        return self.finish(self.start(args, extra_env), timeout)
+
+    def start(self, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
@@ -89,6 +93,10 @@ class EntryPoints:
             text=True,
         )
         self.processes.append(proc)
+        return proc
+
+    def finish(self, proc: subprocess.Popen, timeout: float) -> str:
+        """Waits for ``proc``; asserts it succeeded; returns its log (stderr, then stdout)."""
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -124,7 +132,7 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
 # The session's entry-point runs (fixtures of the same names). They run in subprocesses on a
 # background thread, started when the session starts, so that they overlap the in-process tests
 # (on 2 cores, XLA compiles here and there at once); the tests that read them run last.
-SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced", "multidevice_run")
+SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced", "multidevice_run", "multiprocess_run")
 MULTIDEVICE_COUNT = 4
 _NEEDED = pytest.StashKey[set]()
 
@@ -146,7 +154,10 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     multidevice = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     if "multidevice_run" in needed:
         runs["multidevice_run"] = multidevice.submit(_multidevice_checks, entry_points)
-    if needed - {"multidevice_run"}:
+    if "multiprocess_run" in needed:
+        outdir = tmp_path_factory.mktemp("two_processes")
+        runs["multiprocess_run"] = multidevice.submit(_two_processes, entry_points, outdir)
+    if needed & {"smoke_run", "sample_cli_run", "reproduced"}:
         workdir = tmp_path_factory.mktemp("cli_run")
         runs["smoke_run"] = executor.submit(_train_smoke, entry_points, workdir)
     if "sample_cli_run" in needed:
@@ -196,6 +207,18 @@ def _multidevice_checks(entry_points) -> str:
     )
 
 
+def _two_processes(entry_points, outdir) -> pathlib.Path:
+    """``tests/multiprocess_worker.py`` as processes 0 and 1 of one run on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = lambda i: ["-m", "tests.multiprocess_worker", str(i), str(port), str(outdir)]  # noqa: E731
+    first = entry_points.start(args(0))
+    entry_points.run(args(1), timeout=600)
+    entry_points.finish(first, timeout=600)
+    return outdir
+
+
 def _reproduce_smoke(entry_points, trained, outdir) -> tuple[pathlib.Path, str]:
     shutil.copytree(trained.result(), outdir / "heterogeneous")
     return outdir, run_reproduce(outdir, entry_points)
@@ -227,3 +250,9 @@ def reproduced(session_runs) -> tuple[pathlib.Path, str]:
 def multidevice_run(session_runs) -> str:
     """``pytest tests/multidevice_checks.py`` on 4 virtual CPU devices: its output."""
     return session_runs["multidevice_run"].result()
+
+
+@pytest.fixture(scope="session")
+def multiprocess_run(session_runs) -> pathlib.Path:
+    """``tests/multiprocess_worker.py`` in two processes on localhost: its output folder."""
+    return session_runs["multiprocess_run"].result()
