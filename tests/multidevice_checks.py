@@ -157,8 +157,9 @@ def test_sharded_sampling_equals_one_device(setup, num_agents, agent_shards):
 
 
 def test_only_the_aggregate_crosses_devices(setup):
-    """Under ``mean`` the compiled score evaluation reduces the agents' scores across devices
-    (an all-reduce of one score per image) and gathers nothing, padding included."""
+    """The compiled score evaluation takes every parameter split along ``agents`` and, under
+    ``mean``, reduces the agents' scores across devices (an all-reduce of one score per image)
+    and gathers nothing, padding included."""
     _, comp, _ = setup
     for num_agents in (4, 6):
         agent_mesh = _mesh(num_agents)
@@ -172,7 +173,10 @@ def test_only_the_aggregate_crosses_devices(setup):
         def federated(params, x, t, y, score_fn=score_fn, mean=mean, k=num_agents):
             return mean.aggregate(score_fn(params, x, t, y), t, x, y, mean.init(k, x, y))[0]
 
-        hlo = jax.jit(federated).lower(params, x, t, y).compile().as_text()
+        compiled = jax.jit(federated).lower(params, x, t, y).compile()
+        param_shardings = jax.tree.leaves(compiled.input_shardings[0][0])
+        assert {s.spec for s in param_shardings} == {P("agents")}, num_agents
+        hlo = compiled.as_text()
         assert re.search(r"all-reduce(-start)?\(", hlo), num_agents
         assert not re.search(r"all-gather|all-to-all|collective-permute", hlo), num_agents
 
