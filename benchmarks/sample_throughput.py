@@ -58,9 +58,12 @@ def _spec(solver, steps=100, adaptive=False, tol=1e-3):
     )
 
 
-def _sampler(comp, strategy, spec):
-    lifted = sample_lib.agent_score_fn(comp, strategy)
-    return sampling.FederatedSampler(lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE)
+def _sampler(comp, strategy, spec, agent_mesh=None):
+    lifted = sample_lib.agent_score_fn(comp, strategy, agent_mesh)
+    k = agent_mesh.num_agents if agent_mesh is not None else None
+    return sampling.FederatedSampler(
+        lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE, num_agents=k
+    )
 
 
 def _paper_loop(comp, params, keys, labels, steps, sampler):
@@ -153,7 +156,7 @@ def quality(config):
     labels = jnp.asarray(np.arange(n) % 10, jnp.int32)
 
     def solve(spec):
-        out = _sampler(comp, "map", spec)(federation.params, keys, labels)
+        out = _sampler(comp, "map", spec, federation.agent_mesh)(federation.params, keys, labels)
         return np.asarray(out.images), out.stats["score_evaluations"]
 
     print(

@@ -42,7 +42,7 @@ def main(argv):
         sampler = sample_lib.build_sampler(federation)
         labels = sample_lib.class_labels(FLAGS.num_per_class)
         drawn = sample_lib.sample_in_batches(
-            sampler, federation.params, labels, len(labels), cfg.sampler.seed
+            sampler, federation.params, labels, len(labels), cfg.sampler.seed, federation.agent_mesh
         )
         w = drawn.trajectory_weights  # (S, K, N)
         entropy = -(w * np.log(np.clip(w, 1e-12, 1.0))).sum(axis=1).mean(axis=1)

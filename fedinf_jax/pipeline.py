@@ -129,7 +129,7 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
         members[name] = aggregators.from_config(
             agg_config, federation.counts, federation.num_agents, comp.sde
         )
-    lifted = sample_lib.agent_score_fn(comp)
+    lifted = sample_lib.agent_score_fn(comp, agent_mesh=federation.agent_mesh)
     s = config.agreement_samples
     rng = np.random.default_rng(config.seed)
     noise = rng.normal(size=(s, *data.IMAGE_SHAPE)).astype(np.float32)
