@@ -65,11 +65,20 @@ def _check_probs(probs: np.ndarray) -> np.ndarray:
     return p
 
 
-def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) over ``splits`` equal splits of exp(E_x KL(p(y|x) || p(y)))."""
+def inception_score(probs: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) over ``splits`` equal splits of exp(E_x KL(p(y|x) || p(y))).
+
+    The samples are shuffled (a fixed permutation drawn from ``seed``) before they are split, as
+    torchmetrics' InceptionScore does: a set sorted by class (the pipeline's sets are sorted by
+    conditioning label) would otherwise put one class in each split, where p(y) = p(y|x) and the
+    score is 1 whatever the samples. Small splits bias IS low: a perfectly confident,
+    class-balanced set of 200 in 10 splits scores 7.86 (each split's 20 samples cover the
+    classes unevenly), 1000 in 10 splits about 9.5; compare sets of equal size.
+    """
     p = _check_probs(probs)
     if not 1 <= splits <= len(p):
         raise ValueError(f"splits must be in [1, N = {len(p)}], got {splits}")
+    p = p[np.random.default_rng(seed).permutation(len(p))]
     scores = []
     for part in np.array_split(p, splits):
         marginal = part.mean(axis=0, keepdims=True)
