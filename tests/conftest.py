@@ -1,6 +1,7 @@
 """Shared fixtures: the local MNIST copy, a persistent compilation cache, tiny configs."""
 
 import concurrent.futures
+import contextlib
 import os
 import pathlib
 import shutil
@@ -38,6 +39,25 @@ def micro_config():
     c.model.up_attention_levels = (False,)
     c.model.norm_groups = 2
     return c
+
+
+@contextlib.contextmanager
+def count_traces():
+    """Yields the list of JAX traces (each a compilation, or a persistent-cache lookup) made
+    inside the block, by ``jax.monitoring``'s trace-duration events."""
+    import jax
+
+    traces = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.fixture(scope="session", autouse=True)

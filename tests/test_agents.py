@@ -10,7 +10,7 @@ import pytest
 from fedinf_jax import agents, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_loss_fn, make_score_fn
-from tests.conftest import micro_config
+from tests.conftest import count_traces, micro_config
 
 K, B = 2, 4
 
@@ -69,6 +69,20 @@ def test_train_step_same_numbers_for_every_strategy(setup):
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=strategy)
     assert int(ref_state.step) == 2
+
+
+def test_train_steps_do_not_recompile(setup):
+    """CPU training's step (``loop``): after the first step, new batches, keys and step counts
+    reuse the compiled programs."""
+    _, comp, params, _ = setup
+    step = _train_step("loop")
+    keys = [jax.random.key(i) for i in range(3)]
+    batches = [synthetic_batch(K, B, seed=i) for i in range(3)]
+    state, _ = step(train_lib.create_train_state(params, comp.tx), batches[0], keys[0])
+    with count_traces() as traces:
+        for key, other in zip(keys[1:], batches[1:], strict=True):
+            state, _ = step(state, other, key)
+    assert traces == [] and int(state.step) == 3
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

@@ -11,7 +11,7 @@ from configs import base
 from fedinf_jax import agents, aggregators, sample_lib, sampling, train_lib
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import micro_config
+from tests.conftest import count_traces, micro_config
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -120,6 +120,16 @@ def test_one_agent_under_each_aggregator_path_is_that_agent():
         agg = aggregators.from_config(cfg, np.ones((1, 10)), 1, sde, "ode")
         out = draw(make_sampler(sde, agg), 16, mus=MUS[:1]).images
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_no_recompilation_across_batches_and_calls():
+    """One compiled solve serves every batch (the last one padded) and every later call."""
+    sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 5)
+    labels = np.arange(10, dtype=np.int32) % 3
+    sample_lib.sample_in_batches(sampler, {"mu": MUS}, labels[:8], 4, seed=0)  # compiles
+    with count_traces() as traces:
+        drawn = sample_lib.sample_in_batches(sampler, {"mu": MUS}, labels, 4, seed=1)
+    assert traces == [] and len(drawn.per_batch["num_steps"]) == 3
 
 
 def test_determinism_and_batch_independence():
