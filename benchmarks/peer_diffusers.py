@@ -1,0 +1,206 @@
+"""fedinf_jax against the paper's stack, in one run on one machine.
+
+The paper's stack: K diffusers ``UNet2DConditionModel`` agents in PyTorch, evaluated one after
+the other from Python and averaged. fedinf_jax: the same architecture (``fedinf_jax/models/unet``
+mirrors it; the parameter counts are checked to agree within 1%) as stacked parameters, all K
+agents in one jitted program (the configured agent-axis strategy).
+
+    pip install -e '.[bench]'   # torch 2.13.0 (a CPU build is on this machine's disk), diffusers
+    python benchmarks/peer_diffusers.py --preset=cpu --num_agents=10 --batch=20 --steps=10
+    python benchmarks/peer_diffusers.py --preset=paper --num_agents=10 --batch=4 --steps=2
+
+Both sides: random weights, float32, every core. Timed after a warm-up call (in which JAX
+compiles), median of ``--repeats``:
+
+1. one federated score evaluation: the K agents' noise predictions on a batch of B images turned
+   into scores and averaged;
+2. a fixed-step sampling loop: S Euler steps of the probability-flow ODE under the mean score.
+   PyTorch: the paper's host loop over steps and agents. fedinf_jax: the project's
+   ``FederatedSampler`` (one jitted Diffrax solve; the score's parametrization and SDE are the
+   preset's, a few element-wise operations per step next to K U-Nets).
+
+Prints the parameter counts, milliseconds per image and the ratios (PyTorch time / fedinf_jax
+time: above 1, fedinf_jax is faster); ``--output`` writes them as JSON.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum(
+    "preset", "cpu", ["cpu", "paper"], "model preset (both sides; cross-attention mid block)"
+)
+flags.DEFINE_integer("num_agents", 10, "K")
+flags.DEFINE_integer("batch", 20, "images per evaluation")
+flags.DEFINE_integer("steps", 10, "Euler steps of the sampling loop (0: skip it)")
+flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported)")
+flags.DEFINE_string("strategy", "auto", "fedinf_jax agent-axis strategy for scores")
+flags.DEFINE_string("output", None, "write the results as JSON here")
+FLAGS = flags.FLAGS
+_FLAGS = ("preset", "num_agents", "batch", "steps", "repeats", "strategy")
+
+
+def diffusers_kwargs(model_config) -> dict:
+    """``UNet2DConditionModel`` arguments for a ``config.model`` section (the paper's appendix B
+    table for the ``paper`` preset). diffusers lists up blocks deepest first and calls the number
+    of heads ``attention_head_dim``."""
+    kwargs = dict(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=model_config.layers_per_block,
+        block_out_channels=tuple(model_config.block_out_channels),
+        cross_attention_dim=model_config.num_classes,
+        down_block_types=tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model_config.attention_levels
+        ),
+        up_block_types=tuple(
+            "CrossAttnUpBlock2D" if a else "UpBlock2D"
+            for a in reversed(model_config.up_attention_levels)
+        ),
+        norm_num_groups=model_config.norm_groups,
+        attention_head_dim=model_config.num_heads,
+    )
+    if model_config.class_embedding:
+        kwargs["num_class_embeds"] = model_config.num_classes
+    return kwargs
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (JAX: compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    kwargs = diffusers_kwargs(config.model)
+    unets = [UNet2DConditionModel(**kwargs).eval() for _ in range(k)]
+    params = sum(p.numel() for p in unets[0].parameters())
+    class_labels = config.model.class_embedding
+    y = torch.arange(b) % 10
+    context = torch.nn.functional.one_hot(y, 10).float()[:, None, :]
+    sigma_min, sigma_max = config.sde.sigma_min, config.sde.sigma_max
+
+    def sigma(t):
+        return sigma_min * (sigma_max / sigma_min) ** t
+
+    @torch.no_grad()
+    def federated_score(x, t):
+        noise_level = torch.full((b,), 999.0 * t)
+        labels = y if class_labels else None
+        eps = [u(x, noise_level, context, class_labels=labels).sample for u in unets]
+        return -torch.stack(eps).mean(0) / sigma(t)
+
+    x0 = torch.randn(b, 1, 28, 28)
+    result = {"params_per_agent": params}
+    result["score_s"] = _median_time(lambda: federated_score(x0, 0.5), repeats)
+
+    @torch.no_grad()
+    def sample():  # the paper's loop: VE probability-flow ODE, Euler, over steps and agents
+        x = x0 * sigma_max
+        ts = torch.linspace(1.0, 1e-3, steps + 1)
+        for i in range(steps):
+            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+            g2 = 2 * sigma(t) ** 2 * torch.log(torch.tensor(sigma_max / sigma_min))
+            x = x - 0.5 * g2 * federated_score(x, t) * dt
+        return x
+
+    if steps:
+        result["sample_s"] = _median_time(sample, repeats)
+    return result
+
+
+def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from fedinf_jax import aggregators, data, sample_lib, sampling, train_lib
+
+    config.agent_axis.score = FLAGS.strategy
+    comp = train_lib.resolve(config)
+    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    lifted = sample_lib.agent_score_fn(comp)
+    federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
+    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
+    t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
+    result = {
+        "params_per_agent": train_lib.count_params(params) // k,
+        "strategy": comp.score_strategy,
+        "score_s": _median_time(lambda: federated(params, x, t, y).block_until_ready(), repeats),
+    }
+    if steps:
+        spec = sampling.SolverSpec(
+            method="ode",
+            solver=sampling.make_solver("ode", "euler"),
+            num_steps=steps,
+            t_end=1e-3,
+            denoise=False,
+        )
+        sampler = sampling.FederatedSampler(
+            lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE
+        )
+        keys = sampling.sample_keys(0, b)
+        result["sample_s"] = _median_time(
+            lambda: sampler(params, keys, y).images.block_until_ready(), repeats
+        )
+    return result
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from configs import base
+
+    config = base.get_config(FLAGS.preset)
+    k, b, steps = FLAGS.num_agents, FLAGS.batch, FLAGS.steps
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax "
+        f"{jax.__version__} ({jax.default_backend()}); preset {FLAGS.preset}, K = {k}, batch {b}, "
+        f"{steps} Euler steps",
+        flush=True,
+    )
+    torch_result = torch_side(config, k, b, steps, FLAGS.repeats)
+    print(f"PyTorch + diffusers: {torch_result}", flush=True)
+    jax_result = jax_side(config, k, b, steps, FLAGS.repeats)
+    print(f"fedinf_jax: {jax_result}", flush=True)
+    counts = torch_result["params_per_agent"], jax_result["params_per_agent"]
+    if abs(counts[1] - counts[0]) > 0.01 * counts[0]:
+        raise SystemExit(f"parameter counts differ by more than 1%: {counts}")
+    rows = [("score evaluation", "score_s", b)]
+    if steps:
+        rows.append((f"sampling, {steps} steps", "sample_s", b))
+    print("\n| | PyTorch + diffusers (ms/image) | fedinf_jax (ms/image) | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, key, n in rows:
+        a, j = torch_result[key] / n * 1e3, jax_result[key] / n * 1e3
+        print(f"| {name} | {a:.2f} | {j:.2f} | {a / j:.2f}x |")
+    print(f"parameters per agent: diffusers {counts[0]:,}, fedinf_jax {counts[1]:,}")
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(
+                {
+                    "flags": {n: FLAGS[n].value for n in _FLAGS},
+                    "torch": torch_result,
+                    "jax": jax_result,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
