@@ -46,22 +46,23 @@ def initialize_distributed(
     given = (coordinator_address, num_processes, process_id)
     if all(v is None for v in given) and not auto:
         return
+    if not auto:
+        if any(v is None for v in given):
+            raise ValueError(
+                "a multi-process run needs --coordinator_address, --num_processes and "
+                f"--process_id together (got {coordinator_address!r}, {num_processes!r}, "
+                f"{process_id!r}); or --distributed for the platform's auto-detection"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
     import jax
 
     # XLA:CPU's cross-process collectives (harmless on GPU/TPU, whose own are used there).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if auto:
         jax.distributed.initialize()
-        return
-    if any(v is None for v in given):
-        raise ValueError(
-            "a multi-process run needs --coordinator_address, --num_processes and --process_id "
-            f"together (got {coordinator_address!r}, {num_processes!r}, {process_id!r}); or "
-            "--distributed for the platform's auto-detection"
-        )
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def setup() -> None:

@@ -6,8 +6,9 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
-from fedinf_jax import checkpoint, sample_lib, train_lib
+from fedinf_jax import checkpoint, runtime, sample_lib, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from tests import multiprocess_worker
 from tests.conftest import MULTIDEVICE_COUNT
@@ -58,3 +59,11 @@ def test_two_processes_hold_half_the_agents_each(multiprocess_run):
     )
     images = np.load(outdir / "images.npy")
     np.testing.assert_allclose(images, reference.images, rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_settings_come_together():
+    runtime.initialize_distributed()  # none given: one process, nothing to do
+    with pytest.raises(ValueError, match="--num_processes and --process_id together"):
+        runtime.initialize_distributed("127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\), got 2"):
+        runtime.initialize_distributed("127.0.0.1:1234", 2, 2)
