@@ -1,5 +1,6 @@
-"""Agents sharded over devices: the checks of tests/multidevice_checks.py, run on 4 virtual CPU
-devices in a subprocess (this process has one device)."""
+"""Agents sharded over devices and processes: tests/multidevice_checks.py on 4 virtual CPU devices
+in a subprocess (this process has one device), and tests/multiprocess_worker.py as two processes
+on localhost."""
 
 import json
 import re
