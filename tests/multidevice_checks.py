@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 from configs import base
 from fedinf_jax import agents, aggregators, checkpoint, sample_lib, sampling, sharding, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
-from fedinf_jax.score import make_loss_fn
-from tests.conftest import micro_config
+from tests.conftest import micro_config, micro_train_step
 
 DEVICES = 4
 pytestmark = pytest.mark.skipif(
@@ -60,11 +59,8 @@ def test_shard_map_is_exact_on_the_miscompiled_pattern():
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = micro_config()
-    comp = train_lib.resolve(config)
-    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
-    return config, comp, loss_fn
+def comp():
+    return train_lib.resolve(micro_config())
 
 
 def _two_steps(step, state, batch, key):
@@ -73,19 +69,17 @@ def _two_steps(step, state, batch, key):
 
 
 @pytest.mark.parametrize("num_agents", [4, 6])
-def test_sharded_train_step_equals_one_device(setup, num_agents):
+def test_sharded_train_step_equals_one_device(comp, num_agents):
     """K = 4 over 4 devices (one each) and K = 6 padded to 8 (two each, as K = 8 has); each
     device runs its agents as CPU training does (``loop``, i.e. unrolled in the program)."""
-    _, comp, loss_fn = setup
     params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0))
     state = train_lib.create_train_state(params, comp.tx)
     batch = synthetic_batch(num_agents, 4)
     key = jax.random.key(3)
-    reference = train_lib.make_train_step(loss_fn, comp.tx, 0.99, "loop")
-    ref_state, ref_metrics = _two_steps(reference, state, batch, key)
+    ref_state, ref_metrics = _two_steps(micro_train_step("loop"), state, batch, key)
 
     agent_mesh = _mesh(num_agents)
-    step = jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, "loop", agent_mesh))
+    step = micro_train_step("loop", agent_mesh)
     sharded_state = sharding.to_mesh(state, agent_mesh)
     assert sharded_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
     out_state, metrics = _two_steps(step, sharded_state, sharding.to_mesh(batch, agent_mesh), key)
@@ -97,10 +91,9 @@ def test_sharded_train_step_equals_one_device(setup, num_agents):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_checkpoint_restores_onto_any_mesh(setup, tmp_path, num_agents=3, agent_shards=2):
+def test_checkpoint_restores_onto_any_mesh(comp, tmp_path, num_agents=3, agent_shards=2):
     """A padded, sharded state saved by Orbax restores exactly onto one device (K agents) and
     onto a mesh with another padding."""
-    _, comp, _ = setup
     params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(1))
     state = train_lib.create_train_state(params, comp.tx)
     agent_mesh = _mesh(num_agents, agent_shards, DEVICES // agent_shards)
@@ -127,22 +120,21 @@ def _federation(comp, config, num_agents, agent_mesh):
     return sample_lib.Federation(config, params, counts, 0, comp, agent_mesh)
 
 
-@pytest.mark.parametrize(("num_agents", "agent_shards"), [(4, 4), (3, 2)])
-def test_sharded_sampling_equals_one_device(setup, num_agents, agent_shards):
+def test_sharded_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):
     """The federation's samples under ``label_prior`` and ``superdiff_or`` (whose weights need
-    every agent's log-density), with the batch split when the agent axis leaves devices over.
+    every agent's log-density), K = 3 padded to 4 on a 2 x 2 mesh: two agent slots per device
+    and the batch split in two.
 
     The agents' scores are bitwise the single-device ones; the aggregate's reductions over
     agents run in another order. ``superdiff_or``'s Ito estimator sums terms of order 1e3-1e5
     for these untrained agents (more at smaller t), so its log q agree to float32 rounding of
     those terms (relative 3e-5 measured at t_end = 0.5), and the images through the weights."""
-    _, comp, _ = setup
     config = micro_config()
     config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
     keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
-    for name in ("label_prior", "superdiff_or")[: 1 if agent_mesh.batch_shards == 1 else 2]:
+    for name in ("label_prior", "superdiff_or"):
         config.aggregator.name = name
         single = _federation(comp, config, num_agents, None)
         sharded = _federation(comp, config, num_agents, agent_mesh)
@@ -156,11 +148,10 @@ def test_sharded_sampling_equals_one_device(setup, num_agents, agent_shards):
             np.testing.assert_allclose(out.images, ref.images, atol=2e-3)
 
 
-def test_only_the_aggregate_crosses_devices(setup):
+def test_only_the_aggregate_crosses_devices(comp):
     """The compiled score evaluation takes every parameter split along ``agents`` and, under
     ``mean``, reduces the agents' scores across devices (an all-reduce of one score per image)
     and gathers nothing, padding included."""
-    _, comp, _ = setup
     for num_agents in (4, 6):
         agent_mesh = _mesh(num_agents)
         score_fn = sample_lib.agent_score_fn(comp, "map", agent_mesh)

@@ -35,12 +35,6 @@ def case():
     return config, comp, params, counts, labels
 
 
-def loss_fn(comp):
-    from fedinf_jax.score import make_loss_fn
-
-    return make_loss_fn(comp.model, comp.sde, param=comp.param)
-
-
 def main(process_id: int, port: int, outdir: str) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     from fedinf_jax import runtime
@@ -51,6 +45,7 @@ def main(process_id: int, port: int, outdir: str) -> None:
 
     from fedinf_jax import checkpoint, sample_lib, sharding, train_lib
     from fedinf_jax.input_pipeline import synthetic_batch
+    from tests.conftest import micro_train_step
 
     config, comp, params, counts, labels = case()
     agent_mesh = sharding.make_mesh(config.mesh, NUM_AGENTS)
@@ -68,7 +63,7 @@ def main(process_id: int, port: int, outdir: str) -> None:
 
     # Two training steps of the sharded agents: every process feeds the same host batch, each
     # transfers its own agents' part.
-    step = jax.jit(train_lib.make_train_step(loss_fn(comp), comp.tx, 0.99, "loop", agent_mesh))
+    step = micro_train_step("loop", agent_mesh)
     batch = sharding.to_mesh(synthetic_batch(NUM_AGENTS, 4), agent_mesh)
     trained, metrics = step(step(state, batch, jax.random.key(3))[0], batch, jax.random.key(3))
     trained_kernel = sharding.to_host(trained.params["params"]["conv_in"]["kernel"])

@@ -1,7 +1,5 @@
 """The agent axis: every strategy computes what a loop over agents computes; agents are isolated."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +7,8 @@ import pytest
 
 from fedinf_jax import agents, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
-from fedinf_jax.score import make_loss_fn, make_score_fn
-from tests.conftest import count_traces, micro_config
+from fedinf_jax.score import make_score_fn
+from tests.conftest import count_traces, micro_config, micro_train_step
 
 K, B = 2, 4
 
@@ -29,14 +27,6 @@ def _two_steps(step, comp, params, batch, key):
     state = train_lib.create_train_state(params, comp.tx)
     state, _ = step(state, batch, key)
     return step(state, batch, key)
-
-
-@functools.cache
-def _train_step(strategy):
-    config = micro_config()
-    comp = train_lib.resolve(config)
-    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
-    return agents.maybe_jit(train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy), strategy)
 
 
 @pytest.mark.parametrize("strategy", agents.STRATEGIES)
@@ -59,7 +49,7 @@ def test_train_step_same_numbers_for_every_strategy(setup):
     key = jax.random.key(3)
     results = {}
     for strategy in agents.STRATEGIES:
-        state, metrics = _two_steps(_train_step(strategy), comp, params, batch, key)
+        state, metrics = _two_steps(micro_train_step(strategy), comp, params, batch, key)
         results[strategy] = (state, metrics)
     ref_state, ref_metrics = results["unroll"]
     for strategy, (state, metrics) in results.items():
@@ -75,7 +65,7 @@ def test_train_steps_do_not_recompile(setup):
     """CPU training's step (``loop``): after the first step, new batches, keys and step counts
     reuse the compiled programs."""
     _, comp, params, _ = setup
-    step = _train_step("loop")
+    step = micro_train_step("loop")
     keys = [jax.random.key(i) for i in range(3)]
     batches = [synthetic_batch(K, B, seed=i) for i in range(3)]
     state, _ = step(train_lib.create_train_state(params, comp.tx), batches[0], keys[0])
@@ -93,7 +83,7 @@ def test_agent_isolation(setup, strategy):
     other = {name: value.copy() for name, value in batch.items()}
     other["images"][1] = -batch["images"][1]
     other["labels"][1] = (batch["labels"][1] + 1) % 10
-    step = _train_step(strategy)
+    step = micro_train_step(strategy)
     a, _ = _two_steps(step, comp, params, batch, key)
     b, _ = _two_steps(step, comp, params, other, key)
     for x, y in zip(

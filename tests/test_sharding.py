@@ -12,7 +12,7 @@ import pytest
 from fedinf_jax import checkpoint, runtime, sample_lib, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from tests import multiprocess_worker
-from tests.conftest import MULTIDEVICE_COUNT
+from tests.conftest import MULTIDEVICE_COUNT, micro_train_step
 
 
 def test_sharded_agents_equal_one_device(multidevice_run):
@@ -42,7 +42,7 @@ def test_two_processes_hold_half_the_agents_each(multiprocess_run):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(start), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    step = train_lib.make_train_step(multiprocess_worker.loss_fn(comp), comp.tx, 0.99, "loop")
+    step = micro_train_step("loop")
     batch = synthetic_batch(k, 4)
     trained, metrics = step(step(start, batch, jax.random.key(3))[0], batch, jax.random.key(3))
     with np.load(outdir / "trained.npz") as f:
