@@ -123,7 +123,8 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
         config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
     )
     if agent_mesh is not None:
-        batch = min(config.sampler.batch_size, 10 * config.sampler.num_per_class)
+        n = config.model.num_classes * config.sampler.num_per_class
+        batch = min(config.sampler.batch_size, n)
         if batch % agent_mesh.batch_shards:
             raise ValueError(
                 f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
