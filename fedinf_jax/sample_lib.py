@@ -122,14 +122,6 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
     aggregator = aggregators.from_config(
         config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
     )
-    if agent_mesh is not None:
-        n = config.model.num_classes * config.sampler.num_per_class
-        batch = min(config.sampler.batch_size, n)
-        if batch % agent_mesh.batch_shards:
-            raise ValueError(
-                f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
-                f"{agent_mesh.batch_shards}"
-            )
     return sampling.FederatedSampler(
         agent_score_fn(comp, agent_mesh=agent_mesh),
         comp.sde,
@@ -200,6 +192,11 @@ def sample_in_batches(
     if batch_size < 1:
         raise ValueError(f"sampler.batch_size must be >= 1, got {batch_size}")
     batch = min(batch_size, n)
+    if agent_mesh is not None and batch % agent_mesh.batch_shards:
+        raise ValueError(
+            f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
+            f"{agent_mesh.batch_shards}"
+        )
     num_batches = math.ceil(n / batch)
     images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
     trajectory_t = None
@@ -213,7 +210,7 @@ def sample_in_batches(
         if agent_mesh is not None:
             y, keys = sharding.put_batch((y, keys), agent_mesh)
         out = jax.tree.map(sharding.to_host, sampler(params, keys, y))
-        y = np.asarray(jax.device_get(sharding.to_host(y)))
+        y = sharding.to_host(y)
         keep = min(batch, n - lo)
         images.append(np.asarray(out.images)[:keep])
         if out.trajectory is not None:

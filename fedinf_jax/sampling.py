@@ -447,6 +447,10 @@ class FederatedSampler:
         b = reverse_drift(self.sde, "sde", state.x, t, score)
         return StepOperator(b, self.sde.diffusion(t), structure, self.aggregator, evaluation)
 
+    def agents_in(self, params: AgentParams) -> int:
+        """K: ``num_agents`` when given (the params then carry padding), else the params' axis."""
+        return self.num_agents or num_agents_of(params)
+
     @property
     def noise_drives_state(self) -> bool:
         """Whether the aggregator's state or noise depends on the Brownian increments (then the
@@ -495,9 +499,7 @@ class FederatedSampler:
         spec, sde = self.spec, self.sde
         tau1 = sde.T - spec.t_end
         x, path_keys = self._prior(keys)
-        state = SolveState(
-            x, self.aggregator.init(self.num_agents or num_agents_of(params), x, labels)
-        )
+        state = SolveState(x, self.aggregator.init(self.agents_in(params), x, labels))
         probe_keys = None
         if self.aggregator.divergence_probes:
             probe_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(path_keys)
@@ -584,7 +586,7 @@ def reverse_euler_maruyama(
     taus = jnp.linspace(0.0, tau1, spec.num_steps + 1)
     x, path_keys = sampler._prior(keys)
     path = sampler._brownian(path_keys, tau1)
-    agg = sampler.aggregator.init(sampler.num_agents or num_agents_of(params), x, labels)
+    agg = sampler.aggregator.init(sampler.agents_in(params), x, labels)
 
     def step(x, tau_pair):
         tau0, tau_next = tau_pair

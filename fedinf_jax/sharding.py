@@ -114,9 +114,12 @@ def make_mesh(
 
 
 def pad_agents(tree, padded: int):
-    """Appends zero agents to every leaf's leading axis up to ``padded`` (host or traced)."""
+    """Appends zero agents to every stacked leaf's leading axis up to ``padded`` (host or
+    traced; scalars such as the step counter are kept)."""
 
     def pad(leaf):
+        if not leaf.ndim:
+            return leaf
         extra = padded - leaf.shape[0]
         if extra < 0:
             raise ValueError(f"cannot pad {leaf.shape[0]} agents to {padded}")
@@ -215,8 +218,5 @@ def abstract_on_mesh(abstract, agent_mesh: AgentMesh):
 
 def to_mesh(tree, agent_mesh: AgentMesh):
     """A K-agent pytree (equal on every process) padded and laid out on the mesh."""
-    host = jax.device_get(tree)
-    padded = jax.tree.map(
-        lambda leaf: pad_agents(leaf, agent_mesh.padded_agents) if leaf.ndim else leaf, host
-    )
+    padded = pad_agents(jax.device_get(tree), agent_mesh.padded_agents)
     return jax.tree.map(lambda leaf: put(leaf, _leaf_sharding(leaf, agent_mesh)), padded)

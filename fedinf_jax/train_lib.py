@@ -260,9 +260,17 @@ def _build_train_step(config_json: str) -> Callable:
     step = make_train_step(
         loss_fn, components.tx, config.train.ema_decay, components.train_strategy, agent_mesh
     )
+    return jit_train_step(step, components.train_strategy, agent_mesh, donate_argnums=(0,))
+
+
+def jit_train_step(
+    step: Callable, strategy: str, agent_mesh: sharding.AgentMesh | None = None, **jit_kwargs
+) -> Callable:
+    """``jax.jit`` of a ``make_train_step`` step, except a host strategy's step on one device,
+    which dispatches per agent (on a mesh a host loop runs unrolled inside one program)."""
     if agent_mesh is not None:
-        return jax.jit(step, donate_argnums=(0,))
-    return agents.maybe_jit(step, components.train_strategy, donate_argnums=(0,))
+        return jax.jit(step, **jit_kwargs)
+    return agents.maybe_jit(step, strategy, **jit_kwargs)
 
 
 def training_mesh(config: ml_collections.ConfigDict) -> sharding.AgentMesh | None:

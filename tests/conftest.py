@@ -46,15 +46,13 @@ def micro_config():
 def micro_train_step(strategy: str, agent_mesh=None):
     """``micro_config()``'s train step (EMA decay 0.99) through ``strategy``, on ``agent_mesh``
     when given; cached, so that one compilation serves every test of a process."""
-    import jax
-
-    from fedinf_jax import agents, train_lib
+    from fedinf_jax import train_lib
     from fedinf_jax.score import make_loss_fn
 
     comp = train_lib.resolve(micro_config())
     loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
     step = train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy, agent_mesh)
-    return jax.jit(step) if agent_mesh is not None else agents.maybe_jit(step, strategy)
+    return train_lib.jit_train_step(step, strategy, agent_mesh)
 
 
 @contextlib.contextmanager
