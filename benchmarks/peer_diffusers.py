@@ -26,9 +26,8 @@ time: above 1, fedinf_jax is faster); ``--output`` writes them as JSON.
 import json
 import os
 import platform
-import statistics
-import time
 
+import timing
 from absl import app, flags
 
 flags.DEFINE_enum(
@@ -71,13 +70,8 @@ def diffusers_kwargs(model_config) -> dict:
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (JAX: compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls after a warm-up call (in which JAX compiles)."""
+    return timing.time_calls(fn, repeats)[1]
 
 
 def torch_side(config, k: int, b: int, steps: int, repeats: int) -> dict:

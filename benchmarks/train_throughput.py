@@ -9,10 +9,9 @@ time (median of --repeats steps). Prints a table and writes JSON.
 """
 
 import json
-import statistics
-import time
 
 import jax
+import timing
 from absl import app, flags
 
 from configs import base
@@ -33,18 +32,6 @@ flags.DEFINE_list(
     "the cpu preset) and is off by default.",
 )
 flags.DEFINE_string("output", "", "Optional JSON output path.")
-
-
-def _time(fn, repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times)
 
 
 def main(_):
@@ -85,7 +72,7 @@ def main(_):
             def run(step=step, state=state):
                 return step(state, batch, key)[1]["loss"]
 
-        compile_s, step_s = _time(run, FLAGS.repeats)
+        compile_s, step_s = timing.time_calls(run, FLAGS.repeats)
         results[strategy] = {
             "first_call_s": compile_s,
             "step_s": step_s,
