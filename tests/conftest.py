@@ -39,19 +39,24 @@ def micro_config():
     c.model.attention_levels = (False,)
     c.model.up_attention_levels = (False,)
     c.model.norm_groups = 2
+    c.train.batch_size = 4  # the tests' synthetic batches: train.py's program is micro_train_step's
     return c
 
 
 @functools.cache
 def micro_train_step(strategy: str, agent_mesh=None):
-    """``micro_config()``'s train step (EMA decay 0.99) through ``strategy``, on ``agent_mesh``
-    when given; cached, so that one compilation serves every test of a process."""
+    """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given; cached,
+    so that one compilation serves every test of a process (and, through the persistent cache,
+    ``train_and_evaluate`` on ``micro_config()``, which builds the same program)."""
     from fedinf_jax import train_lib
     from fedinf_jax.score import make_loss_fn
 
-    comp = train_lib.resolve(micro_config())
+    config = micro_config()
+    comp = train_lib.resolve(config)
     loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
-    step = train_lib.make_train_step(loss_fn, comp.tx, 0.99, strategy, agent_mesh)
+    step = train_lib.make_train_step(
+        loss_fn, comp.tx, config.train.ema_decay, strategy, agent_mesh
+    )
     return train_lib.jit_train_step(step, strategy, agent_mesh)
 
 

@@ -68,10 +68,10 @@ def _two_steps(step, state, batch, key):
     return step(state, batch, key)
 
 
-@pytest.mark.parametrize("num_agents", [4, 6])
-def test_sharded_train_step_equals_one_device(comp, num_agents):
-    """K = 4 over 4 devices (one each) and K = 6 padded to 8 (two each, as K = 8 has); each
-    device runs its agents as CPU training does (``loop``, i.e. unrolled in the program)."""
+def test_sharded_train_step_equals_one_device(comp, num_agents=6):
+    """K = 6 padded to 8 over 4 devices: two agent slots each (as K = 8 has), one of them padding
+    on the last two devices. Each device runs its agents as CPU training does (``loop``). The
+    unpadded layout, one agent per device, is the two-process check's (K = 4)."""
     params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0))
     state = train_lib.create_train_state(params, comp.tx)
     batch = synthetic_batch(num_agents, 4)

@@ -44,14 +44,18 @@ def test_stacked_forward_equals_loop(setup, strategy):
     np.testing.assert_allclose(out, loop, rtol=2e-5, atol=2e-5)
 
 
-def test_train_step_same_numbers_for_every_strategy(setup):
+def test_train_step_same_numbers_for_each_strategy_kind(setup):
+    """The train step lifted by an unrolled loop over agents (``loop``, CPU training's default)
+    and by batching (``vmap``, the accelerators') gives the same numbers. ``unroll`` and ``map``
+    lift through the same ``agents.over_agents`` as ``loop`` and ``vmap``, checked on the network
+    above; each extra strategy here would cost a train-step compilation (~15 s on 2 cores)."""
     _, comp, params, batch = setup
     key = jax.random.key(3)
     results = {}
-    for strategy in agents.STRATEGIES:
+    for strategy in ("loop", "vmap"):
         state, metrics = _two_steps(micro_train_step(strategy), comp, params, batch, key)
         results[strategy] = (state, metrics)
-    ref_state, ref_metrics = results["unroll"]
+    ref_state, ref_metrics = results["loop"]
     for strategy, (state, metrics) in results.items():
         np.testing.assert_allclose(
             metrics["loss"], ref_metrics["loss"], rtol=1e-5, err_msg=strategy

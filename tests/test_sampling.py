@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import agents, aggregators, sample_lib, sampling, train_lib
-from fedinf_jax.score import make_score_fn
+from fedinf_jax import agents, aggregators, sample_lib, sampling
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import count_traces, micro_config
+from tests.conftest import count_traces
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -250,28 +249,6 @@ def test_paper_sampler_preset():
         ValueError, match=r"unknown preset modifier 'fast'; valid: \['paper_sampler'\]"
     ):
         base.get_config("cpu,fast")
-
-
-def test_identical_network_agents_under_mean_equal_one_agent():
-    config = micro_config()
-    comp = train_lib.resolve(config)
-    one = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
-    two = jax.tree.map(lambda p: jnp.concatenate([p, p]), one)
-    score_fn = make_score_fn(comp.model, comp.sde, comp.param)
-    spec = sampling.SolverSpec(
-        method="sde", solver=sampling.make_solver("sde", "euler"), num_steps=3
-    )
-    sampler = sampling.FederatedSampler(
-        agents.over_agents(score_fn, comp.score_strategy, in_axes=(0, None, None, None)),
-        comp.sde,
-        aggregators.mean(),
-        spec,
-        (28, 28, 1),
-    )
-    keys, y = sampling.sample_keys(0, 3), jnp.array([0, 5, 9])
-    np.testing.assert_allclose(
-        sampler(two, keys, y).images, sampler(one, keys, y).images, rtol=1e-5, atol=1e-5
-    )
 
 
 def test_sample_cli_writes_the_files(sample_cli_run):
