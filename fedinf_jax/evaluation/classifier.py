@@ -26,6 +26,7 @@ import optax
 from absl import logging
 
 from fedinf_jax import checkpoint, data, train_lib
+from fedinf_jax.models.layers import GroupNorm
 
 
 class ResidualBlock(nn.Module):
@@ -38,9 +39,9 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Conv(self.features, (3, 3), self.strides, padding=1)(
-            nn.silu(nn.GroupNorm(self.groups)(x))
+            nn.silu(GroupNorm(self.groups)(x))
         )
-        h = nn.Conv(self.features, (3, 3), padding=1)(nn.silu(nn.GroupNorm(self.groups)(h)))
+        h = nn.Conv(self.features, (3, 3), padding=1)(nn.silu(GroupNorm(self.groups)(h)))
         if x.shape[-1] != self.features or self.strides != 1:
             x = nn.Conv(self.features, (1, 1), self.strides)(x)
         return x + h
@@ -59,7 +60,7 @@ class Classifier(nn.Module):
         h = nn.Conv(self.channels[0], (3, 3), padding=1)(x)
         for i, c in enumerate(self.channels):
             h = ResidualBlock(c, strides=1 if i == 0 else 2, groups=self.groups)(h)
-        h = nn.silu(nn.GroupNorm(self.groups)(h))
+        h = nn.silu(GroupNorm(self.groups)(h))
         features = jnp.mean(h, axis=(1, 2))
         return nn.Dense(self.num_classes)(features), features
 

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedinf_jax.models.layers import GroupNorm
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding [cos(t w_j), sin(t w_j)], w_j = max_period^(-j / (dim / 2)).
@@ -46,11 +48,11 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb):
-        h = nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
+        h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
         h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv1")(nn.silu(h))
         temb = nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
         h = h + temb[:, None, None, :]
-        h = nn.GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm2")(h)
+        h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm2")(h)
         h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv2")(nn.silu(h))
         if x.shape[-1] != self.features:
             x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
@@ -105,7 +107,7 @@ class SpatialTransformer(nn.Module):
     @nn.compact
     def __call__(self, x, context):
         b, hgt, wid, c = x.shape
-        h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(h)
         h = TransformerBlock(self.heads, self.dtype, name="block")(
             h.reshape(b, hgt * wid, c), context
@@ -190,7 +192,7 @@ class UNet(nn.Module):
                 h = nn.Conv(ch, (3, 3), padding=1, dtype=dtype, name=f"up_{level}_upsample")(
                     h[:, :th, :tw]
                 )
-        h = nn.GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
+        h = GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=dtype, name="conv_out")(nn.silu(h))
         return h.astype(jnp.float32)
 
