@@ -142,10 +142,11 @@ def agent_score_fn(
     its own agents on its slice of the batch and the padding agents are dropped."""
     score_fn = make_score_fn(components.model, components.sde, components.param)
     strategy = strategy or components.score_strategy
+    in_axes, unroll = (0, None, None, None), components.map_unroll
     if agent_mesh is None:
-        return agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+        return agents.over_agents(score_fn, strategy, in_axes, unroll)
     lifted = sharding.over_sharded_agents(
-        score_fn, agent_mesh, strategy, in_axes=(0, None, None, None), batch_args=(1, 2, 3)
+        score_fn, agent_mesh, strategy, in_axes, batch_args=(1, 2, 3), map_unroll=unroll
     )
     return lambda params, x, t, y: sharding.first_agents(
         lifted(params, x, t, y), agent_mesh.num_agents

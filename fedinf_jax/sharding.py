@@ -180,10 +180,12 @@ def over_sharded_agents(
     strategy: str,
     in_axes: Sequence[int | None],
     batch_args: Sequence[int] = (),
+    map_unroll: int = 1,
 ) -> Callable:
     """Lifts ``fn(*args)`` to the mesh's padded agents, like ``agents.over_agents``.
 
-    Each device applies ``agents.over_agents(fn, strategy, in_axes)`` to its own agents (the
+    Each device applies ``agents.over_agents(fn, strategy, in_axes, map_unroll)`` to its own
+    agents (the
     arguments with ``in_axes`` 0, split along ``agents``) and, for the arguments listed in
     ``batch_args``, to its slice of their leading (batch) axis; the rest are replicated. Outputs
     are stacked on ``agents`` and, when ``batch_args`` is not empty, split along ``batch`` on
@@ -191,7 +193,7 @@ def over_sharded_agents(
     """
     if strategy in agents.HOST_STRATEGIES:  # inside a trace a host loop is an unrolled loop
         strategy = "unroll"
-    local = agents.over_agents(fn, strategy, in_axes=tuple(in_axes))
+    local = agents.over_agents(fn, strategy, tuple(in_axes), map_unroll)
     in_specs = tuple(
         P(AGENTS) if ax == 0 else P(BATCH) if i in batch_args else P()
         for i, ax in enumerate(in_axes)

@@ -115,6 +115,7 @@ def make_train_step(
     ema_decay: float,
     strategy: str,
     agent_mesh: sharding.AgentMesh | None = None,
+    map_unroll: int = 1,
 ) -> Callable:
     """Builds ``train_step(state, batch, key) -> (state, metrics)`` for stacked agents.
 
@@ -134,9 +135,11 @@ def make_train_step(
 
     in_axes = (0, 0, 0, 0, 0, 0, None)
     if agent_mesh is None:
-        update_all = agents.over_agents(agent_update, strategy, in_axes=in_axes)
+        update_all = agents.over_agents(agent_update, strategy, in_axes, map_unroll)
     else:
-        update_all = sharding.over_sharded_agents(agent_update, agent_mesh, strategy, in_axes)
+        update_all = sharding.over_sharded_agents(
+            agent_update, agent_mesh, strategy, in_axes, map_unroll=map_unroll
+        )
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: Key):
         stacked = agents.num_agents_of(state.params)
@@ -180,6 +183,7 @@ class Components:
     schedule: optax.Schedule
     train_strategy: str
     score_strategy: str
+    map_unroll: int  # agents per iteration of the ``map`` strategy's loop
     param: Parametrization  # how the network's output is read as a score
 
 
@@ -198,6 +202,7 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
         schedule=make_schedule(config.train),
         train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
         score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
+        map_unroll=config.agent_axis.get("map_unroll", 1),
         param=parametrization_of(config.model),
     )
 

@@ -54,9 +54,7 @@ def micro_train_step(strategy: str, agent_mesh=None):
     config = micro_config()
     comp = train_lib.resolve(config)
     loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
-    step = train_lib.make_train_step(
-        loss_fn, comp.tx, config.train.ema_decay, strategy, agent_mesh
-    )
+    step = train_lib.make_train_step(loss_fn, comp.tx, config.train.ema_decay, strategy, agent_mesh)
     return train_lib.jit_train_step(step, strategy, agent_mesh)
 
 

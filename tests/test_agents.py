@@ -44,6 +44,20 @@ def test_stacked_forward_equals_loop(setup, strategy):
     np.testing.assert_allclose(out, loop, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("map_unroll", [1, 2, 5])
+def test_map_unroll_is_the_same_map(map_unroll):
+    """``map`` with ``map_unroll`` agents per loop iteration (2 leaves a remainder of K = 5)."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    fn = lambda w, x: {"y": jnp.tanh(x @ w), "s": jnp.sum(w)}  # noqa: E731
+    lifted = jax.jit(agents.over_agents(fn, "map", (0, None), map_unroll))
+    loop = [fn(w[i], x) for i in range(5)]
+    out = lifted(w, x)
+    np.testing.assert_allclose(out["y"], np.stack([o["y"] for o in loop]), rtol=1e-6)
+    np.testing.assert_allclose(out["s"], np.stack([o["s"] for o in loop]), rtol=1e-6)
+
+
 def test_train_step_same_numbers_for_each_strategy_kind(setup):
     """The train step lifted by an unrolled loop over agents (``loop``, CPU training's default)
     and by batching (``vmap``, the accelerators') gives the same numbers. ``unroll`` and ``map``
@@ -112,5 +126,7 @@ def test_strategy_resolution():
     assert agents.resolve_strategy("auto", "score", backend="cpu") == "map"
     assert agents.resolve_strategy("auto", "train", backend="gpu") == "vmap"
     assert agents.resolve_strategy("map", "train") == "map"
+    with pytest.raises(ValueError, match="map_unroll must be >= 1, got 0"):
+        agents.over_agents(jnp.sin, "map", map_unroll=0)
     with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll', 'loop'\]"):
         agents.resolve_strategy("pmap", "train")
