@@ -15,10 +15,12 @@ every strategy computes the same numbers, only speed and compile time differ (me
 * ``unroll``: a Python loop inside the traced function (K copies of the body in one program); about
   a loop's speed on CPU, but compile time grows with K (many minutes for K = 10 U-Net updates on
   2 CPU cores).
-* ``loop``: a host-side loop: the single-agent function is jitted once and called K times, the
-  stacked arguments are split and the results restacked by two more jitted calls. The paper's
-  execution model; compiles as fast as one agent. A function lifted this way must be called
-  outside ``jit`` to get that behaviour (inside a trace it is the same as ``unroll``).
+* ``loop``: a host-side loop: one jitted program, compiled once, is called K times with the
+  agent's index; it reads agent i's slice of the stacked arguments, applies the single-agent
+  function and writes the result into agent i's slot of the stacked outputs (a donated buffer,
+  allocated once per call of the lifted function). The paper's execution model; compiles as fast as
+  one agent. A function lifted this way must be called outside ``jit`` to get that behaviour
+  (inside a trace it is the same as ``unroll``).
 
 ``auto`` resolves per backend and purpose (``resolve_strategy``).
 """
@@ -89,7 +91,25 @@ def over_agents(
         raise ValueError(f"map_unroll must be >= 1, got {map_unroll}")
     if strategy == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
-    jitted_fn = jax.jit(fn) if strategy == "loop" else fn
+
+    @functools.cache
+    def loop_programs(axes):
+        """``loop``'s two jitted programs for one ``in_axes`` layout: compiled once each."""
+
+        def apply(i, args):
+            return fn(*(agent(a, i) if ax == 0 else a for a, ax in zip(args, axes, strict=True)))
+
+        def allocate(args):
+            k = num_agents_of([a for a, ax in zip(args, axes, strict=True) if ax == 0])
+            shapes = jax.eval_shape(apply, 0, args)
+            return jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
+
+        def into_slot(i, args, out):
+            return jax.tree.map(
+                lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, apply(i, args)
+            )
+
+        return jax.jit(allocate), jax.jit(into_slot, donate_argnums=2)
 
     def lifted(*args):
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
@@ -100,20 +120,23 @@ def over_agents(
         stacked = [a for a, ax in zip(args, axes, strict=True) if ax == 0]
         if not stacked:
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
+        k = num_agents_of(stacked)
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stacked))
+        if strategy == "loop" and not traced:
+            allocate, into_slot = loop_programs(tuple(axes))
+            out = allocate(args)
+            for i in range(k):
+                out = into_slot(i, args, out)
+            return out
 
-        def call(agent_args, f=fn):
+        def call(agent_args):
             it = iter(agent_args)
-            full = [next(it) if ax == 0 else a for a, ax in zip(args, axes, strict=True)]
-            return f(*full)
+            return fn(*(next(it) if ax == 0 else a for a, ax in zip(args, axes, strict=True)))
 
         if strategy == "map":
             return jax.lax.scan(
                 lambda _, a: (None, call(a)), None, tuple(stacked), unroll=map_unroll
             )[1]
-        k = num_agents_of(stacked)
-        if strategy == "loop":
-            parts = _unstack(tuple(stacked), k)
-            return _stack([call(p, jitted_fn) for p in parts])
         return stack_agents([call(agent(tuple(stacked), i)) for i in range(k)])
 
     return lifted
@@ -122,16 +145,6 @@ def over_agents(
 def maybe_jit(lifted: Callable, strategy: str, **jit_kwargs) -> Callable:
     """``jax.jit(lifted, **jit_kwargs)``, except for host strategies, which dispatch per agent."""
     return lifted if strategy in HOST_STRATEGIES else jax.jit(lifted, **jit_kwargs)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree, num_agents: int):
-    return tuple(agent(tree, i) for i in range(num_agents))
-
-
-@jax.jit
-def _stack(trees):
-    return stack_agents(trees)
 
 
 def stack_agents(trees: Sequence) -> object:
