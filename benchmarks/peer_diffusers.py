@@ -8,6 +8,7 @@ agents in one jitted program (the configured agent-axis strategy).
     pip install -e '.[bench]'   # torch 2.13.0 (a CPU build is on this machine's disk), diffusers
     python benchmarks/peer_diffusers.py --preset=cpu --num_agents=10 --batch=20 --steps=10
     python benchmarks/peer_diffusers.py --preset=paper --num_agents=10 --batch=4 --steps=2
+    XLA_FLAGS=... python benchmarks/peer_diffusers.py --sides=jax --steps=0 --repeats=10  # options
 
 Both sides: random weights, float32, every core. Timed after a warm-up call (in which JAX
 compiles), median of ``--repeats``:
@@ -38,9 +39,12 @@ flags.DEFINE_integer("batch", 20, "images per evaluation")
 flags.DEFINE_integer("steps", 10, "Euler steps of the sampling loop (0: skip it)")
 flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported)")
 flags.DEFINE_string("strategy", "auto", "fedinf_jax agent-axis strategy for scores")
+flags.DEFINE_integer("map_unroll", None, "fedinf_jax agents per map iteration (default: preset's)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "fedinf_jax compute dtype")
+flags.DEFINE_list("sides", ["torch", "jax"], "what to run: torch, jax (XLA_FLAGS sweeps: jax)")
 flags.DEFINE_string("output", None, "write the results as JSON here")
 FLAGS = flags.FLAGS
-_FLAGS = ("preset", "num_agents", "batch", "steps", "repeats", "strategy")
+_FLAGS = ("preset", "num_agents", "batch", "steps", "repeats", "strategy", "map_unroll", "dtype")
 
 
 def diffusers_kwargs(model_config) -> dict:
@@ -124,16 +128,26 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     from fedinf_jax import aggregators, data, sample_lib, sampling, train_lib
 
     config.agent_axis.score = FLAGS.strategy
+    config.model.dtype = FLAGS.dtype
+    if FLAGS.map_unroll is not None:
+        config.agent_axis.map_unroll = FLAGS.map_unroll
     comp = train_lib.resolve(config)
     params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
     lifted = sample_lib.agent_score_fn(comp)
     federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
     x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
     t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
+    first_s, score_s = timing.time_calls(
+        lambda: federated(params, x, t, y).block_until_ready(), repeats
+    )
     result = {
         "params_per_agent": train_lib.count_params(params) // k,
         "strategy": comp.score_strategy,
-        "score_s": _median_time(lambda: federated(params, x, t, y).block_until_ready(), repeats),
+        "map_unroll": comp.map_unroll,
+        "dtype": FLAGS.dtype,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "score_first_call_s": first_s,  # compiles
+        "score_s": score_s,
     }
     if steps:
         spec = sampling.SolverSpec(
@@ -167,30 +181,39 @@ def main(argv):
         f"{steps} Euler steps",
         flush=True,
     )
-    torch_result = torch_side(config, k, b, steps, FLAGS.repeats)
-    print(f"PyTorch + diffusers: {torch_result}", flush=True)
-    jax_result = jax_side(config, k, b, steps, FLAGS.repeats)
-    print(f"fedinf_jax: {jax_result}", flush=True)
-    counts = torch_result["params_per_agent"], jax_result["params_per_agent"]
-    if abs(counts[1] - counts[0]) > 0.01 * counts[0]:
-        raise SystemExit(f"parameter counts differ by more than 1%: {counts}")
-    rows = [("score evaluation", "score_s", b)]
+    unknown = set(FLAGS.sides) - {"torch", "jax"}
+    if unknown or not FLAGS.sides:
+        raise SystemExit(f"--sides takes torch and/or jax, got {FLAGS.sides}")
+    results = {}
+    if "torch" in FLAGS.sides:
+        results["torch"] = torch_side(config, k, b, steps, FLAGS.repeats)
+        print(f"PyTorch + diffusers: {results['torch']}", flush=True)
+    if "jax" in FLAGS.sides:
+        results["jax"] = jax_side(config, k, b, steps, FLAGS.repeats)
+        print(f"fedinf_jax: {results['jax']}", flush=True)
+    keys = [("score evaluation", "score_s")]
     if steps:
-        rows.append((f"sampling, {steps} steps", "sample_s", b))
-    print("\n| | PyTorch + diffusers (ms/image) | fedinf_jax (ms/image) | ratio |")
-    print("| --- | --- | --- | --- |")
-    for name, key, n in rows:
-        a, j = torch_result[key] / n * 1e3, jax_result[key] / n * 1e3
-        print(f"| {name} | {a:.2f} | {j:.2f} | {a / j:.2f}x |")
-    print(f"parameters per agent: diffusers {counts[0]:,}, fedinf_jax {counts[1]:,}")
+        keys.append((f"sampling, {steps} steps", "sample_s"))
+    if len(results) == 1:
+        (side, result), *_ = results.items()
+        for name, key in keys:
+            print(f"{side}, {name}: {result[key] / b * 1e3:.2f} ms/image", flush=True)
+        if "score_first_call_s" in result:
+            print(f"{side}, first score call (compile): {result['score_first_call_s']:.1f} s")
+    else:
+        counts = results["torch"]["params_per_agent"], results["jax"]["params_per_agent"]
+        if abs(counts[1] - counts[0]) > 0.01 * counts[0]:
+            raise SystemExit(f"parameter counts differ by more than 1%: {counts}")
+        print("\n| | PyTorch + diffusers (ms/image) | fedinf_jax (ms/image) | ratio |")
+        print("| --- | --- | --- | --- |")
+        for name, key in keys:
+            a, j = results["torch"][key] / b * 1e3, results["jax"][key] / b * 1e3
+            print(f"| {name} | {a:.2f} | {j:.2f} | {a / j:.2f}x |")
+        print(f"parameters per agent: diffusers {counts[0]:,}, fedinf_jax {counts[1]:,}")
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump(
-                {
-                    "flags": {n: FLAGS[n].value for n in _FLAGS},
-                    "torch": torch_result,
-                    "jax": jax_result,
-                },
+                {"flags": {n: FLAGS[n].value for n in _FLAGS}, **results},
                 f,
                 indent=2,
             )

@@ -20,8 +20,8 @@ class GroupNorm(nn.Module):
     The statistics are taken in two stages: per-channel means over the spatial axes, then the
     mean over each group's channels; the normalisation is then one multiply-add per element with a
     per-(sample, channel) scale and shift. Flax reduces over (spatial..., C / G) in one strided
-    reduction, which XLA:CPU runs about 10x slower on this project's shapes
-    (``benchmarks/group_norm.py``); the sums only change order (float32 rounding).
+    reduction, which XLA:CPU runs 3-7x slower forward (2-3x for the gradient) on this project's
+    shapes (``benchmarks/group_norm.py``); the sums only change order (float32 rounding).
     """
 
     num_groups: int
