@@ -107,7 +107,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agent_axis.score = "auto"
     # Agents per iteration of the "map" strategy's loop: on XLA:CPU, unrolled agents run side by
     # side on the threads, at that many times the body's compile time. 5 for the cpu preset's
-    # K = 10 scores (README, "CPU speed"); 1 (compile once) for the small presets.
+    # K = 10 scores (README, "Against the paper's stack"); 1 (compile once) for the others.
     config.agent_axis.map_unroll = 5 if preset == "cpu" else 1
 
     # The device mesh (fedinf_jax/sharding.py), used when there is more than one device: the

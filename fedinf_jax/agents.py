@@ -10,8 +10,8 @@ every strategy computes the same numbers, only speed and compile time differ (me
 * ``map``: a ``jax.lax.scan`` over agents (``jax.lax.map``), ``map_unroll`` agents per iteration;
   compiles the body ``map_unroll`` times. With ``map_unroll`` > 1 the agents of one iteration are
   independent programs that XLA:CPU runs side by side on its threads (K = 10 ``cpu``-preset
-  scores: 25 ms/image unrolled by 1, 17 by 5; README). Gradients through convolutions inside it
-  are pathologically slow on CPU.
+  scores: 22.5 ms/image one per iteration, 17.6-20.4 five; README). Gradients through
+  convolutions inside it are pathologically slow on CPU.
 * ``unroll``: a Python loop inside the traced function (K copies of the body in one program); about
   a loop's speed on CPU, but compile time grows with K (many minutes for K = 10 U-Net updates on
   2 CPU cores).
