@@ -39,15 +39,14 @@ def micro_config():
     c.model.attention_levels = (False,)
     c.model.up_attention_levels = (False,)
     c.model.norm_groups = 2
-    c.train.batch_size = 4  # the tests' synthetic batches: train.py's program is micro_train_step's
+    c.train.batch_size = 4  # the tests' synthetic batches
     return c
 
 
 @functools.cache
 def micro_train_step(strategy: str, agent_mesh=None):
     """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given; cached,
-    so that one compilation serves every test of a process (and, through the persistent cache,
-    ``train_and_evaluate`` on ``micro_config()``, which builds the same program)."""
+    so that one compilation serves every test of a process."""
     from fedinf_jax import train_lib
     from fedinf_jax.score import make_loss_fn
 
