@@ -185,11 +185,11 @@ def over_sharded_agents(
     """Lifts ``fn(*args)`` to the mesh's padded agents, like ``agents.over_agents``.
 
     Each device applies ``agents.over_agents(fn, strategy, in_axes, map_unroll)`` to its own
-    agents (the
-    arguments with ``in_axes`` 0, split along ``agents``) and, for the arguments listed in
-    ``batch_args``, to its slice of their leading (batch) axis; the rest are replicated. Outputs
-    are stacked on ``agents`` and, when ``batch_args`` is not empty, split along ``batch`` on
-    their second axis. Call it inside ``jit``; its stacked arguments hold ``padded_agents``.
+    agents (the arguments with ``in_axes`` 0, split along ``agents``) and, for the arguments
+    listed in ``batch_args``, to its slice of their leading (batch) axis; the rest are
+    replicated. Outputs are stacked on ``agents`` and, when ``batch_args`` is not empty, split
+    along ``batch`` on their second axis. Call it inside ``jit``; its stacked arguments hold
+    ``padded_agents``.
     """
     if strategy in agents.HOST_STRATEGIES:  # inside a trace a host loop is an unrolled loop
         strategy = "unroll"

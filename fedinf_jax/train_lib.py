@@ -263,7 +263,12 @@ def _build_train_step(config_json: str) -> Callable:
     )
     agent_mesh = training_mesh(config)
     step = make_train_step(
-        loss_fn, components.tx, config.train.ema_decay, components.train_strategy, agent_mesh
+        loss_fn,
+        components.tx,
+        config.train.ema_decay,
+        components.train_strategy,
+        agent_mesh,
+        components.map_unroll,
     )
     return jit_train_step(step, components.train_strategy, agent_mesh, donate_argnums=(0,))
 
