@@ -97,10 +97,10 @@ def over_agents(
         """``loop``'s two jitted programs for one ``in_axes`` layout: compiled once each."""
 
         def apply(i, args):
-            return fn(*(agent(a, i) if ax == 0 else a for a, ax in zip(args, axes, strict=True)))
+            return fn(*_splice(args, axes, agent(_stacked(args, axes), i)))
 
         def allocate(args):
-            k = num_agents_of([a for a, ax in zip(args, axes, strict=True) if ax == 0])
+            k = num_agents_of(_stacked(args, axes))
             shapes = jax.eval_shape(apply, 0, args)
             return jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
 
@@ -117,7 +117,7 @@ def over_agents(
             raise ValueError(f"in_axes has {len(axes)} entries for {len(args)} arguments")
         if any(a not in (0, None) for a in axes):
             raise ValueError(f"in_axes entries must be 0 or None, got {axes}")
-        stacked = [a for a, ax in zip(args, axes, strict=True) if ax == 0]
+        stacked = _stacked(args, axes)
         if not stacked:
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
         k = num_agents_of(stacked)
@@ -130,16 +130,24 @@ def over_agents(
             return out
 
         def call(agent_args):
-            it = iter(agent_args)
-            return fn(*(next(it) if ax == 0 else a for a, ax in zip(args, axes, strict=True)))
+            return fn(*_splice(args, axes, agent_args))
 
         if strategy == "map":
-            return jax.lax.scan(
-                lambda _, a: (None, call(a)), None, tuple(stacked), unroll=map_unroll
-            )[1]
-        return stack_agents([call(agent(tuple(stacked), i)) for i in range(k)])
+            return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
+        return stack_agents([call(agent(stacked, i)) for i in range(k)])
 
     return lifted
+
+
+def _stacked(args, axes) -> tuple:
+    """The arguments stacked on the agent axis (``in_axes`` 0), in order."""
+    return tuple(a for a, ax in zip(args, axes, strict=True) if ax == 0)
+
+
+def _splice(args, axes, agent_args) -> list:
+    """``args`` with the stacked ones replaced, in order, by one agent's ``agent_args``."""
+    it = iter(agent_args)
+    return [next(it) if ax == 0 else a for a, ax in zip(args, axes, strict=True)]
 
 
 def maybe_jit(lifted: Callable, strategy: str, **jit_kwargs) -> Callable:
