@@ -122,24 +122,18 @@ def torch_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
 
 
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
+    import federated_score
 
-    from fedinf_jax import aggregators, data, sample_lib, sampling, train_lib
+    from fedinf_jax import aggregators, data, sampling, train_lib
 
     config.agent_axis.score = FLAGS.strategy
     config.model.dtype = FLAGS.dtype
     if FLAGS.map_unroll is not None:
         config.agent_axis.map_unroll = FLAGS.map_unroll
     comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
-    lifted = sample_lib.agent_score_fn(comp)
-    federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
-    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
-    t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
-    first_s, score_s = timing.time_calls(
-        lambda: federated(params, x, t, y).block_until_ready(), repeats
-    )
+    score = federated_score.build(comp, k, b)
+    params, (_, _, y) = score.params, score.args
+    first_s, score_s = timing.time_calls(lambda: score().block_until_ready(), repeats)
     result = {
         "params_per_agent": train_lib.count_params(params) // k,
         "strategy": comp.score_strategy,
@@ -158,7 +152,7 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
             denoise=False,
         )
         sampler = sampling.FederatedSampler(
-            lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE
+            score.lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE
         )
         keys = sampling.sample_keys(0, b)
         result["sample_s"] = _median_time(

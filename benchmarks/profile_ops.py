@@ -38,26 +38,22 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
     del argv
+    import federated_score
     import jax
-    import jax.numpy as jnp
 
     from configs import base
-    from fedinf_jax import data, sample_lib, train_lib
+    from fedinf_jax import train_lib
 
     comp = train_lib.resolve(base.get_config(FLAGS.preset))
     k, b = FLAGS.num_agents, FLAGS.batch
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
-    lifted = sample_lib.agent_score_fn(comp)
-    federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
-    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
-    t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
-    names = op_names(federated.lower(params, x, t, y).compile().as_text())
-    federated(params, x, t, y).block_until_ready()
+    score = federated_score.build(comp, k, b)
+    names = op_names(score.federated.lower(score.params, *score.args).compile().as_text())
+    score().block_until_ready()
     calls = 3
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(calls):
-                federated(params, x, t, y).block_until_ready()
+                score().block_until_ready()
         (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]

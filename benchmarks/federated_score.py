@@ -1,0 +1,32 @@
+"""The K-agent federated score evaluation the benchmarks time and profile (imported as
+``federated_score``: a script's folder is on its path)."""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedinf_jax import data, sample_lib, train_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedScore:
+    """K randomly initialised agents, their lifted score and the jitted mean over them."""
+
+    lifted: Callable  # (params, x, t, y) -> (K, B, ...) scores: sample_lib.agent_score_fn
+    federated: Callable  # jitted (params, x, t, y) -> (B, ...): the uniform mean of ``lifted``
+    params: object  # the agents' stacked parameters
+    args: tuple  # (x, t, y): B noise images at t = 0.5, labels 0..9 cycled
+
+    def __call__(self):
+        return self.federated(self.params, *self.args)
+
+
+def build(comp: train_lib.Components, k: int, b: int) -> FederatedScore:
+    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    lifted = sample_lib.agent_score_fn(comp)
+    federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
+    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
+    t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
+    return FederatedScore(lifted, federated, params, (x, t, y))
