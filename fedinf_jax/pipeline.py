@@ -75,7 +75,7 @@ class Timings:
         start = time.time()
         out = fn()
         self.record[name] = round(time.time() - start, 1)
-        _write_json(self.path, self.record)
+        write_json(self.path, self.record)
         logging.info("stage %s: done in %.1f s", name, self.record[name])
         return out
 
@@ -112,6 +112,45 @@ def evaluate_sample_set(
         "precision": precision,
         "recall": recall,
     }
+
+
+def check_sample_dir(sample_dir: str) -> tuple[str, str]:
+    """The paths of a sample set's ``samples.npz`` and ``samples.json``; an error if missing."""
+    npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
+    missing = [p for p in (npz, meta) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{sample_dir!r} is not a sample set: {', '.join(missing)} missing (a sample set is "
+            "the --outdir of sample.py or <regime>/samples/<procedure> of reproduce.py)"
+        )
+    return npz, meta
+
+
+def evaluate_sample_dir(
+    clf: classifier.TrainedClassifier, real_features: np.ndarray, sample_dir: str
+) -> dict:
+    """Every metric of a sample set written by ``sample.py`` or a pipeline stage (its
+    ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations."""
+    npz, meta = check_sample_dir(sample_dir)
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"]
+    stats = _read_json(meta)["stats"]
+    return dict(
+        evaluate_sample_set(clf, real_features, images, labels),
+        sampling_wall_time_s=stats["wall_time_s"],
+        score_evaluations=stats["score_evaluations"],
+    )
+
+
+def load_evaluator(classifier_dir: str, mnist: data.Mnist):
+    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
+    clf = classifier.load_classifier(classifier_dir)
+    if clf is None:
+        raise FileNotFoundError(
+            f"no classifier checkpoint in {classifier_dir!r}: give the classifier/ folder of a "
+            "reproduce.py run (it trains one)"
+        )
+    return clf, clf.features_and_probs(mnist.test_images)[0]
 
 
 def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list[dict]:
@@ -191,19 +230,12 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
             )
         else:
             timings.reuse(f"sample/{regime}/{procedure}", sample_dir)
-        with np.load(os.path.join(sample_dir, "samples.npz")) as f:
-            images, labels = f["images"], f["labels"]
-        stats = _read_json(os.path.join(sample_dir, "samples.json"))["stats"]
         results[f"{regime}/{procedure}"] = dict(
-            evaluate_sample_set(clf, real_features, images, labels),
-            regime=regime,
-            procedure=procedure,
-            sampling_wall_time_s=stats["wall_time_s"],
-            score_evaluations=stats["score_evaluations"],
+            evaluate_sample_dir(clf, real_features, sample_dir), regime=regime, procedure=procedure
         )
     order = {regime: i for i, regime in enumerate(config.regimes)}
     results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
-    _write_json(
+    write_json(
         os.path.join(outdir, "metrics.json"),
         {"classifier_test_accuracy": clf.test_accuracy, "results": results},
     )
@@ -216,7 +248,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
                 f"agreement/{regime}",
                 lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
             )
-        _write_json(agreement_path, rows)
+        write_json(agreement_path, rows)
     else:
         timings.reuse("agreement", agreement_path)
     rows = _read_json(agreement_path)
@@ -232,15 +264,15 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
     """Writes a temporary file and renames it: never a half-written file."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def _write_json(path: str, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=2))
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
@@ -256,17 +288,10 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
         "",
         "## Table 1: sample quality",
         "",
-        "| regime | procedure | IS | FID | accuracy | noise rate | precision | recall | "
-        "score evals | sampling s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *metrics_table(
+            ["regime", "procedure"], [([r["regime"], r["procedure"]], r) for r in results.values()]
+        ),
     ]
-    for r in results.values():
-        lines.append(
-            f"| {r['regime']} | {r['procedure']} | {r['inception_score']:.2f} +- "
-            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | {r['accuracy']:.3f} | "
-            f"{r['noise_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-            f"{r['score_evaluations']} | {r['sampling_wall_time_s']:.0f} |"
-        )
     lines += _ratio_table(results)
     lines += ["", "## Figure 2: samples (first 10 per digit)", ""]
     for r in results.values():
@@ -299,8 +324,23 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings) -> str:
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     path = os.path.join(outdir, "report.md")
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
+    """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics."""
+    head = [*key_columns, "IS", "FID", "accuracy", "noise rate", "precision", "recall"]
+    head += ["score evals", "sampling s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for keys, r in rows:
+        lines.append(
+            f"| {' | '.join(keys)} | {r['inception_score']:.2f} +- "
+            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | {r['accuracy']:.3f} | "
+            f"{r['noise_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{r['score_evaluations']} | {r['sampling_wall_time_s']:.0f} |"
+        )
+    return lines
 
 
 # The paper's Table 1 (IS, FID), and its Figure 2 text: "over 50 % of the samples generated by

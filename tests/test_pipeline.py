@@ -3,10 +3,12 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
+import evaluate
 from configs import reproduce
 from fedinf_jax import pipeline
 from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
@@ -86,6 +88,27 @@ def test_rerun_reuses_every_finished_stage(reproduced):
     assert "running" not in " ".join(line for line in log.splitlines() if "stage " in line)
     for stage in ("classifier", "train/heterogeneous", "agreement"):
         assert f"stage {stage}: reused" in log
+
+
+def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
+    outdir, _ = reproduced
+    clf_dir = str(outdir / "classifier")
+    sample_dir = tmp_path / "superdiff_or"
+    shutil.copytree(outdir / "heterogeneous/samples/superdiff_or", sample_dir)
+    missing = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"'.*nothing' is not a sample set: .*samples.npz"):
+        evaluate.evaluate(clf_dir, [str(sample_dir), missing], mnist)
+    assert not (sample_dir / "metrics.json").exists()  # checked before anything is written
+    with pytest.raises(FileNotFoundError, match=r"no classifier checkpoint in '.*nothing'"):
+        evaluate.evaluate(missing, [str(sample_dir)], mnist)
+
+    (result,) = evaluate.evaluate(clf_dir, [str(sample_dir)], mnist).values()
+    result = json.loads(json.dumps(result))
+    pipeline_result = json.loads((outdir / "metrics.json").read_text())["results"]
+    expected = pipeline_result["heterogeneous/superdiff_or"]
+    assert result == {k: v for k, v in expected.items() if k not in ("regime", "procedure")}
+    written = json.loads((sample_dir / "metrics.json").read_text())
+    assert written == dict(result, classifier=clf_dir)
 
 
 def test_procedures_and_regime_configs():

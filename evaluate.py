@@ -1,0 +1,49 @@
+"""Evaluates sample sets with a reproduction's classifier: IS, FID against the MNIST test set,
+label accuracy, noise rate, precision and recall (the pipeline's Table 1 metrics).
+
+    python evaluate.py --classifier=runs/reproduce_cpu/classifier \\
+        runs/reproduce_cpu/heterogeneous/samples/superdiff_or runs/hetero_t05
+
+Each argument is a sample set: the --outdir of sample.py or a <regime>/samples/<procedure> folder
+of reproduce.py. Prints Table 1's rows for them and writes each set's metrics to
+SAMPLE_DIR/metrics.json. MNIST is read from --mnist_dir, else $FEDINF_MNIST_DIR, else TFDS.
+"""
+
+import os
+
+from absl import app, flags
+
+from fedinf_jax import data, pipeline, runtime
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
+flags.DEFINE_string("mnist_dir", None, "MNIST IDX folder (default $FEDINF_MNIST_DIR, else TFDS).")
+flags.mark_flags_as_required(["classifier"])
+
+
+def evaluate(classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist) -> dict[str, dict]:
+    """Each sample set's metrics (``pipeline.evaluate_sample_dir``), also written to its
+    ``metrics.json``. Every folder is checked before anything is computed or written."""
+    for sample_dir in sample_dirs:
+        pipeline.check_sample_dir(sample_dir)
+    clf, real_features = pipeline.load_evaluator(classifier_dir, mnist)
+    results = {}
+    for sample_dir in sample_dirs:
+        results[sample_dir] = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
+        pipeline.write_json(
+            os.path.join(sample_dir, "metrics.json"),
+            dict(results[sample_dir], classifier=classifier_dir),
+        )
+    return results
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise app.UsageError("give one or more sample set folders (sample.py's --outdir)")
+    runtime.setup()
+    results = evaluate(FLAGS.classifier, argv[1:], data.load_mnist(FLAGS.mnist_dir))
+    print("\n".join(pipeline.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
+
+
+if __name__ == "__main__":
+    app.run(main)
