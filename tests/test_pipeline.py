@@ -33,13 +33,17 @@ def test_report_tables_parse(reproduced):
     report = (outdir / "report.md").read_text()
 
     table1 = _table_rows(_section(report, "Table 1"))
-    assert [(r[0], r[1]) for r in table1] == [("heterogeneous", p) for p in PROCEDURES]
+    assert [(r[0], r[1]) for r in table1] == [("MNIST train", "real images")] + [
+        ("heterogeneous", p) for p in PROCEDURES
+    ]
     for row in table1:
         is_mean, is_std = (float(v) for v in row[2].split("+-"))
         assert 1.0 <= is_mean <= 10.0 and is_std >= 0.0
         fid, accuracy, noise, precision, recall = (float(v) for v in row[3:8])
         assert fid >= 0.0
         assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
+    assert table1[0][8:] == ["-", "-"]  # real images: no sampler
+    for row in table1[1:]:
         assert int(row[8]) > 0 and float(row[9]) >= 0.0
 
     grids = re.findall(r"!\[[^]]*\]\(([^)]+)\)", "\n".join(_section(report, "Figure 2")))
@@ -66,6 +70,7 @@ def test_report_tables_parse(reproduced):
     assert len(rows[0]) == 2 + 10
 
     metrics = json.loads((outdir / "metrics.json").read_text())
+    assert metrics["reference_mnist_train"]["num_samples"] == 20  # smoke: 2 per digit
     assert set(metrics["results"]) == {f"heterogeneous/{p}" for p in PROCEDURES}
     rows = json.loads((outdir / "agreement.json").read_text())
     assert len(rows) == 2 * 2 * 10 * 4  # mean and label_prior
