@@ -45,8 +45,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler = base.get_config(preset).sampler
     config.agreement_samples = 10  # S in the paper's eqs. 11-13
     # Aggregates measured besides the paper's mean (at a fixed point superdiff_or's weights are
-    # its prior's, i.e. label_prior's).
-    config.agreement_aggregators = ("label_prior",)
+    # its prior's, i.e. label_prior's; superdiff_and's needs only the agents' scores there).
+    config.agreement_aggregators = ("label_prior", "superdiff_and")
     config.agreement_times = (1.0, 0.5, 0.1, 0.01)
     config.seed = 0
     return config

@@ -342,11 +342,12 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings, reference
             f"## Tables 3/4 under `{name}`: the agents' agreement with that aggregate",
             "",
         ]
-        if name == "label_prior":
-            lines += [
-                "(`superdiff_or`'s weights before any density evidence, at t = T.)",
-                "",
-            ]
+        note = {
+            "label_prior": "`superdiff_or`'s weights before any density evidence, at t = T",
+            "superdiff_and": "the drift that keeps the agents' log-densities changing equally",
+        }.get(name)
+        if note:
+            lines += [f"({note}.)", ""]
         lines += _agreement_tables(group)
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]

@@ -73,9 +73,10 @@ def test_report_tables_parse(reproduced):
     assert metrics["reference_mnist_train"]["num_samples"] == 20  # smoke: 2 per digit
     assert set(metrics["results"]) == {f"heterogeneous/{p}" for p in PROCEDURES}
     rows = json.loads((outdir / "agreement.json").read_text())
-    assert len(rows) == 2 * 2 * 10 * 4  # mean and label_prior
-    assert {r["aggregator"] for r in rows} == {"mean", "label_prior"}
-    assert len(_table_rows(_section(report, "Tables 3/4 under `label_prior`"))) >= 2
+    assert len(rows) == 3 * 2 * 10 * 4  # mean, label_prior, superdiff_and
+    assert {r["aggregator"] for r in rows} == {"mean", "label_prior", "superdiff_and"}
+    for name in ("label_prior", "superdiff_and"):
+        assert len(_table_rows(_section(report, f"Tables 3/4 under `{name}`"))) >= 2
     timings = json.loads((outdir / "timings.json").read_text())
     assert {"classifier", "agreement/heterogeneous"} <= set(timings)
 
