@@ -334,6 +334,8 @@ def write_report(config, outdir, clf_accuracy, results, rows, timings, reference
     by_aggregator = {}
     for r in rows:  # rows written before the aggregator field existed are the mean's
         by_aggregator.setdefault(r.get("aggregator", "mean"), []).append(r)
+    lines += ["", "## Agreement at a glance", ""]
+    lines += _agreement_summary(by_aggregator)
     lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
     lines += _agreement_tables(by_aggregator.pop("mean", []))
     for name, group in by_aggregator.items():
@@ -414,6 +416,31 @@ def _ratio_table(results: dict) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
+
+
+def _agreement_summary(by_aggregator: dict[str, list[dict]]) -> list[str]:
+    """Tables 3/4 averaged over the digits: one row per (aggregate, input, regime), one column
+    per t, cells "magnitude / cosine"."""
+    times = sorted({r["t"] for rows in by_aggregator.values() for r in rows}, reverse=True)
+    out = [
+        "Mean over the 10 digits of Tables 3/4 (and their versions under the other aggregates): "
+        "magnitude of the aggregate / mean cosine of each agent's score to it.",
+        "",
+        "| aggregate | input | regime | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+        "| --- | --- | --- |" + " --- |" * len(times),
+    ]
+    for name in sorted(by_aggregator, key=lambda n: n != "mean"):  # the paper's mean first
+        rows = by_aggregator[name]
+        for kind in agreement.INPUTS:
+            for regime in dict.fromkeys(r["regime"] for r in rows):
+                cells = []
+                for t in times:
+                    key = (t, kind, regime)
+                    sel = [r for r in rows if (r["t"], r["input"], r["regime"]) == key]
+                    magnitude = np.mean([r["magnitude"] for r in sel])
+                    cells.append(f"{magnitude:.1f} / {np.mean([r['cosine'] for r in sel]):.2f}")
+                out.append(f"| {name} | {kind} | {regime} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _agreement_tables(rows: list[dict]) -> list[str]:

@@ -75,6 +75,12 @@ def test_report_tables_parse(reproduced):
     rows = json.loads((outdir / "agreement.json").read_text())
     assert len(rows) == 3 * 2 * 10 * 4  # mean, label_prior, superdiff_and
     assert {r["aggregator"] for r in rows} == {"mean", "label_prior", "superdiff_and"}
+    summary = _table_rows(_section(report, "Agreement at a glance"))
+    assert [r[:3] for r in summary] == [
+        [name, kind, "heterogeneous"]
+        for name in ("mean", "label_prior", "superdiff_and")
+        for kind in ("noise", "label")
+    ]
     for name in ("label_prior", "superdiff_and"):
         assert len(_table_rows(_section(report, f"Tables 3/4 under `{name}`"))) >= 2
     timings = json.loads((outdir / "timings.json").read_text())
