@@ -1,0 +1,98 @@
+"""3x3 convolutions on XLA:CPU three ways, beside PyTorch's (oneDNN) ``conv2d``: where the paper
+architecture's time goes (issue 7: parity with diffusers at the paper's channel counts).
+
+    python benchmarks/conv_impl.py
+
+For each shape (batch, height, channels; channels in = out, 'SAME' padding) times one forward:
+``lax.conv_general_dilated`` (what ``flax.linen.Conv`` lowers to), im2col
+(``conv_general_dilated_patches`` then one matmul), and nine shifted matmuls (one per kernel
+tap, summed), each checked against the first; then ``torch.nn.functional.conv2d`` when torch is
+installed (``pip install .[bench]``). Prints milliseconds (median) and GFLOP/s.
+"""
+
+import os
+import statistics
+import time
+
+import timing
+from absl import app, flags
+
+flags.DEFINE_integer("repeats", 5, "timed calls per measurement (median reported)")
+FLAGS = flags.FLAGS
+
+# (batch, height, channels): the paper preset's 14x14 and 7x7 levels for one agent's batch of 4
+# (the federated score evaluation runs each agent on the batch), the same for 10 agents' 40
+# images, and the cpu preset's widest 28x28 level.
+SHAPES = ((4, 14, 480), (4, 7, 576), (40, 14, 480), (4, 28, 32))
+
+
+def _torch_ms(x, w, repeats: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    import numpy as np
+
+    torch.set_num_threads(os.cpu_count())
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+    wt = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous()
+    with torch.no_grad():
+        torch.nn.functional.conv2d(xt, wt, padding=1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.conv2d(xt, wt, padding=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def xla_conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+    def im2col(x, w):
+        patches = jax.lax.conv_general_dilated_patches(
+            x, (3, 3), (1, 1), "SAME", dimension_numbers=dims
+        )  # (N, H, W, C * 9), channel-major
+        return patches @ jnp.transpose(w, (2, 0, 1, 3)).reshape(-1, w.shape[-1])
+
+    def shifted(x, w):
+        h, wd = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(
+            padded[:, i : i + h, j : j + wd, :] @ w[i, j] for i in range(3) for j in range(3)
+        )
+
+    impls = {"lax.conv": xla_conv, "im2col": im2col, "9 matmuls": shifted}
+    print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores")
+    print("| batch, HxW, channels | " + " | ".join(impls) + " | torch conv2d |")
+    print("|" + " --- |" * (len(impls) + 2))
+    for batch, height, channels in SHAPES:
+        x = jax.random.normal(jax.random.key(0), (batch, height, height, channels))
+        w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.01
+        gflop = 2 * batch * height * height * channels * channels * 9 / 1e9
+        reference = jax.jit(xla_conv)(x, w)
+        cells = []
+        for fn in impls.values():
+            jitted = jax.jit(fn)
+            error = float(jnp.max(jnp.abs(jitted(x, w) - reference)))
+            if error > 1e-4:
+                raise SystemExit(f"{fn.__name__} differs from lax.conv by {error}")
+            ms = timing.time_calls(lambda f=jitted, x=x, w=w: f(x, w), FLAGS.repeats)[1] * 1e3
+            cells.append(f"{ms:.1f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)")
+        torch_ms = _torch_ms(x, w, FLAGS.repeats)
+        if torch_ms is None:
+            cells.append("-")
+        else:
+            cells.append(f"{torch_ms:.1f} ms ({gflop / torch_ms * 1e3:.0f} GFLOP/s)")
+        print(f"| {batch}, {height}x{height}, {channels} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
