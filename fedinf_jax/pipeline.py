@@ -8,7 +8,8 @@ Stages, each skipped when its output exists (a rerun redoes only what is missing
    ``paper`` (uniform mean, stop at t = 0.05, no denoising) and the corrected sampler with each
    aggregator; procedure by procedure, each across the regimes;
 4. ``metrics.json``: IS, FID, label accuracy, noise rate, precision/recall of every sample set
-   against the MNIST test set, in the classifier's feature space;
+   (and of as many real training images, the reference) against the MNIST test set, in the
+   classifier's feature space;
 5. ``agreement.json``: the paper's Tables 3/4 (magnitude and cosine agreement of the agents'
    scores) per regime;
 6. ``report.md``: Table 1, the Figure 2 grids, Tables 3/4 and the wall times (``timings.json``).
