@@ -11,8 +11,6 @@ installed (``pip install .[bench]``). Prints milliseconds (median) and GFLOP/s.
 """
 
 import os
-import statistics
-import time
 
 import timing
 from absl import app, flags
@@ -36,14 +34,11 @@ def _torch_ms(x, w, repeats: int) -> float | None:
     torch.set_num_threads(os.cpu_count())
     xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
     wt = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous()
-    with torch.no_grad():
-        torch.nn.functional.conv2d(xt, wt, padding=1)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.conv2d(xt, wt, padding=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    with torch.no_grad():  # a warm-up call, then the median of ``repeats``
+        _, seconds = timing.time_calls(
+            lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeats
+        )
+    return seconds * 1e3
 
 
 def main(argv):

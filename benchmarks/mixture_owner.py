@@ -15,17 +15,16 @@ posterior weights are a martingale: their mean stays the prior).
 import numpy as np
 from absl import app, flags
 
-from fedinf_jax import data, pipeline, runtime
+from fedinf_jax import pipeline, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
-flags.DEFINE_string("mnist_dir", None, "MNIST IDX folder (default $FEDINF_MNIST_DIR, else TFDS).")
 flags.mark_flags_as_required(["classifier"])
 
 
 def main(argv):
     runtime.setup()
-    clf, _ = pipeline.load_evaluator(FLAGS.classifier, data.load_mnist(FLAGS.mnist_dir))
+    clf = pipeline.require_classifier(FLAGS.classifier)
     for sample_dir in argv[1:]:
         npz, _ = pipeline.check_sample_dir(sample_dir)
         with np.load(npz) as f:

@@ -157,14 +157,20 @@ def reference_set(mnist: data.Mnist, per_class: int, seed: int) -> tuple[np.ndar
     return mnist.train_images[index], mnist.train_labels[index]
 
 
-def load_evaluator(classifier_dir: str, mnist: data.Mnist):
-    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
+def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
+    """The classifier checkpointed in ``classifier_dir``; an error when there is none."""
     clf = classifier.load_classifier(classifier_dir)
     if clf is None:
         raise FileNotFoundError(
             f"no classifier checkpoint in {classifier_dir!r}: give the classifier/ folder of a "
             "reproduce.py run (it trains one)"
         )
+    return clf
+
+
+def load_evaluator(classifier_dir: str, mnist: data.Mnist):
+    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
+    clf = require_classifier(classifier_dir)
     return clf, clf.features_and_probs(mnist.test_images)[0]
 
 
