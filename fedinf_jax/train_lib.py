@@ -191,12 +191,12 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
     """Builds the model, SDE, optimizer and agent-axis strategies a config names.
 
     Raises:
-      ValueError: an unknown SDE or strategy name, or an invalid number of agents.
+      ValueError: an unknown SDE, strategy or convolution name, or an invalid number of agents.
     """
     if config.partition.num_agents < 1:
         raise ValueError(f"partition.num_agents must be >= 1, got {config.partition.num_agents}")
     return Components(
-        model=make_unet(config.model),
+        model=make_unet(config.model, config.get("conv_impl", "auto")),
         sde=make_sde(config.sde),
         tx=make_optimizer(config.train),
         schedule=make_schedule(config.train),

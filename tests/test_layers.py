@@ -1,4 +1,5 @@
-"""The project's GroupNorm is Flax's: same parameters, same function, same gradients."""
+"""The project's GroupNorm and 3x3 convolution are Flax's: same parameters, same function, same
+gradients."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax.models.layers import GroupNorm
+from configs import base
+from fedinf_jax import train_lib
+from fedinf_jax.models.layers import (
+    CONV_IMPLS,
+    MATMUL_MIN_CHANNELS,
+    Conv3x3,
+    GroupNorm,
+    conv_impl_for,
+)
 
 
 @pytest.mark.parametrize("shape,groups", [((3, 7, 5, 8), 4), ((2, 4, 4, 6), 3), ((5, 9, 2), 1)])
@@ -36,3 +45,39 @@ def test_group_norm_dtype_and_bad_groups():
     assert module.apply(params, x).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="6 channels do not split into 4 groups"):
         GroupNorm(4).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("in_channels", [3, MATMUL_MIN_CHANNELS])
+def test_conv3x3_is_flax_conv(impl, in_channels):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 4, in_channels)), jnp.float32)
+    ours, flax_conv = Conv3x3(6, impl), nn.Conv(6, (3, 3), padding=1)
+    params = ours.init(jax.random.key(0), x)
+    want_init = flax_conv.init(jax.random.key(0), x)  # same names, shapes and initial values
+    assert jax.tree.structure(params) == jax.tree.structure(want_init)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want_init), strict=True):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-4)
+
+    cotangent = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(module.apply(p, x) * cotangent)
+
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(flax_conv), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_choice_and_bad_names():
+    assert conv_impl_for("auto", MATMUL_MIN_CHANNELS, "cpu") == "matmul"
+    assert conv_impl_for("auto", MATMUL_MIN_CHANNELS - 1, "cpu") == "xla"
+    assert conv_impl_for("auto", 4 * MATMUL_MIN_CHANNELS, "gpu") == "xla"
+    assert conv_impl_for("matmul", 1, "gpu") == "matmul"
+    config = base.get_config("smoke")
+    config.conv_impl = "winograd"
+    with pytest.raises(ValueError, match=r"unknown convolution 'winograd'; valid: \['auto', 'xla'"):
+        train_lib.resolve(config)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax.models.layers import GroupNorm
+from fedinf_jax.models.layers import Conv3x3, GroupNorm, conv_impl_for
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -45,15 +45,16 @@ class ResnetBlock(nn.Module):
     features: int
     groups: int
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb):
         h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
-        h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv1")(nn.silu(h))
+        h = Conv3x3(self.features, self.conv_impl, self.dtype, name="conv1")(nn.silu(h))
         temb = nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
         h = h + temb[:, None, None, :]
         h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm2")(h)
-        h = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype, name="conv2")(nn.silu(h))
+        h = Conv3x3(self.features, self.conv_impl, self.dtype, name="conv2")(nn.silu(h))
         if x.shape[-1] != self.features:
             x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
@@ -132,6 +133,7 @@ class UNet(nn.Module):
     class_embedding: bool = True
     out_channels: int = 1
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"  # how 3x3 stride-1 convolutions run (models.layers.Conv3x3)
 
     @nn.compact
     def __call__(self, x, t, y):
@@ -143,7 +145,7 @@ class UNet(nn.Module):
                 raise ValueError(
                     f"{name} {levels} must have one entry per level of block_out_channels {chans}"
                 )
-        groups, dtype = self.norm_groups, self.dtype
+        groups, dtype, conv = self.norm_groups, self.dtype, self.conv_impl
         temb_dim = 4 * chans[0]
         temb = timestep_embedding(t, chans[0])
         temb = nn.Dense(temb_dim, dtype=dtype, name="time_linear_1")(temb)
@@ -154,11 +156,11 @@ class UNet(nn.Module):
             )
         context = jax.nn.one_hot(y, self.num_classes, dtype=dtype)[:, None, :]
 
-        h = nn.Conv(chans[0], (3, 3), padding=1, dtype=dtype, name="conv_in")(x.astype(dtype))
+        h = Conv3x3(chans[0], conv, dtype, name="conv_in")(x.astype(dtype))
         skips = [h]
         for level, ch in enumerate(chans):
             for i in range(self.layers_per_block):
-                h = ResnetBlock(ch, groups, dtype, name=f"down_{level}_res_{i}")(h, temb)
+                h = ResnetBlock(ch, groups, dtype, conv, name=f"down_{level}_res_{i}")(h, temb)
                 if down_attn[level]:
                     h = SpatialTransformer(
                         self.num_heads, groups, dtype, name=f"down_{level}_attn_{i}"
@@ -170,16 +172,16 @@ class UNet(nn.Module):
                 )(h)
                 skips.append(h)
 
-        h = ResnetBlock(chans[-1], groups, dtype, name="mid_res_0")(h, temb)
+        h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_0")(h, temb)
         if self.mid_attention:
             h = SpatialTransformer(self.num_heads, groups, dtype, name="mid_attn")(h, context)
-        h = ResnetBlock(chans[-1], groups, dtype, name="mid_res_1")(h, temb)
+        h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_1")(h, temb)
 
         for level in reversed(range(len(chans))):
             ch = chans[level]
             for i in range(self.layers_per_block + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResnetBlock(ch, groups, dtype, name=f"up_{level}_res_{i}")(h, temb)
+                h = ResnetBlock(ch, groups, dtype, conv, name=f"up_{level}_res_{i}")(h, temb)
                 if up_attn[level]:
                     h = SpatialTransformer(
                         self.num_heads, groups, dtype, name=f"up_{level}_attn_{i}"
@@ -189,16 +191,19 @@ class UNet(nn.Module):
                 b, hh, ww, c = h.shape
                 h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
                 th, tw = skips[-1].shape[1:3]
-                h = nn.Conv(ch, (3, 3), padding=1, dtype=dtype, name=f"up_{level}_upsample")(
-                    h[:, :th, :tw]
-                )
+                h = Conv3x3(ch, conv, dtype, name=f"up_{level}_upsample")(h[:, :th, :tw])
         h = GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=dtype, name="conv_out")(nn.silu(h))
+        h = Conv3x3(self.out_channels, conv, dtype, name="conv_out")(nn.silu(h))
         return h.astype(jnp.float32)
 
 
-def make_unet(model_config) -> UNet:
-    """Builds the U-Net from a ``config.model`` section."""
+def make_unet(model_config, conv_impl: str = "auto") -> UNet:
+    """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``Conv3x3``.
+
+    Raises:
+      ValueError: an unknown ``conv_impl`` (the message lists the valid ones).
+    """
+    conv_impl_for(conv_impl, in_channels=0)  # checks the name now rather than at the first trace
     return UNet(
         block_out_channels=tuple(model_config.block_out_channels),
         layers_per_block=model_config.layers_per_block,
@@ -210,4 +215,5 @@ def make_unet(model_config) -> UNet:
         num_classes=model_config.num_classes,
         class_embedding=model_config.class_embedding,
         dtype=jnp.dtype(model_config.dtype),
+        conv_impl=conv_impl,
     )
