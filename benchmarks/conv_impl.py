@@ -4,8 +4,9 @@ architecture's time goes (issue 7: parity with diffusers at the paper's channel 
     python benchmarks/conv_impl.py
 
 For each shape (batch, height, channels; channels in = out, 'SAME' padding) times one forward:
-``lax.conv_general_dilated`` (what ``flax.linen.Conv`` lowers to), im2col
-(``conv_general_dilated_patches`` then one matmul), and nine shifted matmuls (one per kernel
+the U-Net's ``Conv3x3`` as ``xla`` (``lax.conv_general_dilated``, what ``flax.linen.Conv``
+lowers to) and as ``matmul`` (three matmuls, one per kernel row), im2col
+(``conv_general_dilated_patches`` then one matmul) and nine shifted matmuls (one per kernel
 tap, summed), each checked against the first; then ``torch.nn.functional.conv2d`` when torch is
 installed (``pip install .[bench]``). Prints milliseconds (median) and GFLOP/s.
 """
@@ -19,9 +20,9 @@ flags.DEFINE_integer("repeats", 5, "timed calls per measurement (median reported
 FLAGS = flags.FLAGS
 
 # (batch, height, channels): the paper preset's 14x14 and 7x7 levels for one agent's batch of 4
-# (the federated score evaluation runs each agent on the batch), the same for 10 agents' 40
-# images, and the cpu preset's widest 28x28 level.
-SHAPES = ((4, 14, 480), (4, 7, 576), (40, 14, 480), (4, 28, 32))
+# (the federated score evaluation runs each agent on the batch) and its 4x4 mid level, the
+# 14x14 level for 10 agents' 40 images, and the cpu preset's widest 28x28 level.
+SHAPES = ((4, 14, 480), (4, 7, 576), (4, 4, 576), (40, 14, 480), (4, 28, 32))
 
 
 def _torch_ms(x, w, repeats: int) -> float | None:
@@ -46,10 +47,16 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
+    from fedinf_jax.models.layers import Conv3x3
+
     dims = ("NHWC", "HWIO", "NHWC")
 
-    def xla_conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    def conv3x3(impl):
+        def conv(x, w):
+            params = {"kernel": w, "bias": jnp.zeros(w.shape[-1])}
+            return Conv3x3(w.shape[-1], impl).apply({"params": params}, x)
+
+        return conv
 
     def im2col(x, w):
         patches = jax.lax.conv_general_dilated_patches(
@@ -64,7 +71,12 @@ def main(argv):
             padded[:, i : i + h, j : j + wd, :] @ w[i, j] for i in range(3) for j in range(3)
         )
 
-    impls = {"lax.conv": xla_conv, "im2col": im2col, "9 matmuls": shifted}
+    impls = {
+        "lax.conv": conv3x3("xla"),
+        "3 matmuls": conv3x3("matmul"),
+        "im2col": im2col,
+        "9 matmuls": shifted,
+    }
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores")
     print("| batch, HxW, channels | " + " | ".join(impls) + " | torch conv2d |")
     print("|" + " --- |" * (len(impls) + 2))
@@ -72,13 +84,13 @@ def main(argv):
         x = jax.random.normal(jax.random.key(0), (batch, height, height, channels))
         w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.01
         gflop = 2 * batch * height * height * channels * channels * 9 / 1e9
-        reference = jax.jit(xla_conv)(x, w)
+        reference = jax.jit(impls["lax.conv"])(x, w)
         cells = []
-        for fn in impls.values():
+        for name, fn in impls.items():
             jitted = jax.jit(fn)
             error = float(jnp.max(jnp.abs(jitted(x, w) - reference)))
             if error > 1e-4:
-                raise SystemExit(f"{fn.__name__} differs from lax.conv by {error}")
+                raise SystemExit(f"{name} differs from lax.conv by {error}")
             ms = timing.time_calls(lambda f=jitted, x=x, w=w: f(x, w), FLAGS.repeats)[1] * 1e3
             cells.append(f"{ms:.1f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)")
         torch_ms = _torch_ms(x, w, FLAGS.repeats)

@@ -41,10 +41,23 @@ flags.DEFINE_integer("repeats", 3, "timed calls per measurement (median reported
 flags.DEFINE_string("strategy", "auto", "fedinf_jax agent-axis strategy for scores")
 flags.DEFINE_integer("map_unroll", None, "fedinf_jax agents per map iteration (default: preset's)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "fedinf_jax compute dtype")
+flags.DEFINE_enum(
+    "conv_impl", "auto", ["auto", "xla", "matmul"], "fedinf_jax 3x3 convolutions (config.conv_impl)"
+)
 flags.DEFINE_list("sides", ["torch", "jax"], "what to run: torch, jax (XLA_FLAGS sweeps: jax)")
 flags.DEFINE_string("output", None, "write the results as JSON here")
 FLAGS = flags.FLAGS
-_FLAGS = ("preset", "num_agents", "batch", "steps", "repeats", "strategy", "map_unroll", "dtype")
+_FLAGS = (
+    "preset",
+    "num_agents",
+    "batch",
+    "steps",
+    "repeats",
+    "strategy",
+    "map_unroll",
+    "dtype",
+    "conv_impl",
+)
 
 
 def diffusers_kwargs(model_config) -> dict:
@@ -128,6 +141,7 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
 
     config.agent_axis.score = FLAGS.strategy
     config.model.dtype = FLAGS.dtype
+    config.conv_impl = FLAGS.conv_impl
     if FLAGS.map_unroll is not None:
         config.agent_axis.map_unroll = FLAGS.map_unroll
     comp = train_lib.resolve(config)
@@ -139,6 +153,7 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
         "strategy": comp.score_strategy,
         "map_unroll": comp.map_unroll,
         "dtype": FLAGS.dtype,
+        "conv_impl": FLAGS.conv_impl,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "score_first_call_s": first_s,  # compiles
         "score_s": score_s,
