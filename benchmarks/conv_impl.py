@@ -3,12 +3,12 @@ architecture's time goes (issue 7: parity with diffusers at the paper's channel 
 
     python benchmarks/conv_impl.py
 
-For each shape (batch, height, channels; channels in = out, 'SAME' padding) times one forward:
-the U-Net's ``Conv3x3`` as ``xla`` (``lax.conv_general_dilated``, what ``flax.linen.Conv``
-lowers to) and as ``matmul`` (three matmuls, one per kernel row), im2col
-(``conv_general_dilated_patches`` then one matmul) and nine shifted matmuls (one per kernel
-tap, summed), each checked against the first; then ``torch.nn.functional.conv2d`` when torch is
-installed (``pip install .[bench]``). Prints milliseconds (median) and GFLOP/s.
+For each shape (kernel 3x3 or 1x1, batch, height, channels; 'SAME' padding) times one forward:
+the U-Net's ``layers.Conv`` as ``xla`` (``lax.conv_general_dilated``, what ``flax.linen.Conv``
+lowers to) and as ``matmul`` (3x3: three matmuls, one per kernel row; 1x1: one), and for 3x3
+im2col (``conv_general_dilated_patches`` then one matmul) and nine shifted matmuls (one per
+kernel tap, summed), each checked against the first; then ``torch.nn.functional.conv2d`` when
+torch is installed (``pip install .[bench]``). Prints milliseconds (median) and GFLOP/s.
 """
 
 import os
@@ -19,10 +19,21 @@ from absl import app, flags
 flags.DEFINE_integer("repeats", 5, "timed calls per measurement (median reported)")
 FLAGS = flags.FLAGS
 
-# (batch, height, channels): the paper preset's 14x14 and 7x7 levels for one agent's batch of 4
-# (the federated score evaluation runs each agent on the batch) and its 4x4 mid level, the
-# 14x14 level for 10 agents' 40 images, and the cpu preset's widest 28x28 level.
-SHAPES = ((4, 14, 480), (4, 7, 576), (4, 4, 576), (40, 14, 480), (4, 28, 32))
+# (kernel, batch, height, channels in, channels out). 3x3: the paper preset's 14x14 and 7x7 levels
+# for one agent's batch of 4 (the federated score evaluation runs each agent on the batch) and its
+# 4x4 mid level, the 14x14 level for 10 agents' 40 images, and the cpu preset's widest 28x28
+# level. 1x1: the paper preset's attention projections and a skip shortcut, the cpu preset's
+# shortcut at its batch of 20.
+SHAPES = (
+    (3, 4, 14, 480, 480),
+    (3, 4, 7, 576, 576),
+    (3, 4, 4, 576, 576),
+    (3, 40, 14, 480, 480),
+    (3, 4, 28, 32, 32),
+    (1, 4, 14, 480, 480),
+    (1, 4, 14, 1056, 480),
+    (1, 20, 28, 24, 8),
+)
 
 
 def _torch_ms(x, w, repeats: int) -> float | None:
@@ -37,7 +48,7 @@ def _torch_ms(x, w, repeats: int) -> float | None:
     wt = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous()
     with torch.no_grad():  # a warm-up call, then the median of ``repeats``
         _, seconds = timing.time_calls(
-            lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeats
+            lambda: torch.nn.functional.conv2d(xt, wt, padding=w.shape[0] // 2), repeats
         )
     return seconds * 1e3
 
@@ -47,14 +58,14 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from fedinf_jax.models.layers import Conv3x3
+    from fedinf_jax.models.layers import Conv
 
     dims = ("NHWC", "HWIO", "NHWC")
 
-    def conv3x3(impl):
+    def layer(impl):
         def conv(x, w):
             params = {"kernel": w, "bias": jnp.zeros(w.shape[-1])}
-            return Conv3x3(w.shape[-1], impl).apply({"params": params}, x)
+            return Conv(w.shape[-1], w.shape[0], impl).apply({"params": params}, x)
 
         return conv
 
@@ -71,34 +82,38 @@ def main(argv):
             padded[:, i : i + h, j : j + wd, :] @ w[i, j] for i in range(3) for j in range(3)
         )
 
-    impls = {
-        "lax.conv": conv3x3("xla"),
-        "3 matmuls": conv3x3("matmul"),
+    impls = {  # the last two: 3x3 only
+        "lax.conv": layer("xla"),
+        "matmul": layer("matmul"),
         "im2col": im2col,
         "9 matmuls": shifted,
     }
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} cores")
-    print("| batch, HxW, channels | " + " | ".join(impls) + " | torch conv2d |")
+    print("| kernel, batch, HxW, channels | " + " | ".join(impls) + " | torch conv2d |")
     print("|" + " --- |" * (len(impls) + 2))
-    for batch, height, channels in SHAPES:
-        x = jax.random.normal(jax.random.key(0), (batch, height, height, channels))
-        w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.01
-        gflop = 2 * batch * height * height * channels * channels * 9 / 1e9
+    for k, batch, height, c_in, c_out in SHAPES:
+        x = jax.random.normal(jax.random.key(0), (batch, height, height, c_in))
+        w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out)) * 0.01
+        gflop = 2 * batch * height * height * c_in * c_out * k * k / 1e9
         reference = jax.jit(impls["lax.conv"])(x, w)
         cells = []
         for name, fn in impls.items():
+            if k == 1 and name in ("im2col", "9 matmuls"):
+                cells.append("-")
+                continue
             jitted = jax.jit(fn)
             error = float(jnp.max(jnp.abs(jitted(x, w) - reference)))
             if error > 1e-4:
                 raise SystemExit(f"{name} differs from lax.conv by {error}")
             ms = timing.time_calls(lambda f=jitted, x=x, w=w: f(x, w), FLAGS.repeats)[1] * 1e3
-            cells.append(f"{ms:.1f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)")
+            cells.append(f"{ms:.2f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)")
         torch_ms = _torch_ms(x, w, FLAGS.repeats)
         if torch_ms is None:
             cells.append("-")
         else:
-            cells.append(f"{torch_ms:.1f} ms ({gflop / torch_ms * 1e3:.0f} GFLOP/s)")
-        print(f"| {batch}, {height}x{height}, {channels} | " + " | ".join(cells) + " |", flush=True)
+            cells.append(f"{torch_ms:.2f} ms ({gflop / torch_ms * 1e3:.0f} GFLOP/s)")
+        shape = f"{k}x{k}, {batch}, {height}x{height}, {c_in} -> {c_out}"
+        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # side on the threads, at that many times the body's compile time. 5 for the cpu preset's
     # K = 10 scores (README, "Against the paper's stack"); 1 (compile once) for the others.
     config.agent_axis.map_unroll = 5 if preset == "cpu" else 1
-    # How the U-Net's 3x3 convolutions run (fedinf_jax/models/layers.py, Conv3x3): "xla"
-    # (lax.conv), "matmul" (three matmuls) or "auto": "matmul" for layers of >= 128 input
-    # channels on CPU (the paper preset's), "xla" otherwise. Same parameters either way.
+    # How the U-Net's convolutions run (fedinf_jax/models/layers.py, Conv): "xla" (lax.conv),
+    # "matmul" (matmuls over the channel axis) or "auto": on CPU "matmul" for layers of >= 128
+    # input channels (the paper preset's), "xla" for narrower ones and on other backends.
+    # Same parameters either way.
     config.conv_impl = "auto"
 
     # The device mesh (fedinf_jax/sharding.py), used when there is more than one device: the

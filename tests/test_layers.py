@@ -1,4 +1,4 @@
-"""The project's GroupNorm and 3x3 convolution are Flax's: same parameters, same function, same
+"""The project's GroupNorm and convolution are Flax's: same parameters, same function, same
 gradients."""
 
 import flax.linen as nn
@@ -12,7 +12,7 @@ from fedinf_jax import train_lib
 from fedinf_jax.models.layers import (
     CONV_IMPLS,
     MATMUL_MIN_CHANNELS,
-    Conv3x3,
+    Conv,
     GroupNorm,
     conv_impl_for,
 )
@@ -48,11 +48,12 @@ def test_group_norm_dtype_and_bad_groups():
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
-@pytest.mark.parametrize("in_channels", [3, MATMUL_MIN_CHANNELS])
-def test_conv3x3_is_flax_conv(impl, in_channels):
+@pytest.mark.parametrize("kernel_size,in_channels", [(3, 3), (3, MATMUL_MIN_CHANNELS), (1, 5)])
+def test_conv_is_flax_conv(impl, kernel_size, in_channels):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 5, 4, in_channels)), jnp.float32)
-    ours, flax_conv = Conv3x3(6, impl), nn.Conv(6, (3, 3), padding=1)
+    ours = Conv(6, kernel_size, impl)
+    flax_conv = nn.Conv(6, (kernel_size, kernel_size), padding="SAME")
     params = ours.init(jax.random.key(0), x)
     want_init = flax_conv.init(jax.random.key(0), x)  # same names, shapes and initial values
     assert jax.tree.structure(params) == jax.tree.structure(want_init)
@@ -60,7 +61,6 @@ def test_conv3x3_is_flax_conv(impl, in_channels):
         np.testing.assert_array_equal(a, b)
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-4)
-
     cotangent = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)
 
     def loss(module):
@@ -72,11 +72,14 @@ def test_conv3x3_is_flax_conv(impl, in_channels):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_impl_choice_and_bad_names():
-    assert conv_impl_for("auto", MATMUL_MIN_CHANNELS, "cpu") == "matmul"
-    assert conv_impl_for("auto", MATMUL_MIN_CHANNELS - 1, "cpu") == "xla"
-    assert conv_impl_for("auto", 4 * MATMUL_MIN_CHANNELS, "gpu") == "xla"
-    assert conv_impl_for("matmul", 1, "gpu") == "matmul"
+def test_conv_impl_choice_and_bad_input():
+    assert conv_impl_for("auto", 3, MATMUL_MIN_CHANNELS, "cpu") == "matmul"
+    assert conv_impl_for("auto", 3, MATMUL_MIN_CHANNELS - 1, "cpu") == "xla"
+    assert conv_impl_for("auto", 1, MATMUL_MIN_CHANNELS - 1, "cpu") == "xla"
+    assert conv_impl_for("auto", 3, 4 * MATMUL_MIN_CHANNELS, "gpu") == "xla"
+    assert conv_impl_for("matmul", 3, 1, "gpu") == "matmul"
+    with pytest.raises(ValueError, match="kernel_size must be 1 or 3, got 5"):
+        Conv(2, 5).init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
     config = base.get_config("smoke")
     config.conv_impl = "winograd"
     with pytest.raises(ValueError, match=r"unknown convolution 'winograd'; valid: \['auto', 'xla'"):

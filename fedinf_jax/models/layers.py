@@ -54,11 +54,15 @@ class GroupNorm(nn.Module):
 CONV_IMPLS = ("auto", "xla", "matmul")
 MATMUL_MIN_CHANNELS = 128
 """``auto`` runs a layer as ``matmul`` on CPU from this many input channels (README, "Against the
-paper's stack": the paper preset's 480- and 576-channel layers), as ``xla`` otherwise."""
+paper's stack": the paper preset's 480- to 1,056-channel layers), as ``xla`` below it."""
 
 
-def conv_impl_for(impl: str, in_channels: int, backend: str | None = None) -> str:
-    """The computation ``Conv3x3(impl=impl)`` uses for a layer with ``in_channels`` inputs.
+def conv_impl_for(impl: str, kernel_size: int, in_channels: int, backend: str | None = None) -> str:
+    """The computation ``Conv(impl=impl)`` uses for a layer of that kernel size and input width.
+
+    ``auto`` on CPU: ``matmul`` for layers with at least ``MATMUL_MIN_CHANNELS`` inputs, ``xla``
+    for narrower ones, where the matmuls lose inside the network even for 1x1 layers that are
+    faster alone; ``xla`` on other backends (not measured there).
 
     Raises:
       ValueError: an unknown ``impl`` (the message lists the valid ones).
@@ -67,39 +71,52 @@ def conv_impl_for(impl: str, in_channels: int, backend: str | None = None) -> st
         raise ValueError(f"unknown convolution {impl!r}; valid: {list(CONV_IMPLS)}")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
-    return "matmul" if backend == "cpu" and in_channels >= MATMUL_MIN_CHANNELS else "xla"
+    if (backend or jax.default_backend()) != "cpu":
+        return "xla"
+    del kernel_size  # the same rule for 1x1 and 3x3 layers, as measured
+    return "matmul" if in_channels >= MATMUL_MIN_CHANNELS else "xla"
 
 
-class Conv3x3(nn.Module):
-    """``flax.linen.Conv(features, (3, 3), padding=1)``'s function and parameters (``kernel``
-    (3, 3, C_in, C_out) and ``bias``, same initialisers and names, so checkpoints are shared),
-    computed one of two ways (``impl``; ``auto`` picks per layer, ``conv_impl_for``):
+class Conv(nn.Module):
+    """``flax.linen.Conv(features, (k, k), padding="SAME")`` for k = 1 or 3, stride 1: its function
+    and parameters (``kernel`` (k, k, C_in, C_out) and ``bias``, same names and initialisers, so
+    checkpoints are shared), computed one of two ways (``impl``; ``auto`` picks per layer,
+    ``conv_impl_for``):
 
     * ``xla``: ``lax.conv_general_dilated``, what Flax's Conv lowers to;
-    * ``matmul``: three matmuls, one per kernel row i: the zero-padded input's three column
-      shifts side by side on the channel axis, rows i .. i + H, times row i of the kernel as a
-      (3 C_in, C_out) matrix; y[h, w] = sum_ij x[h + i - 1, w + j - 1] @ W[i, j]. On XLA:CPU this
-      is 5-20% faster than ``xla`` for wide channels on small maps at small batches
-      (``benchmarks/conv_impl.py``), slower for narrow channels.
+    * ``matmul``: 1x1, one matmul over the channel axis; 3x3, three matmuls, one per kernel row
+      i: the zero-padded input's three column shifts side by side on the channel axis, rows
+      i .. i + H, times row i of the kernel as a (3 C_in, C_out) matrix, i.e.
+      y[h, w] = sum_ij x[h + i - 1, w + j - 1] @ W[i, j].
+
+    On XLA:CPU, alone, ``matmul`` is 19-53% faster for 1x1 layers and 10-20% faster for wide 3x3
+    layers on small maps at small batches, slower for narrow 3x3 layers
+    (``benchmarks/conv_impl.py``).
     """
 
     features: int
+    kernel_size: int = 3
     impl: str = "auto"
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        impl = conv_impl_for(self.impl, x.shape[-1])
+        k = self.kernel_size
+        if k not in (1, 3):
+            raise ValueError(f"Conv: kernel_size must be 1 or 3, got {k}")
+        impl = conv_impl_for(self.impl, k, x.shape[-1])
         kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features)
+            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if impl == "xla":
+            pad = (k // 2, k // 2)
             y = jax.lax.conv_general_dilated(
-                x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+                x, kernel, (1, 1), (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
+        elif k == 1:
+            y = x @ kernel[0, 0]
         else:
             h, w = x.shape[1:3]
             padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))

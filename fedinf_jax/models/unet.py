@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax.models.layers import Conv3x3, GroupNorm, conv_impl_for
+from fedinf_jax.models.layers import Conv, GroupNorm, conv_impl_for
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -50,13 +50,13 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb):
         h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
-        h = Conv3x3(self.features, self.conv_impl, self.dtype, name="conv1")(nn.silu(h))
+        h = Conv(self.features, 3, self.conv_impl, self.dtype, name="conv1")(nn.silu(h))
         temb = nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
         h = h + temb[:, None, None, :]
         h = GroupNorm(self.groups, epsilon=1e-5, dtype=self.dtype, name="norm2")(h)
-        h = Conv3x3(self.features, self.conv_impl, self.dtype, name="conv2")(nn.silu(h))
+        h = Conv(self.features, 3, self.conv_impl, self.dtype, name="conv2")(nn.silu(h))
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(self.features, 1, self.conv_impl, self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -104,16 +104,17 @@ class SpatialTransformer(nn.Module):
     heads: int
     groups: int
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
         b, hgt, wid, c = x.shape
         h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(h)
+        h = Conv(c, 1, self.conv_impl, self.dtype, name="proj_in")(h)
         h = TransformerBlock(self.heads, self.dtype, name="block")(
             h.reshape(b, hgt * wid, c), context
         )
-        h = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(h.reshape(b, hgt, wid, c))
+        h = Conv(c, 1, self.conv_impl, self.dtype, name="proj_out")(h.reshape(b, hgt, wid, c))
         return x + h
 
 
@@ -133,7 +134,7 @@ class UNet(nn.Module):
     class_embedding: bool = True
     out_channels: int = 1
     dtype: jnp.dtype = jnp.float32
-    conv_impl: str = "auto"  # how 3x3 stride-1 convolutions run (models.layers.Conv3x3)
+    conv_impl: str = "auto"  # how stride-1 convolutions run (models.layers.Conv)
 
     @nn.compact
     def __call__(self, x, t, y):
@@ -156,14 +157,14 @@ class UNet(nn.Module):
             )
         context = jax.nn.one_hot(y, self.num_classes, dtype=dtype)[:, None, :]
 
-        h = Conv3x3(chans[0], conv, dtype, name="conv_in")(x.astype(dtype))
+        h = Conv(chans[0], 3, conv, dtype, name="conv_in")(x.astype(dtype))
         skips = [h]
         for level, ch in enumerate(chans):
             for i in range(self.layers_per_block):
                 h = ResnetBlock(ch, groups, dtype, conv, name=f"down_{level}_res_{i}")(h, temb)
                 if down_attn[level]:
                     h = SpatialTransformer(
-                        self.num_heads, groups, dtype, name=f"down_{level}_attn_{i}"
+                        self.num_heads, groups, dtype, conv, name=f"down_{level}_attn_{i}"
                     )(h, context)
                 skips.append(h)
             if level < len(chans) - 1:
@@ -174,7 +175,7 @@ class UNet(nn.Module):
 
         h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_0")(h, temb)
         if self.mid_attention:
-            h = SpatialTransformer(self.num_heads, groups, dtype, name="mid_attn")(h, context)
+            h = SpatialTransformer(self.num_heads, groups, dtype, conv, name="mid_attn")(h, context)
         h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_1")(h, temb)
 
         for level in reversed(range(len(chans))):
@@ -184,26 +185,26 @@ class UNet(nn.Module):
                 h = ResnetBlock(ch, groups, dtype, conv, name=f"up_{level}_res_{i}")(h, temb)
                 if up_attn[level]:
                     h = SpatialTransformer(
-                        self.num_heads, groups, dtype, name=f"up_{level}_attn_{i}"
+                        self.num_heads, groups, dtype, conv, name=f"up_{level}_attn_{i}"
                     )(h, context)
             if level > 0:
                 # Nearest 2x, cropped to the next skip's size (7 -> 4 -> 8 -> 7 at 28x28).
                 b, hh, ww, c = h.shape
                 h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
                 th, tw = skips[-1].shape[1:3]
-                h = Conv3x3(ch, conv, dtype, name=f"up_{level}_upsample")(h[:, :th, :tw])
+                h = Conv(ch, 3, conv, dtype, name=f"up_{level}_upsample")(h[:, :th, :tw])
         h = GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
-        h = Conv3x3(self.out_channels, conv, dtype, name="conv_out")(nn.silu(h))
+        h = Conv(self.out_channels, 3, conv, dtype, name="conv_out")(nn.silu(h))
         return h.astype(jnp.float32)
 
 
 def make_unet(model_config, conv_impl: str = "auto") -> UNet:
-    """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``Conv3x3``.
+    """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``layers.Conv``.
 
     Raises:
       ValueError: an unknown ``conv_impl`` (the message lists the valid ones).
     """
-    conv_impl_for(conv_impl, in_channels=0)  # checks the name now rather than at the first trace
+    conv_impl_for(conv_impl, 3, 0)  # checks the name now rather than at the first trace
     return UNet(
         block_out_channels=tuple(model_config.block_out_channels),
         layers_per_block=model_config.layers_per_block,
