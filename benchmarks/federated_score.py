@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax import agents, data, sample_lib, train_lib
+from fedinf_jax import data, sample_lib, train_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,7 @@ class FederatedScore:
 
     lifted: Callable  # (params, x, t, y) -> (K, B, ...) scores: sample_lib.agent_score_fn
     federated: Callable  # jitted (params, x, t, y) -> (B, ...): the uniform mean of ``lifted``
-    params: object  # the agents' parameters, stacked (an AgentList for the split strategy)
+    params: object  # the agents' stacked parameters
     args: tuple  # (x, t, y): B noise images at t = 0.5, labels 0..9 cycled
 
     def __call__(self):
@@ -25,7 +25,6 @@ class FederatedScore:
 
 def build(comp: train_lib.Components, k: int, b: int) -> FederatedScore:
     params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
-    params = agents.layout_for(comp.score_strategy, params)  # split: an AgentList
     lifted = sample_lib.agent_score_fn(comp)
     federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
     x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))

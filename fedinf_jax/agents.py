@@ -21,12 +21,6 @@ every strategy computes the same numbers, only speed and compile time differ (me
   allocated once per call of the lifted function). The paper's execution model; compiles as fast as
   one agent. A function lifted this way must be called outside ``jit`` to get that behaviour
   (inside a trace it is the same as ``unroll``).
-* ``split``: ``unroll`` over parameters laid out as an ``AgentList`` (K separate pytrees,
-  ``split_agents``, done once when a federation is loaded for sampling). Every other strategy
-  slices agent i out of the stacked arrays inside the program, and on XLA:CPU that slice is a copy:
-  0.3 s per call for one ``paper``-preset agent's 664 MB, against about 2 s of U-Net work per
-  image. With an ``AgentList`` the program gets each agent's arrays as buffers of their own and
-  reads them in place. Worth it for large agents at small batches; compiles like ``unroll``.
 
 ``auto`` resolves per backend and purpose (``resolve_strategy``).
 """
@@ -39,7 +33,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("vmap", "map", "unroll", "loop", "split")
+STRATEGIES = ("vmap", "map", "unroll", "loop")
 HOST_STRATEGIES = ("loop",)
 """Strategies whose lifted function dispatches from Python and must not be wrapped in ``jit``."""
 PURPOSES = ("train", "score")
@@ -68,41 +62,8 @@ def resolve_strategy(name: str, purpose: str, backend: str | None = None) -> str
     return name
 
 
-@jax.tree_util.register_pytree_node_class
-class AgentList:
-    """K agents' pytrees side by side rather than stacked: the ``split`` strategy's layout.
-
-    A pytree whose children are the K agents, so it passes through ``jit`` as K sets of buffers.
-    ``split_agents`` makes one from a stacked pytree (one copy); ``agent(agent_list, i)`` is agent
-    i's pytree itself, and ``num_agents_of`` its length.
-    """
-
-    def __init__(self, members: Sequence):
-        self.members = tuple(members)
-
-    def tree_flatten(self):
-        return self.members, None
-
-    @classmethod
-    def tree_unflatten(cls, aux, members):
-        del aux
-        return cls(members)
-
-
-def split_agents(tree) -> AgentList:
-    """A stacked pytree as an ``AgentList`` of its K agents (each leaf's slices copied once)."""
-    return AgentList([agent(tree, i) for i in range(num_agents_of(tree))])
-
-
-def layout_for(strategy: str, tree):
-    """``tree`` (stacked) laid out for ``strategy``: an ``AgentList`` for ``split``, else itself."""
-    return split_agents(tree) if strategy == "split" and not isinstance(tree, AgentList) else tree
-
-
 def num_agents_of(tree) -> int:
-    """The size of the leading ``agents`` axis of a stacked pytree; an ``AgentList``'s length."""
-    if isinstance(tree, AgentList):
-        return len(tree.members)
+    """The size of the leading ``agents`` axis of a stacked pytree."""
     return jax.tree.leaves(tree)[0].shape[0]
 
 
@@ -128,6 +89,8 @@ def over_agents(
         raise ValueError(f"unknown agent-axis strategy {strategy!r}; valid: {list(STRATEGIES)}")
     if map_unroll < 1:
         raise ValueError(f"map_unroll must be >= 1, got {map_unroll}")
+    if strategy == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
 
     @functools.cache
     def loop_programs(axes):
@@ -157,14 +120,7 @@ def over_agents(
         stacked = _stacked(args, axes)
         if not stacked:
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
-        if strategy not in ("unroll", "split") and any(isinstance(a, AgentList) for a in stacked):
-            raise ValueError(
-                f"arguments laid out as an AgentList need the 'split' or 'unroll' strategy, "
-                f"not {strategy!r}"
-            )
-        if strategy == "vmap":
-            return jax.vmap(fn, in_axes=tuple(axes))(*args)
-        k = num_agents_of(stacked[0])
+        k = num_agents_of(stacked)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stacked))
         if strategy == "loop" and not traced:
             allocate, into_slot = loop_programs(tuple(axes))
@@ -178,7 +134,7 @@ def over_agents(
 
         if strategy == "map":
             return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
-        return stack_agents([call(tuple(agent(a, i) for a in stacked)) for i in range(k)])
+        return stack_agents([call(agent(stacked, i)) for i in range(k)])
 
     return lifted
 
@@ -205,7 +161,5 @@ def stack_agents(trees: Sequence) -> object:
 
 
 def agent(tree, i: int):
-    """Agent ``i``'s slice of a stacked pytree, or member ``i`` of an ``AgentList``."""
-    if isinstance(tree, AgentList):
-        return tree.members[i]
+    """Agent ``i``'s slice of a stacked pytree."""
     return jax.tree.map(lambda leaf: leaf[i], tree)

@@ -46,8 +46,7 @@ class Federation:
     """Trained agents restored from a run directory."""
 
     config: ml_collections.ConfigDict  # the sampling config with the trained sections restored
-    params: AgentParams  # stacked, or an agents.AgentList for the split strategy (EMA, unless
-    # sampler.use_ema is False)
+    params: AgentParams  # stacked (EMA, unless sampler.use_ema is False)
     counts: np.ndarray | None  # n[agent, class]
     step: int
     components: train_lib.Components
@@ -95,9 +94,6 @@ def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federati
     finally:
         manager.close()
     params = state.ema_params if config.sampler.use_ema else state.params
-    del state
-    if agent_mesh is None:  # on a mesh each device's agents stay stacked (fedinf_jax/sharding.py)
-        params = agents.layout_for(components.score_strategy, params)
     counts = np.asarray(meta["counts"]) if "counts" in meta else None
     return Federation(merged, params, counts, int(step), components, agent_mesh)
 

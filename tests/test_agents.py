@@ -121,28 +121,6 @@ def test_agent_isolation(setup, strategy):
     assert any(changed)
 
 
-def test_split_reads_an_agent_list():
-    """``split`` on an ``AgentList`` (agents as separate pytrees, also through ``jit``) is the loop
-    over agents; the other strategies refuse that layout."""
-    rng = np.random.default_rng(1)
-    w = {"a": jnp.asarray(rng.normal(size=(3, 4, 2)), jnp.float32), "b": jnp.ones((3, 2))}
-    x = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
-    fn = lambda w, x: x @ w["a"] + w["b"]  # noqa: E731
-    members = agents.split_agents(w)
-    assert agents.num_agents_of(members) == 3 and agents.layout_for("split", members) is members
-    assert agents.layout_for("map", w) is w
-    np.testing.assert_array_equal(agents.agent(members, 2)["a"], w["a"][2])
-    loop = np.stack([fn(agents.agent(w, i), x) for i in range(3)])
-    lifted = agents.over_agents(fn, "split", (0, None))
-    np.testing.assert_allclose(jax.jit(lifted)(members, x), loop, rtol=1e-6)
-    np.testing.assert_allclose(lifted(w, x), loop, rtol=1e-6)  # stacked: unroll's slices
-    for strategy in ("vmap", "map", "loop"):
-        with pytest.raises(
-            ValueError, match=f"need the 'split' or 'unroll' strategy, not '{strategy}'"
-        ):
-            agents.over_agents(fn, strategy, (0, None))(members, x)
-
-
 def test_strategy_resolution():
     assert agents.resolve_strategy("auto", "train", backend="cpu") == "loop"
     assert agents.resolve_strategy("auto", "score", backend="cpu") == "map"
@@ -150,7 +128,5 @@ def test_strategy_resolution():
     assert agents.resolve_strategy("map", "train") == "map"
     with pytest.raises(ValueError, match="map_unroll must be >= 1, got 0"):
         agents.over_agents(jnp.sin, "map", map_unroll=0)
-    with pytest.raises(
-        ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll', 'loop', 'split'"
-    ):
+    with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll', 'loop'\]"):
         agents.resolve_strategy("pmap", "train")
