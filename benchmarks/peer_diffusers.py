@@ -42,7 +42,10 @@ flags.DEFINE_string("strategy", "auto", "fedinf_jax agent-axis strategy for scor
 flags.DEFINE_integer("map_unroll", None, "fedinf_jax agents per map iteration (default: preset's)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "fedinf_jax compute dtype")
 flags.DEFINE_enum(
-    "conv_impl", "auto", ["auto", "xla", "matmul"], "fedinf_jax 3x3 convolutions (config.conv_impl)"
+    "conv_impl",
+    "auto",
+    ["auto", "xla", "matmul"],
+    "fedinf_jax U-Net convolutions (config.conv_impl)",
 )
 flags.DEFINE_list("sides", ["torch", "jax"], "what to run: torch, jax (XLA_FLAGS sweeps: jax)")
 flags.DEFINE_string("output", None, "write the results as JSON here")

@@ -57,12 +57,12 @@ MATMUL_MIN_CHANNELS = 128
 paper's stack": the paper preset's 480- to 1,056-channel layers), as ``xla`` below it."""
 
 
-def conv_impl_for(impl: str, kernel_size: int, in_channels: int, backend: str | None = None) -> str:
-    """The computation ``Conv(impl=impl)`` uses for a layer of that kernel size and input width.
+def conv_impl_for(impl: str, in_channels: int, backend: str | None = None) -> str:
+    """The computation ``Conv(impl=impl)`` uses for a layer with ``in_channels`` inputs.
 
-    ``auto`` on CPU: ``matmul`` for layers with at least ``MATMUL_MIN_CHANNELS`` inputs, ``xla``
-    for narrower ones, where the matmuls lose inside the network even for 1x1 layers that are
-    faster alone; ``xla`` on other backends (not measured there).
+    ``auto`` on CPU: ``matmul`` for layers (1x1 or 3x3) with at least ``MATMUL_MIN_CHANNELS``
+    inputs, ``xla`` for narrower ones, where the matmuls lose inside the network even for 1x1
+    layers that are faster alone; ``xla`` on other backends (not measured there).
 
     Raises:
       ValueError: an unknown ``impl`` (the message lists the valid ones).
@@ -73,7 +73,6 @@ def conv_impl_for(impl: str, kernel_size: int, in_channels: int, backend: str | 
         return impl
     if (backend or jax.default_backend()) != "cpu":
         return "xla"
-    del kernel_size  # the same rule for 1x1 and 3x3 layers, as measured
     return "matmul" if in_channels >= MATMUL_MIN_CHANNELS else "xla"
 
 
@@ -89,7 +88,7 @@ class Conv(nn.Module):
       i .. i + H, times row i of the kernel as a (3 C_in, C_out) matrix, i.e.
       y[h, w] = sum_ij x[h + i - 1, w + j - 1] @ W[i, j].
 
-    On XLA:CPU, alone, ``matmul`` is 19-53% faster for 1x1 layers and 10-20% faster for wide 3x3
+    On XLA:CPU, alone, ``matmul`` is 19-53% faster for 1x1 layers and 13-20% faster for wide 3x3
     layers on small maps at small batches, slower for narrow 3x3 layers
     (``benchmarks/conv_impl.py``).
     """
@@ -104,7 +103,7 @@ class Conv(nn.Module):
         k = self.kernel_size
         if k not in (1, 3):
             raise ValueError(f"Conv: kernel_size must be 1 or 3, got {k}")
-        impl = conv_impl_for(self.impl, k, x.shape[-1])
+        impl = conv_impl_for(self.impl, x.shape[-1])
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
         )

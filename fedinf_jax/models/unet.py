@@ -204,7 +204,7 @@ def make_unet(model_config, conv_impl: str = "auto") -> UNet:
     Raises:
       ValueError: an unknown ``conv_impl`` (the message lists the valid ones).
     """
-    conv_impl_for(conv_impl, 3, 0)  # checks the name now rather than at the first trace
+    conv_impl_for(conv_impl, in_channels=0)  # checks the name now rather than at the first trace
     return UNet(
         block_out_channels=tuple(model_config.block_out_channels),
         layers_per_block=model_config.layers_per_block,
