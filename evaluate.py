@@ -6,7 +6,8 @@ label accuracy, noise rate, precision and recall (the pipeline's Table 1 metrics
 
 Each argument is a sample set: the --outdir of sample.py or a <regime>/samples/<procedure> folder
 of reproduce.py. Prints Table 1's rows for them and writes each set's metrics to
-SAMPLE_DIR/metrics.json. MNIST is read from --mnist_dir, else $FEDINF_MNIST_DIR, else TFDS.
+SAMPLE_DIR/metrics.json. MNIST is read from --mnist_dir, else $FEDINF_MNIST_DIR, else TFDS
+(--tfds_data_dir).
 """
 
 import os
@@ -18,6 +19,9 @@ from fedinf_jax import data, pipeline, runtime
 FLAGS = flags.FLAGS
 flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
 flags.DEFINE_string("mnist_dir", None, "MNIST IDX folder (default $FEDINF_MNIST_DIR, else TFDS).")
+flags.DEFINE_string(
+    "tfds_data_dir", None, "TFDS data_dir for 'mnist' without an IDX folder (default TFDS's own)."
+)
 flags.mark_flags_as_required(["classifier"])
 
 
@@ -41,7 +45,9 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError("give one or more sample set folders (sample.py's --outdir)")
     runtime.setup()
-    results = evaluate(FLAGS.classifier, argv[1:], data.load_mnist(FLAGS.mnist_dir))
+    results = evaluate(
+        FLAGS.classifier, argv[1:], data.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
+    )
     print("\n".join(pipeline.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
 
 

@@ -51,6 +51,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # A directory with the four MNIST IDX .gz files; empty: $FEDINF_MNIST_DIR, else TFDS.
     config.data.mnist_dir = ""
+    # TFDS's data_dir for 'mnist' when no IDX directory is set; empty: TFDS's default
+    # ($TFDS_DATA_DIR, else ~/tensorflow_datasets). Prepared there on first use (downloads).
+    config.data.tfds_data_dir = ""
     config.data.centered = True  # pixels in [-1, 1]
 
     config.partition = ml_collections.ConfigDict()

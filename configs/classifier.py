@@ -21,6 +21,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.mnist_dir = ""  # empty: $FEDINF_MNIST_DIR, else TFDS
+    config.data.tfds_data_dir = ""  # TFDS's data_dir; empty: $TFDS_DATA_DIR or its default
     config.data.centered = True
 
     config.model = ml_collections.ConfigDict()

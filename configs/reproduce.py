@@ -19,6 +19,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = preset
     config.regimes = ("control", "homogeneous", "heterogeneous")
+    # Where MNIST comes from, for every stage (classifier, regimes, metrics); fields as in
+    # base.get_config().data: an IDX directory, else TFDS in tfds_data_dir.
+    config.data = ml_collections.ConfigDict()
+    config.data.mnist_dir = ""
+    config.data.tfds_data_dir = ""
     # "paper": the paper's procedure (configs/base.py, paper_sampler); the others: the corrected
     # sampler with that aggregator. With one agent every aggregator is the agent, so the control
     # regime runs only "paper" and "mean".

@@ -1,11 +1,17 @@
 """MNIST as numpy arrays, from a local IDX directory or from TFDS.
 
-Two sources, one result:
+Two sources, one result (the same 70,000 images and labels, bitwise):
 
 * a directory holding the four standard gzip-compressed IDX files
   (``train-images-idx3-ubyte.gz`` and friends), given as ``data.mnist_dir`` in the config or the
   ``FEDINF_MNIST_DIR`` environment variable;
-* TFDS ``mnist`` when no directory is given (it downloads on first use, which needs internet).
+* TFDS ``mnist`` when no directory is given, read from ``data.tfds_data_dir`` (empty: TFDS's own
+  default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). TFDS prepares it there on first use,
+  which downloads and so needs internet; without a prepared copy and without a route to the
+  download host, loading stops at once with an error naming the ways to provide the data.
+
+``prepare_tfds_mnist`` (``python -m fedinf_jax.data``) runs TFDS's own preparation of ``mnist``
+offline from a local IDX copy, for machines that have the files but no internet.
 
 IDX layout (LeCun et al.): a big-endian int32 magic (2051 for images, 2049 for labels), an int32
 record count, for images two int32 dimensions (rows, cols), then raw uint8 data, row-major.
@@ -14,8 +20,14 @@ record count, for images two int32 dimensions (rows, cols), then raw uint8 data,
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pathlib
+import socket
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
 import zlib
 from typing import NamedTuple
 
@@ -31,6 +43,16 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+# sha256 of the four canonical uncompressed IDX files (LeCun et al.'s). TFDS registers checksums of
+# the .gz archives, which depend on the gzip wrapper; these identify the data itself.
+IDX_SHA256 = {
+    "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# How long loading waits to learn whether TFDS's download host answers.
+DOWNLOAD_PROBE_TIMEOUT_S = 10.0
 _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 
@@ -48,6 +70,16 @@ class Mnist(NamedTuple):
     test_labels: np.ndarray
 
 
+def _read_gzip(path: pathlib.Path) -> bytes:
+    if not path.is_file():
+        raise MnistError(f"MNIST file not found: {path}")
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise MnistError(f"MNIST file {path} is not a complete gzip file: {e}") from e
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads one gzip-compressed IDX file (images or labels).
 
@@ -61,13 +93,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
       MnistError: the file is missing, not gzip, has an unknown magic number or is truncated.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise MnistError(f"MNIST file not found: {path}")
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise MnistError(f"MNIST file {path} is not a complete gzip file: {e}") from e
+    raw = _read_gzip(path)
     if len(raw) < 8:
         raise MnistError(f"MNIST file {path} is truncated: {len(raw)} bytes, no IDX header")
     magic, count = np.frombuffer(raw[:8], dtype=">i4")
@@ -123,19 +149,132 @@ def load_mnist_idx(directory: str | os.PathLike) -> Mnist:
     )
 
 
+def _unreachable_reason(url: str, timeout: float) -> str | None:
+    """Why ``url``'s host (or the proxy that serves it) cannot be reached within ``timeout``
+    seconds, name resolution included; None when a TCP connection opens."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    target = urllib.parse.urlsplit(proxy) if proxy else parts
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    worker = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:g} s"
+
+
+def _no_data_message(data_dir: str, reason: str) -> str:
+    files = ", ".join(IDX_FILES.values())
+    return (
+        f"MNIST is not available: no local IDX directory is set, TFDS has no prepared 'mnist' "
+        f"in {data_dir}, and TFDS cannot download it ({reason}). Provide it one of these ways: "
+        f"(1) set ${MNIST_DIR_ENV} or --config.data.mnist_dir to a directory with the four IDX "
+        f"files ({files}); (2) set --config.data.tfds_data_dir (or $TFDS_DATA_DIR) to a TFDS "
+        f"data_dir where 'mnist' is prepared: prepared elsewhere and copied, or here from IDX "
+        f"files with 'python -m fedinf_jax.data --mnist_dir=DIR --tfds_data_dir=OUT'; (3) run "
+        f"once with internet access, so that TFDS downloads and prepares it."
+    )
+
+
 def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
-    """Loads MNIST through TFDS (``tfds.load('mnist')``), downloading it on first use."""
+    """Loads TFDS ``mnist`` from ``data_dir`` (None: TFDS's default), preparing it there first
+    if needed, which downloads.
+
+    Raises:
+      MnistError: it is not prepared in ``data_dir`` and TFDS's download host cannot be reached
+        (within ``DOWNLOAD_PROBE_TIMEOUT_S``); the message lists the ways to provide MNIST.
+    """
     import tensorflow_datasets as tfds
 
+    builder = tfds.builder("mnist", data_dir=data_dir)
+    if not builder.is_prepared():
+        reason = _unreachable_reason(type(builder).URL, DOWNLOAD_PROBE_TIMEOUT_S)
+        if reason is not None:
+            raise MnistError(_no_data_message(str(builder.data_dir_root), reason))
+        builder.download_and_prepare()
     splits = {}
     for split in ("train", "test"):
         # Batched iteration rather than batch_size=-1, which aborts inside TF under mock_data.
-        ds = tfds.load("mnist", split=split, data_dir=data_dir, as_supervised=True)
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
         parts = list(tfds.as_numpy(ds.batch(10_000)))
         images = np.concatenate([im for im, _ in parts])[..., 0].astype(np.uint8)
         labels = np.concatenate([lb for _, lb in parts]).astype(np.int32)
+        if not builder.info.disable_shuffling:
+            to_idx_order = np.argsort(_tfds_record_order(split, len(labels)))
+            images, labels = images[to_idx_order], labels[to_idx_order]
         splits[split] = (images, labels)
     return Mnist(*splits["train"], *splits["test"])
+
+
+def _tfds_record_order(split: str, num_examples: int) -> np.ndarray:
+    """The IDX index of each record of a prepared TFDS ``mnist`` split, in file order.
+
+    TFDS's ``mnist`` builder keys example ``i`` of the IDX files by ``i``, and its writer stores
+    the records sorted by the salted hash ``Hasher(salt=split).hash_key(key)`` (a deterministic
+    shuffle); inverting that sort gives back the IDX order, so that both sources give the same
+    arrays, and so the same partitions and batches.
+    """
+    from tensorflow_datasets.core import hashing
+
+    hasher = hashing.Hasher(salt=split)
+    return np.array(sorted(range(num_examples), key=hasher.hash_key))
+
+
+def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """Prepares TFDS ``mnist`` in ``data_dir`` from the IDX files in ``mnist_dir``, offline.
+
+    TFDS's own preparation runs (its download manager, extraction, example generation and
+    shard writing), with ``mnist_dir`` as the manual download directory. TFDS validates a manual
+    download against its registered sha256 of the canonical ``.gz`` archives, which a copy with
+    another gzip wrapper fails although its data are the same; so each archive's uncompressed
+    content is checked here against the canonical IDX hashes (``IDX_SHA256``), and TFDS is given
+    the archives' own checksums in place of the registered ones. ``tfds.load('mnist',
+    data_dir=data_dir)`` then reads it like a downloaded copy. A prepared ``data_dir`` is reused.
+
+    Returns:
+      ``data_dir``.
+
+    Raises:
+      MnistError: a file is missing, not gzip, or its IDX content is not canonical MNIST.
+    """
+    import tensorflow_datasets as tfds
+
+    mnist_dir = pathlib.Path(mnist_dir)
+    for name, fname in IDX_FILES.items():
+        digest = hashlib.sha256(_read_gzip(mnist_dir / fname)).hexdigest()
+        if digest != IDX_SHA256[name]:
+            raise MnistError(
+                f"MNIST file {mnist_dir / fname} is not the canonical {name} IDX file: its "
+                f"uncompressed sha256 is {digest}, expected {IDX_SHA256[name]}"
+            )
+    registered = tfds.builder_cls("mnist")
+    local_infos = {
+        urllib.parse.urljoin(registered.URL, fname): tfds.download.checksums.compute_url_info(
+            mnist_dir / fname
+        )
+        for fname in IDX_FILES.values()
+    }
+
+    class LocalArchives(registered, skip_registration=True):
+        """TFDS's ``mnist`` builder with the local archives' checksums registered."""
+
+        name = registered.name
+        url_infos = local_infos
+
+    config = tfds.download.DownloadConfig(manual_dir=str(mnist_dir), try_download_gcs=False)
+    with tempfile.TemporaryDirectory() as downloads:  # the extracted IDX files, 55 MB
+        builder = LocalArchives(data_dir=str(data_dir))
+        builder.download_and_prepare(download_dir=downloads, download_config=config)
+    return str(data_dir)
 
 
 def resolve_mnist_dir(mnist_dir: str | None) -> str | None:
@@ -143,15 +282,33 @@ def resolve_mnist_dir(mnist_dir: str | None) -> str | None:
     return mnist_dir or os.environ.get(MNIST_DIR_ENV) or None
 
 
-def load_mnist(mnist_dir: str | None = None) -> Mnist:
-    """Loads MNIST from ``mnist_dir`` / ``$FEDINF_MNIST_DIR`` if set, else from TFDS."""
+def load_mnist(mnist_dir: str | None = None, tfds_data_dir: str | None = None) -> Mnist:
+    """Loads MNIST from ``mnist_dir`` / ``$FEDINF_MNIST_DIR`` if set, else from TFDS in
+    ``tfds_data_dir`` (None or empty: TFDS's default data_dir)."""
     directory = resolve_mnist_dir(mnist_dir)
     if directory:
         return load_mnist_idx(directory)
-    return load_mnist_tfds()
+    return load_mnist_tfds(tfds_data_dir or None)
 
 
 def to_model_input(images: np.ndarray, centered: bool = True) -> np.ndarray:
     """uint8 (..., 28, 28) -> float32 (..., 28, 28, 1) in [-1, 1] (centered) or [0, 1]."""
     x = images.astype(np.float32)[..., None] / 255.0
     return 2.0 * x - 1.0 if centered else x
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    prepared = prepare_tfds_mnist(flags.FLAGS.mnist_dir, flags.FLAGS.tfds_data_dir)
+    print(f"TFDS mnist prepared in {prepared}; use it with --config.data.tfds_data_dir={prepared}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("mnist_dir", None, "A directory with the four MNIST IDX .gz files.")
+    flags.DEFINE_string("tfds_data_dir", None, "The TFDS data_dir to prepare 'mnist' in.")
+    flags.mark_flags_as_required(["mnist_dir", "tfds_data_dir"])
+    app.run(main)

@@ -50,6 +50,7 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
         raise ValueError(f"unknown regime {regime!r}; valid: {sorted(REGIME_FILES)}")
     paper = procedure == "paper"
     cfg = REGIME_FILES[regime].get_config(config.preset + (",paper_sampler" if paper else ""))
+    cfg.data.update(config.data.to_dict())
     if procedure is not None and not paper:
         if procedure not in aggregators.AGGREGATORS:
             valid = ["paper", *sorted(aggregators.AGGREGATORS)]
@@ -209,10 +210,11 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path."""
     os.makedirs(outdir, exist_ok=True)
     timings = Timings(os.path.join(outdir, "timings.json"))
-    mnist = data.load_mnist(REGIME_FILES["control"].get_config(config.preset).data.mnist_dir)
+    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
 
     clf_dir = os.path.join(outdir, "classifier")
     clf_cfg = classifier_config.get_config(config.classifier_preset)
+    clf_cfg.data.update(config.data.to_dict())
     clf = classifier.load_classifier(clf_dir)
     if clf is None:
         clf = timings.run("classifier", lambda: classifier.train_classifier(clf_cfg, clf_dir))

@@ -320,7 +320,7 @@ def train_and_evaluate(
     from clu import metric_writers, periodic_actions
 
     components = resolve(config)
-    mnist = data.load_mnist(config.data.mnist_dir)
+    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     partition = make_partition(config, mnist.train_labels)
     batcher = AgentBatcher(
         mnist.train_images,

@@ -100,6 +100,13 @@ def mnist(mnist_dir) -> data.Mnist:
     return data.load_mnist_idx(mnist_dir)
 
 
+@pytest.fixture(scope="session")
+def tfds_data_dir(mnist_dir, tmp_path_factory) -> pathlib.Path:
+    """A TFDS data_dir with 'mnist' prepared by TFDS from the local IDX copy, offline (once per
+    session)."""
+    return pathlib.Path(data.prepare_tfds_mnist(mnist_dir, tmp_path_factory.mktemp("tfds")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mnist_env(mnist_dir):
     """Entry points run in subprocesses read the local copy through the environment."""

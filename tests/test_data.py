@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import socket
 
 import numpy as np
 import pytest
@@ -7,19 +8,13 @@ import tensorflow_datasets as tfds
 
 from fedinf_jax import data
 
-# sha256 of the uncompressed canonical IDX files (../shared/data/mnist/README.md).
-SHA256 = {
-    "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-}
-
 
 def test_real_mnist_shapes_and_hashes(mnist, mnist_dir):
     assert mnist.train_images.shape == (60000, 28, 28)
     assert mnist.test_images.shape == (10000, 28, 28)
     assert mnist.train_labels.shape == (60000,) and mnist.test_labels.shape == (10000,)
     assert set(np.unique(mnist.train_labels)) == set(range(10))
-    for name, digest in SHA256.items():
+    for name, digest in data.IDX_SHA256.items():  # the canonical files' well-known hashes
         with gzip.open(mnist_dir / data.IDX_FILES[name], "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
     # The README's pixel statistics.
@@ -94,8 +89,50 @@ def test_missing_directory(tmp_path):
 
 def test_tfds_path_with_mock_data(monkeypatch):
     monkeypatch.delenv(data.MNIST_DIR_ENV, raising=False)
+    monkeypatch.setattr(data, "_unreachable_reason", lambda url, timeout: None)
     with tfds.testing.mock_data(num_examples=12):
         m = data.load_mnist()
     assert m.train_images.shape == (12, 28, 28) and m.train_images.dtype == np.uint8
     assert m.test_labels.shape == (12,) and m.test_labels.dtype == np.int32
     assert m.train_labels.min() >= 0 and m.train_labels.max() < 10
+
+
+def test_tfds_prepared_offline_equals_idx_bitwise(monkeypatch, tfds_data_dir, mnist_dir, mnist):
+    """TFDS's own preparation of the local archives, read back through the TFDS loader: the same
+    70,000 images and labels in the same order as the IDX loader."""
+    monkeypatch.delenv(data.MNIST_DIR_ENV, raising=False)
+    assert (tfds_data_dir / "mnist" / "3.0.1" / "dataset_info.json").is_file()
+    from_tfds = data.load_mnist(tfds_data_dir=str(tfds_data_dir))
+    for name, array in mnist._asdict().items():
+        got = getattr(from_tfds, name)
+        assert got.dtype == array.dtype and got.shape == array.shape, name
+        np.testing.assert_array_equal(got, array, err_msg=name)
+    # The same call on a prepared data_dir prepares nothing again.
+    before = sorted(p.name for p in (tfds_data_dir / "mnist" / "3.0.1").iterdir())
+    data.prepare_tfds_mnist(mnist_dir, tfds_data_dir)
+    assert sorted(p.name for p in (tfds_data_dir / "mnist" / "3.0.1").iterdir()) == before
+
+
+def test_prepare_refuses_an_archive_that_is_not_mnist(tmp_path):
+    _write_valid_dir(tmp_path)
+    with pytest.raises(data.MnistError, match="not the canonical train_images IDX file"):
+        data.prepare_tfds_mnist(tmp_path, tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_no_copy_and_no_network_is_one_clear_error(monkeypatch, tmp_path):
+    """Nothing prepared in the data_dir and the download host refuses (a closed port on this
+    machine stands in for it): an MnistError naming every way to provide MNIST, no download."""
+    monkeypatch.delenv(data.MNIST_DIR_ENV, raising=False)
+    monkeypatch.setattr(data.urllib.request, "getproxies", dict)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(tfds.builder_cls("mnist"), "URL", f"http://127.0.0.1:{closed}/mnist/")
+    with pytest.raises(data.MnistError) as info:
+        data.load_mnist(tfds_data_dir=str(tmp_path))
+    message = str(info.value)
+    for way in (data.MNIST_DIR_ENV, "data.mnist_dir", "data.tfds_data_dir", "TFDS_DATA_DIR"):
+        assert way in message
+    assert str(tmp_path) in message and "ConnectionRefusedError" in message
+    assert list(tmp_path.iterdir()) == []

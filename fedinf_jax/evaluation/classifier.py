@@ -153,7 +153,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
         logging.info("classifier in %s: test accuracy %.4f (reused)", workdir, found.test_accuracy)
         check_accuracy(found.test_accuracy, config, workdir)
         return found
-    mnist = data.load_mnist(config.data.mnist_dir)
+    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     model = make_classifier(config.model)
     tx = train_lib.make_optimizer(config.train)
     params = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, *data.IMAGE_SHAPE)))
