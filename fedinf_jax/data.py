@@ -268,6 +268,7 @@ def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike
         """TFDS's ``mnist`` builder with the local archives' checksums registered."""
 
         name = registered.name
+        __module__ = registered.__module__  # recorded in dataset_info.json, as TFDS's own
         url_infos = local_infos
 
     config = tfds.download.DownloadConfig(manual_dir=str(mnist_dir), try_download_gcs=False)
