@@ -4,6 +4,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 
 def time_calls(fn, repeats: int) -> tuple[float, float]:
@@ -21,3 +22,16 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return first, statistics.median(times)
+
+
+def sgemm_gflops(n: int = 4096, repeats: int = 3) -> float:
+    """This machine's fp32 matrix-product ceiling now: the best of ``repeats`` numpy ``n x n``
+    float32 products, in GFLOP/s (2 n^3 flops each). It drifts within minutes on a shared
+    machine, so benchmarks measure it in the same run as what they compare to it."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

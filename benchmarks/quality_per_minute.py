@@ -1,0 +1,215 @@
+"""Sample quality of a control agent against the training time it cost, per training recipe.
+
+    python benchmarks/quality_per_minute.py --workdir=runs/quality_per_minute
+    python benchmarks/quality_per_minute.py --recipes=baseline --steps=150,300,600,900,1200
+
+For each recipe (a named set of config overrides, ``RECIPES``) and each step budget, one control
+agent (``configs/control.py:PRESET``, all 60,000 training images) is trained from scratch with
+``train.num_steps`` set to that budget, so that its schedule ends there, as a run of that length
+would (warm-up capped at a tenth of the budget). It is then sampled with the preset's sampler
+(``--per_class`` images of each digit) and scored with the reproduction's classifier (trained
+here at its ``cpu`` preset if ``--classifier`` holds none): label accuracy, noise rate (max
+softmax < 0.5) and FID against the MNIST test set in the classifier's features. The training time
+is measured around the training call (wall and process CPU seconds, compilation included), beside
+the fp32 matrix-product ceiling of the machine at that moment (numpy 4096 x 4096 sgemm).
+
+Every cell is kept under ``--workdir/RECIPE/steps_N`` (checkpoint, samples, metrics.json,
+cost.json): a rerun computes only what is missing. Writes ``--output`` (JSON: one row per cell),
+the Markdown table beside it, and a PNG of the three metrics against training minutes.
+"""
+
+import json
+import os
+import resource
+import time
+
+import ml_collections
+import timing
+from absl import app, flags, logging
+
+from configs import classifier as classifier_config
+from configs import control
+from fedinf_jax import data, pipeline, runtime, sample_lib, train_lib
+from fedinf_jax.evaluation import classifier
+
+# Each recipe: the config overrides it applies to the preset (dotted keys). "baseline" spells out
+# the recipe the presets had when this benchmark was written, so that it stays comparable when
+# the defaults change.
+RECIPES = {
+    "baseline": {
+        "train.batch_size": 32,
+        "train.learning_rate": 2e-3,
+        "train.warmup_steps": 60,
+        "train.ema_decay": 0.999,
+        "model.parametrization": "edm",
+    },
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/quality_per_minute", "Where the cells are kept (resumable).")
+flags.DEFINE_string("preset", "cpu", "The control agent's preset (configs/base.py).")
+flags.DEFINE_list("recipes", list(RECIPES), f"Recipes to run; known: {sorted(RECIPES)}.")
+flags.DEFINE_list(
+    "steps", ["150", "300", "600", "900", "1200"], "Step budgets: one agent trained per budget."
+)
+flags.DEFINE_integer("per_class", 20, "Samples of each digit per cell.")
+flags.DEFINE_string("classifier", None, "A classifier/ folder (default WORKDIR/classifier).")
+flags.DEFINE_string(
+    "classifier_preset",
+    "cpu",
+    "The classifier's preset when one is trained (configs/classifier.py).",
+)
+flags.DEFINE_string(
+    "output",
+    "benchmarks/results/quality_per_minute_cpu.json",
+    "Results JSON; the .md table and .png go beside it.",
+)
+
+
+def recipe_config(preset: str, recipe: str, steps: int) -> ml_collections.ConfigDict:
+    """The control config at ``preset`` with ``recipe``'s overrides, trained for ``steps``."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
+    config = control.get_config(preset)
+    for key, value in RECIPES[recipe].items():
+        section, field = key.split(".")
+        if field not in config[section]:
+            raise ValueError(f"recipe {recipe!r} sets {key}, which configs/base.py does not have")
+        config[section][field] = value
+    config.train.num_steps = steps
+    config.train.warmup_steps = min(config.train.warmup_steps, max(1, steps // 10))
+    config.train.checkpoint_every = steps
+    config.train.log_every = max(1, min(config.train.log_every, steps // 4))
+    config.sampler.progress = False
+    return config
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_cell(config, workdir: str) -> dict:
+    """Trains (or finds trained) one cell; returns its cost record (``cost.json``)."""
+    path = os.path.join(workdir, "cost.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    ceiling = timing.sgemm_gflops()
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    train_lib.train_and_evaluate(config, workdir)
+    cost = {
+        "train_wall_s": time.perf_counter() - wall,
+        "train_cpu_s": _cpu_seconds() - cpu,
+        "sgemm_gflops_before": ceiling,
+        "sgemm_gflops_after": timing.sgemm_gflops(),
+        "resumed": resumed,  # a resumed cell's time covers only the steps after the resume
+        "images": config.train.num_steps * config.train.batch_size,
+    }
+    pipeline.write_json(path, cost)
+    return cost
+
+
+def run_cell(recipe, steps, clf, real_features) -> dict:
+    config = recipe_config(FLAGS.preset, recipe, steps)
+    workdir = os.path.join(FLAGS.workdir, recipe, f"steps_{steps}")
+    cost = train_cell(config, workdir)
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    else:
+        config.sampler.num_per_class = FLAGS.per_class
+        sample_dir = sample_lib.run(config, workdir, os.path.join(workdir, "samples"))
+        metrics = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
+        pipeline.write_json(metrics_path, metrics)
+    keep = ("accuracy", "noise_rate", "fid", "num_samples", "sampling_wall_time_s")
+    return dict(
+        recipe=recipe,
+        steps=steps,
+        batch_size=config.train.batch_size,
+        train_minutes=cost["train_wall_s"] / 60,
+        **cost,
+        **{k: metrics[k] for k in keep},
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| recipe | steps | images | train min (wall) | CPU min | sgemm GFLOP/s | accuracy "
+        "| noise rate | FID |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        sgemm = f"{r['sgemm_gflops_before']:.0f}-{r['sgemm_gflops_after']:.0f}"
+        lines.append(
+            f"| {r['recipe']} | {r['steps']} | {r['images']:,} | {r['train_minutes']:.1f}"
+            f"{' (resumed)' if r['resumed'] else ''} | {r['train_cpu_s'] / 60:.1f} | {sgemm} "
+            f"| {r['accuracy']:.3f} | {r['noise_rate']:.3f} | {r['fid']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["steps"])
+        minutes = [r["train_minutes"] for r in mine]
+        for ax, key in zip(axes, ("accuracy", "noise_rate", "fid"), strict=True):
+            ax.plot(minutes, [r[key] for r in mine], "o-", label=recipe)
+    for ax, title in zip(axes, ("label accuracy", "noise rate", "FID"), strict=True):
+        ax.set(title=title, xlabel="training minutes (wall, this machine)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"control agent, preset {FLAGS.preset}: quality against training time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    for recipe in FLAGS.recipes:  # every setting checked before anything is trained
+        recipe_config(FLAGS.preset, recipe, 1)
+    budgets = sorted(int(s) for s in FLAGS.steps)
+    runtime.setup()
+    clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
+    clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
+    clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
+    mnist = data.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
+    real_features = clf.features_and_probs(mnist.test_images)[0]
+    rows = []
+    cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]
+    total_steps, done_steps, start = sum(s for _, s in cells), 0, time.perf_counter()
+    for i, (recipe, steps) in enumerate(cells):
+        rows.append(run_cell(recipe, steps, clf, real_features))
+        done_steps += steps
+        elapsed = time.perf_counter() - start
+        logging.info(
+            "cell %d/%d (%s, %d steps): accuracy %.3f, noise %.3f, FID %.2f; %.0f s elapsed, "
+            "ETA %.0f min (by training steps)",
+            i + 1,
+            len(cells),
+            recipe,
+            steps,
+            rows[-1]["accuracy"],
+            rows[-1]["noise_rate"],
+            rows[-1]["fid"],
+            elapsed,
+            elapsed / done_steps * (total_steps - done_steps) / 60,
+        )
+    stem = os.path.splitext(FLAGS.output)[0]
+    os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
+    pipeline.write_json(FLAGS.output, {"preset": FLAGS.preset, "rows": rows})
+    pipeline.write_text(stem + ".md", table(rows))
+    plot(rows, stem + ".png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
