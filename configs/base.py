@@ -100,6 +100,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-4
     config.train.grad_clip = 1.0
     config.train.ema_decay = 0.999
+    # Training times (fedinf_jax/score.py): "uniform_t", t ~ U(sde.eps, T); "lognormal", EDM's
+    # ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha.
+    config.train.noise = "uniform_t"
+    config.train.p_mean = -1.2
+    config.train.p_std = 1.2
     config.train.log_every = 50
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 3

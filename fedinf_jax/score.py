@@ -25,8 +25,10 @@ Two parametrizations (``config.model.parametrization``):
 
 Loss (denoising score matching; Song et al. 2021 eq. 7 with lambda(t) = std^2 for ``eps``, EDM's
 lambda = 1 / c_out^2 for ``edm``): the network's target is F* = (x_0 - c_skip x_t) / c_out,
-    L = E_{t ~ U(eps, T), x_0, z} || F - F* ||^2,
-averaged over pixels and the batch (F* = z for ``eps``).
+    L = E_{t ~ p(t), x_0, z} || F - F* ||^2,
+averaged over pixels and the batch (F* = z for ``eps``). The training times (``train.noise``):
+``uniform_t``, t ~ U(eps, T) (score_sde), or ``lognormal``, EDM's ln sigma ~ N(P_mean, P_std^2)
+for the noise level sigma = std / alpha, mapped to t through the SDE (``SDE.time_at_noise_level``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ TIME_SCALE = 999.0
 """Diffusion time t in [0, 1] enters the sinusoidal embedding as 999 t (the DDPM step range)."""
 
 PARAMETRIZATIONS = ("eps", "edm")
+TRAINING_NOISE = ("uniform_t", "lognormal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,15 +126,44 @@ def make_score_fn(
     return score_fn
 
 
+def make_time_sampler(
+    sde: SDE, name: str = "uniform_t", eps: float = 1e-5, p_mean: float = -1.2, p_std: float = 1.2
+) -> Callable[[Key, int], Times]:
+    """(key, n) -> n training times in [eps, T]: ``uniform_t`` or ``lognormal`` (module docstring;
+    EDM's defaults P_mean = -1.2, P_std = 1.2).
+
+    Raises:
+      ValueError: an unknown name (the valid ones listed) or p_std <= 0.
+    """
+    if name not in TRAINING_NOISE:
+        raise ValueError(f"unknown train.noise {name!r}; valid: {list(TRAINING_NOISE)}")
+    if p_std <= 0:
+        raise ValueError(f"train.p_std must be > 0, got {p_std}")
+    if name == "uniform_t":
+        return lambda key, n: jax.random.uniform(key, (n,), minval=eps, maxval=sde.T)
+
+    def lognormal(key, n):
+        sigma = jnp.exp(p_mean + p_std * jax.random.normal(key, (n,)))
+        return sde.time_at_noise_level(sigma, t_min=eps)
+
+    return lognormal
+
+
 def make_loss_fn(
-    model: nn.Module, sde: SDE, eps: float = 1e-5, param: Parametrization = Parametrization()
+    model: nn.Module,
+    sde: SDE,
+    eps: float = 1e-5,
+    param: Parametrization = Parametrization(),
+    times: Callable[[Key, int], Times] | None = None,
 ):
-    """loss(params, x0, y, key) -> scalar DSM loss for one agent's batch (t ~ U(eps, T))."""
+    """loss(params, x0, y, key) -> scalar DSM loss for one agent's batch, at training times from
+    ``times`` (default t ~ U(eps, T))."""
     network = _network(model, param, sde)
+    times = times or make_time_sampler(sde, "uniform_t", eps)
 
     def loss_fn(params: Params, x0: Images, y: Labels, key: Key) -> Array:
         t_key, z_key = jax.random.split(key)
-        t = jax.random.uniform(t_key, (x0.shape[0],), minval=eps, maxval=sde.T)
+        t = times(t_key, x0.shape[0])
         z = jax.random.normal(z_key, x0.shape)
         out, alpha, std = network(params, sde.perturb(x0, t, z), t, y)
         return jnp.mean(jnp.square(out - param.target(x0, z, alpha, std)))

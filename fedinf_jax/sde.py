@@ -55,6 +55,28 @@ class SDE(abc.ABC):
         """A draw from the prior N(0, prior_std^2 I)."""
         return self.prior_std() * jax.random.normal(key, shape)
 
+    def noise_level(self, t: Array) -> Array:
+        """sigma(t) = std(t) / alpha(t): x_t / alpha(t) is x_0 plus noise of this scale (EDM's
+        sigma; exp(-log-SNR / 2)). Increasing in t for every SDE here."""
+        alpha, std = self.marginal(t)
+        return std / alpha
+
+    def time_at_noise_level(self, sigma: Array, t_min: float = 0.0) -> Array:
+        """The t in [t_min, T] with ``noise_level(t) = sigma`` (clipped to the interval's ends),
+        by bisection: one inverse for every SDE, to float32 resolution after 32 halvings."""
+        sigma = jnp.asarray(sigma, jnp.float32)
+        lo = jnp.full_like(sigma, t_min)
+        hi = jnp.full_like(sigma, self.T)
+
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            below = self.noise_level(mid) < sigma
+            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+        return 0.5 * (lo + hi)
+
     def perturb(self, x0: Array, t: Array, noise: Array) -> Array:
         """x_t = alpha(t) x_0 + std(t) z, with t of shape (batch,)."""
         alpha, std = self.marginal(t)

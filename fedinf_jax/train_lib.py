@@ -27,7 +27,7 @@ from absl import logging
 from fedinf_jax import agents, checkpoint, data, partitions, plots, sharding
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
-from fedinf_jax.score import Parametrization, make_loss_fn, parametrization_of
+from fedinf_jax.score import Parametrization, make_loss_fn, make_time_sampler, parametrization_of
 from fedinf_jax.sde import SDE, make_sde
 from fedinf_jax.types import AgentParams, Key, PyTree
 
@@ -185,25 +185,36 @@ class Components:
     score_strategy: str
     map_unroll: int  # agents per iteration of the ``map`` strategy's loop
     param: Parametrization  # how the network's output is read as a score
+    times: Callable  # (key, n) -> training times
 
 
 def resolve(config: ml_collections.ConfigDict) -> Components:
     """Builds the model, SDE, optimizer and agent-axis strategies a config names.
 
     Raises:
-      ValueError: an unknown SDE, strategy or convolution name, or an invalid number of agents.
+      ValueError: an unknown SDE, strategy, convolution or training-noise name, or an invalid
+        number of agents.
     """
     if config.partition.num_agents < 1:
         raise ValueError(f"partition.num_agents must be >= 1, got {config.partition.num_agents}")
+    sde = make_sde(config.sde)
+    train = config.train
     return Components(
         model=make_unet(config.model, config.get("conv_impl", "auto")),
-        sde=make_sde(config.sde),
+        sde=sde,
         tx=make_optimizer(config.train),
         schedule=make_schedule(config.train),
         train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
         score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
         map_unroll=config.agent_axis.get("map_unroll", 1),
         param=parametrization_of(config.model),
+        times=make_time_sampler(
+            sde,
+            train.get("noise", "uniform_t"),
+            config.sde.eps,
+            train.get("p_mean", -1.2),
+            train.get("p_std", 1.2),
+        ),
     )
 
 
@@ -259,7 +270,7 @@ def _build_train_step(config_json: str) -> Callable:
     config = ml_collections.ConfigDict(json.loads(config_json))
     components = resolve(config)
     loss_fn = make_loss_fn(
-        components.model, components.sde, eps=config.sde.eps, param=components.param
+        components.model, components.sde, param=components.param, times=components.times
     )
     agent_mesh = training_mesh(config)
     step = make_train_step(

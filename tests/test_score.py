@@ -8,7 +8,12 @@ import pytest
 
 from configs import base
 from fedinf_jax import sde as sde_lib
-from fedinf_jax.score import PARAMETRIZATIONS, Parametrization, parametrization_of
+from fedinf_jax.score import (
+    PARAMETRIZATIONS,
+    Parametrization,
+    make_time_sampler,
+    parametrization_of,
+)
 
 T = jnp.asarray([1e-3, 0.05, 0.3, 0.7, 1.0])
 
@@ -61,3 +66,31 @@ def test_config_and_old_records():
         Parametrization("x0")
     with pytest.raises(ValueError, match="sigma_data must be > 0"):
         Parametrization("edm", 0.0)
+
+
+def _vp():
+    c = ml_collections.ConfigDict(base.get_config("smoke").sde.to_dict())
+    return sde_lib.make_sde(c)
+
+
+def test_lognormal_training_noise_has_the_stated_distribution():
+    """ln sigma(t) of the sampled times ~ N(P_mean, P_std^2) (apart from the clipped tails: under
+    the VP SDE sigma(T) = 152, 5.2 standard deviations above the mean)."""
+    sde = _vp()
+    t = make_time_sampler(sde, "lognormal", 1e-5, p_mean=-1.2, p_std=1.2)(jax.random.key(0), 40_000)
+    assert float(t.min()) >= 1e-5 and float(t.max()) <= 1.0
+    log_sigma = np.log(np.asarray(sde.noise_level(t)))
+    se = 1.2 / np.sqrt(len(log_sigma))
+    assert abs(log_sigma.mean() + 1.2) < 4 * se
+    assert abs(log_sigma.std() - 1.2) < 4 * se
+    assert abs(np.median(log_sigma) + 1.2) < 6 * se
+
+
+def test_uniform_training_noise_and_bad_names():
+    sde = _vp()
+    t = np.asarray(make_time_sampler(sde, "uniform_t", 0.25)(jax.random.key(1), 20_000))
+    assert t.min() >= 0.25 and t.max() <= 1.0 and abs(t.mean() - 0.625) < 0.01
+    with pytest.raises(ValueError, match=r"unknown train.noise 'edm'; valid: \['uniform_t'"):
+        make_time_sampler(sde, "edm")
+    with pytest.raises(ValueError, match="p_std must be > 0"):
+        make_time_sampler(sde, "lognormal", p_std=0.0)

@@ -62,3 +62,24 @@ def test_unknown_sde_lists_valid_names():
     c.name = "edm"
     with pytest.raises(ValueError, match=r"valid: \['subvp', 've', 've_paper', 'vp'\]"):
         sde_lib.make_sde(c)
+
+
+@pytest.mark.parametrize("name", sorted(sde_lib.SDES))
+def test_time_at_noise_level_inverts_noise_level(name):
+    sde = _make(name)
+    t = jnp.linspace(0.01, 1.0, 9)
+    sigma = sde.noise_level(t)
+    assert np.all(np.diff(np.asarray(sigma)) > 0)
+    np.testing.assert_allclose(sde.time_at_noise_level(sigma), t, atol=1e-6)
+    # Outside [sigma(t_min), sigma(T)] the time is the interval's end.
+    ends = sde.time_at_noise_level(jnp.array([1e-9, 1e9]), t_min=0.01)
+    np.testing.assert_allclose(ends, [0.01, 1.0], atol=1e-6)
+
+
+def test_vp_time_at_noise_level_closed_form():
+    """VP: sigma^2 = exp(int_0^t beta) - 1, so (b1 - b0) t^2 / 2 + b0 t = log(1 + sigma^2)."""
+    sde = _make("vp")
+    b0, b1 = sde.beta_min, sde.beta_max
+    sigma = np.array([3e-3, 0.05, 0.3, 1.0, 7.0, 80.0])
+    expected = (-b0 + np.sqrt(b0**2 + 2 * (b1 - b0) * np.log1p(sigma**2))) / (b1 - b0)
+    np.testing.assert_allclose(sde.time_at_noise_level(jnp.asarray(sigma)), expected, rtol=1e-5)
