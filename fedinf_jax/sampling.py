@@ -82,6 +82,37 @@ SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "sra1": diffrax.SRA1,
 }
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
+# Where constant steps are placed (``time_grid``).
+SCHEDULES = ("uniform", "karras", "log_snr")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+def time_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
+    """The ``num_steps + 1`` times from T down to ``t_end`` that constant steps visit.
+
+    * ``uniform``: equal steps in t;
+    * ``karras``: Karras et al.'s sigma schedule, sigma_i = (sigma_max^(1/rho) + i / N
+      (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with rho = 7 between the noise levels
+      sigma = std / alpha at T and at t_end, mapped back to t (steps shrink towards the data);
+    * ``log_snr``: equal steps in log sigma (in the log signal-to-noise ratio).
+
+    Raises:
+      ValueError: an unknown schedule (the valid ones listed).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown sampler.schedule {schedule!r}; valid: {list(SCHEDULES)}")
+    if schedule == "uniform":
+        return jnp.linspace(sde.T, t_end, num_steps + 1)
+    s_max, s_min = sde.noise_level(jnp.float32(sde.T)), sde.noise_level(jnp.float32(t_end))
+    u = jnp.linspace(0.0, 1.0, num_steps + 1)
+    if schedule == "karras":
+        inv = 1.0 / KARRAS_RHO
+        sigma = (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
+    else:
+        sigma = jnp.exp(jnp.log(s_max) + u * (jnp.log(s_min) - jnp.log(s_max)))
+    t = sde.time_at_noise_level(sigma, t_min=t_end)
+    return t.at[0].set(sde.T).at[-1].set(t_end)  # the ends exactly
+
 
 _NONFINITE = "FEDINF_NONFINITE:"
 
@@ -115,6 +146,7 @@ class SolverSpec:
     atol: float = 1e-3
     max_steps: int = 4096
     t_end: float = 1e-3
+    schedule: str = "uniform"  # constant steps: where they lie (``time_grid``)
     denoise: bool = True
     save_trajectory: int = 0
     progress: bool = False
@@ -131,6 +163,7 @@ class SolverSpec:
             atol=c.atol,
             max_steps=c.max_steps,
             t_end=c.t_end,
+            schedule=c.get("schedule", "uniform"),
             denoise=c.denoise,
             save_trajectory=c.save_trajectory,
             progress=c.progress,
@@ -146,6 +179,15 @@ class SolverSpec:
             raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
         if self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown sampler.schedule {self.schedule!r}; valid: {list(SCHEDULES)}"
+            )
+        if self.adaptive and self.schedule != "uniform":
+            raise ValueError(
+                f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "
+                "placed by the controller: use sampler.adaptive=False or schedule='uniform'"
+            )
         if self.adaptive:
             if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
                 adaptive = sorted(
@@ -513,7 +555,8 @@ class FederatedSampler:
             )
             dt0, max_steps = tau1 / spec.num_steps, spec.max_steps
         else:
-            controller = diffrax.StepTo(ts=jnp.linspace(0.0, tau1, spec.num_steps + 1))
+            ts = sde.T - time_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
+            controller = diffrax.StepTo(ts=ts.at[0].set(0.0).at[-1].set(tau1))
             dt0, max_steps = None, spec.num_steps
         if spec.save_trajectory:
             saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, tau1, spec.save_trajectory))

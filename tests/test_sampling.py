@@ -77,7 +77,10 @@ def test_gaussian_federation_matches_closed_form(case):
         t_end=t_end,
         denoise=denoise,
     )
-    x = np.asarray(draw(sampler, 4000).images)
+    _assert_closed_form(np.asarray(draw(sampler, 4000).images), sde, w, t_end, denoise)
+
+
+def _assert_closed_form(x, sde, w, t_end, denoise):
     m = w @ np.asarray(MUS)
     alpha, std = (float(v) for v in sde.marginal(jnp.asarray(t_end)))
     spread = np.sqrt(alpha**2 * S0**2 + std**2)
@@ -85,6 +88,33 @@ def test_gaussian_federation_matches_closed_form(case):
     # Standard errors with 4000 samples: mean 0.008, std 0.006.
     np.testing.assert_allclose(x.mean(axis=0), want_mean, atol=0.04)
     np.testing.assert_allclose(x.std(axis=0), want_std, atol=0.025)
+
+
+@pytest.mark.parametrize("schedule", ["karras", "log_snr"])
+def test_second_order_ode_on_a_sigma_schedule_matches_closed_form(schedule):
+    """Heun on the probability-flow ODE with 18 steps (36 evaluations) placed by a sigma
+    schedule reaches the closed form of the uniform-weight Gaussian federation."""
+    sde = VPSDE()
+    sampler = make_sampler(sde, aggregators.mean(), "ode", "heun", 18, schedule=schedule)
+    _assert_closed_form(np.asarray(draw(sampler, 4000).images), sde, np.full(3, 1 / 3), 1e-3, True)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(), SubVPSDE()], ids=lambda s: type(s).__name__)
+def test_time_grids(sde):
+    n, t_end = 12, 1e-3
+    for schedule in sampling.SCHEDULES:
+        t = np.asarray(sampling.time_grid(sde, schedule, n, t_end))
+        assert t.shape == (n + 1,) and t[0] == sde.T and t[-1] == np.float32(t_end)
+        assert np.all(np.diff(t) < 0), schedule
+    sigma = lambda t: np.asarray(sde.noise_level(jnp.asarray(t)))  # noqa: E731
+    s = sigma(sampling.time_grid(sde, "log_snr", n, t_end))
+    np.testing.assert_allclose(np.diff(np.log(s)), np.log(s[-1] / s[0]) / n, rtol=1e-3)
+    s = sigma(sampling.time_grid(sde, "karras", n, t_end))
+    root = s ** (1 / sampling.KARRAS_RHO)
+    np.testing.assert_allclose(np.diff(root), (root[-1] - root[0]) / n, rtol=1e-3)
+    np.testing.assert_allclose(
+        sampling.time_grid(sde, "uniform", n, t_end), np.linspace(1.0, t_end, n + 1), rtol=1e-6
+    )
 
 
 def test_diffrax_euler_maruyama_equals_a_scan():
@@ -222,6 +252,10 @@ def test_bad_settings_are_clear_errors():
         make_sampler(sde, aggregators.mean(), "sde", "euler", adaptive=True)
     with pytest.raises(ValueError, match="save_trajectory must be 0"):
         make_sampler(sde, aggregators.mean(), save_trajectory=1)
+    with pytest.raises(ValueError, match=r"unknown sampler.schedule 'cosine'; valid: \['uniform'"):
+        make_sampler(sde, aggregators.mean(), schedule="cosine")
+    with pytest.raises(ValueError, match="adaptive steps are placed by the controller"):
+        make_sampler(sde, aggregators.mean(), "ode", "tsit5", adaptive=True, schedule="karras")
     with pytest.raises(ValueError, match="one key per label"):
         make_sampler(sde, aggregators.mean())(
             {"mu": MUS}, sampling.sample_keys(0, 3), jnp.zeros(4, jnp.int32)
