@@ -13,8 +13,9 @@ softmax < 0.5) and FID against the MNIST test set in the classifier's features. 
 is measured around the training call (wall and process CPU seconds, compilation included), beside
 the fp32 matrix-product ceiling of the machine at that moment (numpy 4096 x 4096 sgemm).
 
-Every cell is kept under ``--workdir/RECIPE/steps_N`` (checkpoint, samples, metrics.json,
-cost.json): a rerun computes only what is missing. Writes ``--output`` (JSON: one row per cell),
+Each trained cell is sampled with every sampler of ``--samplers`` (``SAMPLERS``). Every cell is
+kept under ``--workdir/RECIPE/steps_N`` (checkpoint, cost.json, samples/SAMPLER/ with its
+metrics.json): a rerun computes only what is missing. Writes ``--output`` (JSON: one row per cell),
 the Markdown table beside it, and a PNG of the three metrics against training minutes.
 """
 
@@ -42,7 +43,26 @@ RECIPES = {
         "train.warmup_steps": 60,
         "train.ema_decay": 0.999,
         "model.parametrization": "edm",
+        "train.noise": "uniform_t",
     },
+    # EDM's training noise distribution (ln sigma ~ N(-1.2, 1.2^2)), the rest as baseline.
+    "lognormal": {
+        "train.batch_size": 32,
+        "train.learning_rate": 2e-3,
+        "train.warmup_steps": 60,
+        "train.ema_decay": 0.999,
+        "model.parametrization": "edm",
+        "train.noise": "lognormal",
+    },
+}
+
+# Each sampler: overrides of the config's ``sampler`` section. Every trained cell is sampled with
+# each sampler asked for, so samplers compare on the same agents.
+SAMPLERS = {
+    # The cpu preset's: reverse SDE, Euler-Maruyama, 100 steps uniform in t (100 evaluations).
+    "em100": {"method": "sde", "solver": "euler", "num_steps": 100, "schedule": "uniform"},
+    # Probability-flow ODE, Heun, 18 steps on Karras et al.'s sigma schedule (36 evaluations).
+    "heun18_karras": {"method": "ode", "solver": "heun", "num_steps": 18, "schedule": "karras"},
 }
 
 FLAGS = flags.FLAGS
@@ -52,6 +72,7 @@ flags.DEFINE_list("recipes", list(RECIPES), f"Recipes to run; known: {sorted(REC
 flags.DEFINE_list(
     "steps", ["150", "300", "600", "900", "1200"], "Step budgets: one agent trained per budget."
 )
+flags.DEFINE_list("samplers", ["em100"], f"Samplers per trained cell; known: {sorted(SAMPLERS)}.")
 flags.DEFINE_integer("per_class", 20, "Samples of each digit per cell.")
 flags.DEFINE_string("classifier", None, "A classifier/ folder (default WORKDIR/classifier).")
 flags.DEFINE_string(
@@ -111,42 +132,52 @@ def train_cell(config, workdir: str) -> dict:
     return cost
 
 
-def run_cell(recipe, steps, clf, real_features) -> dict:
+def run_cell(recipe, steps, clf, real_features) -> list[dict]:
+    """One trained cell's rows, one per sampler in ``--samplers``."""
     config = recipe_config(FLAGS.preset, recipe, steps)
     workdir = os.path.join(FLAGS.workdir, recipe, f"steps_{steps}")
     cost = train_cell(config, workdir)
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
-    else:
-        config.sampler.num_per_class = FLAGS.per_class
-        sample_dir = sample_lib.run(config, workdir, os.path.join(workdir, "samples"))
-        metrics = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
-        pipeline.write_json(metrics_path, metrics)
-    keep = ("accuracy", "noise_rate", "fid", "num_samples", "sampling_wall_time_s")
-    return dict(
-        recipe=recipe,
-        steps=steps,
-        batch_size=config.train.batch_size,
-        train_minutes=cost["train_wall_s"] / 60,
-        **cost,
-        **{k: metrics[k] for k in keep},
-    )
+    rows = []
+    for sampler in FLAGS.samplers:
+        metrics_path = os.path.join(workdir, "samples", sampler, "metrics.json")
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+        else:
+            config.sampler.update(SAMPLERS[sampler])
+            config.sampler.num_per_class = FLAGS.per_class
+            sample_dir = sample_lib.run(config, workdir, os.path.dirname(metrics_path))
+            metrics = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
+            pipeline.write_json(metrics_path, metrics)
+        keep = ("accuracy", "noise_rate", "fid", "num_samples", "score_evaluations")
+        rows.append(
+            dict(
+                recipe=recipe,
+                sampler=sampler,
+                steps=steps,
+                batch_size=config.train.batch_size,
+                train_minutes=cost["train_wall_s"] / 60,
+                sampling_s=metrics["sampling_wall_time_s"],
+                **cost,
+                **{k: metrics[k] for k in keep},
+            )
+        )
+    return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| recipe | steps | images | train min (wall) | CPU min | sgemm GFLOP/s | accuracy "
-        "| noise rate | FID |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| recipe | sampler | steps | images | train min (wall) | CPU min | sgemm GFLOP/s "
+        "| accuracy | noise rate | FID | sampling s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         sgemm = f"{r['sgemm_gflops_before']:.0f}-{r['sgemm_gflops_after']:.0f}"
         lines.append(
-            f"| {r['recipe']} | {r['steps']} | {r['images']:,} | {r['train_minutes']:.1f}"
-            f"{' (resumed)' if r['resumed'] else ''} | {r['train_cpu_s'] / 60:.1f} | {sgemm} "
-            f"| {r['accuracy']:.3f} | {r['noise_rate']:.3f} | {r['fid']:.2f} |"
+            f"| {r['recipe']} | {r['sampler']} | {r['steps']} | {r['images']:,} "
+            f"| {r['train_minutes']:.1f}{' (resumed)' if r['resumed'] else ''} "
+            f"| {r['train_cpu_s'] / 60:.1f} | {sgemm} | {r['accuracy']:.3f} "
+            f"| {r['noise_rate']:.3f} | {r['fid']:.2f} | {r['sampling_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -158,11 +189,13 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["steps"])
+    for line in dict.fromkeys((r["recipe"], r["sampler"]) for r in rows):
+        mine = sorted(
+            (r for r in rows if (r["recipe"], r["sampler"]) == line), key=lambda r: r["steps"]
+        )
         minutes = [r["train_minutes"] for r in mine]
         for ax, key in zip(axes, ("accuracy", "noise_rate", "fid"), strict=True):
-            ax.plot(minutes, [r[key] for r in mine], "o-", label=recipe)
+            ax.plot(minutes, [r[key] for r in mine], "o-", label=" / ".join(line))
     for ax, title in zip(axes, ("label accuracy", "noise rate", "FID"), strict=True):
         ax.set(title=title, xlabel="training minutes (wall, this machine)")
         ax.grid(alpha=0.3)
@@ -176,6 +209,9 @@ def main(argv):
     del argv
     for recipe in FLAGS.recipes:  # every setting checked before anything is trained
         recipe_config(FLAGS.preset, recipe, 1)
+    for sampler in FLAGS.samplers:
+        if sampler not in SAMPLERS:
+            raise app.UsageError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
     budgets = sorted(int(s) for s in FLAGS.steps)
     runtime.setup()
     clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
@@ -187,7 +223,7 @@ def main(argv):
     cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]
     total_steps, done_steps, start = sum(s for _, s in cells), 0, time.perf_counter()
     for i, (recipe, steps) in enumerate(cells):
-        rows.append(run_cell(recipe, steps, clf, real_features))
+        rows.extend(run_cell(recipe, steps, clf, real_features))
         done_steps += steps
         elapsed = time.perf_counter() - start
         logging.info(
