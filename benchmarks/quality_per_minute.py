@@ -27,13 +27,15 @@ import time
 import ml_collections
 import timing
 from absl import app, flags, logging
+from candidates import CANDIDATES
 
 from configs import classifier as classifier_config
 from configs import control
 from fedinf_jax import data, pipeline, runtime, sample_lib, train_lib
 from fedinf_jax.evaluation import classifier
 
-# Each recipe: the config overrides it applies to the preset (dotted keys). "baseline" spells out
+# Each recipe: the config overrides it applies to the preset (dotted keys; "architecture" names a
+# U-Net of candidates.py, whose model overrides apply). "baseline" spells out
 # the recipe the presets had when this benchmark was written, so that it stays comparable when
 # the defaults change.
 RECIPES = {
@@ -55,6 +57,9 @@ RECIPES = {
         "train.noise": "lognormal",
     },
 }
+# The baseline's training with another U-Net of candidates.py.
+for _name in ("wide16", "wide32", "wide_noattn", "two_level"):
+    RECIPES[_name] = dict(RECIPES["baseline"], architecture=_name)
 
 # Each sampler: overrides of the config's ``sampler`` section. Every trained cell is sampled with
 # each sampler asked for, so samplers compare on the same agents.
@@ -93,6 +98,9 @@ def recipe_config(preset: str, recipe: str, steps: int) -> ml_collections.Config
         raise ValueError(f"unknown recipe {recipe!r}; valid: {sorted(RECIPES)}")
     config = control.get_config(preset)
     for key, value in RECIPES[recipe].items():
+        if key == "architecture":
+            config.model.update(CANDIDATES[value][1])
+            continue
         section, field = key.split(".")
         if field not in config[section]:
             raise ValueError(f"recipe {recipe!r} sets {key}, which configs/base.py does not have")
