@@ -57,6 +57,9 @@ RECIPES = {
         "train.noise": "lognormal",
     },
 }
+# ln sigma uniform over the SDE's range: as often at high noise (where the digit's shape is
+# decided) as at low noise (where its strokes are cleaned), the rest as baseline.
+RECIPES["log_snr"] = dict(RECIPES["baseline"], **{"train.noise": "log_snr"})
 # The baseline's training with another U-Net of candidates.py.
 for _name in ("wide16", "wide32", "wide_noattn", "two_level"):
     RECIPES[_name] = dict(RECIPES["baseline"], architecture=_name)
@@ -79,6 +82,12 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("samplers", ["em100"], f"Samplers per trained cell; known: {sorted(SAMPLERS)}.")
 flags.DEFINE_integer("per_class", 20, "Samples of each digit per cell.")
+flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Compute nothing: tabulate and plot the cells already under --workdir for these recipes, "
+    "samplers and budgets, skipping the missing ones.",
+)
 flags.DEFINE_string("classifier", None, "A classifier/ folder (default WORKDIR/classifier).")
 flags.DEFINE_string(
     "classifier_preset",
@@ -144,10 +153,14 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
     """One trained cell's rows, one per sampler in ``--samplers``."""
     config = recipe_config(FLAGS.preset, recipe, steps)
     workdir = os.path.join(FLAGS.workdir, recipe, f"steps_{steps}")
-    cost = train_cell(config, workdir)
     rows = []
+    if FLAGS.report_only and not os.path.exists(os.path.join(workdir, "cost.json")):
+        return rows
+    cost = train_cell(config, workdir)
     for sampler in FLAGS.samplers:
         metrics_path = os.path.join(workdir, "samples", sampler, "metrics.json")
+        if FLAGS.report_only and not os.path.exists(metrics_path):
+            continue
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = json.load(f)
@@ -222,17 +235,21 @@ def main(argv):
             raise app.UsageError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
     budgets = sorted(int(s) for s in FLAGS.steps)
     runtime.setup()
-    clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
-    clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
-    clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
-    mnist = data.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
-    real_features = clf.features_and_probs(mnist.test_images)[0]
+    clf = real_features = None
+    if not FLAGS.report_only:
+        clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
+        clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
+        clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
+        mnist = data.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
+        real_features = clf.features_and_probs(mnist.test_images)[0]
     rows = []
     cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]
     total_steps, done_steps, start = sum(s for _, s in cells), 0, time.perf_counter()
     for i, (recipe, steps) in enumerate(cells):
         rows.extend(run_cell(recipe, steps, clf, real_features))
         done_steps += steps
+        if not rows or FLAGS.report_only:
+            continue
         elapsed = time.perf_counter() - start
         logging.info(
             "cell %d/%d (%s, %d steps): accuracy %.3f, noise %.3f, FID %.2f; %.0f s elapsed, "

@@ -101,7 +101,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.grad_clip = 1.0
     config.train.ema_decay = 0.999
     # Training times (fedinf_jax/score.py): "uniform_t", t ~ U(sde.eps, T); "lognormal", EDM's
-    # ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha.
+    # ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha; "log_snr", ln sigma
+    # uniform between sigma(sde.eps) and sigma(T).
     config.train.noise = "uniform_t"
     config.train.p_mean = -1.2
     config.train.p_std = 1.2

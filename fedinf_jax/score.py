@@ -27,13 +27,16 @@ Loss (denoising score matching; Song et al. 2021 eq. 7 with lambda(t) = std^2 fo
 lambda = 1 / c_out^2 for ``edm``): the network's target is F* = (x_0 - c_skip x_t) / c_out,
     L = E_{t ~ p(t), x_0, z} || F - F* ||^2,
 averaged over pixels and the batch (F* = z for ``eps``). The training times (``train.noise``):
-``uniform_t``, t ~ U(eps, T) (score_sde), or ``lognormal``, EDM's ln sigma ~ N(P_mean, P_std^2)
-for the noise level sigma = std / alpha, mapped to t through the SDE (``SDE.time_at_noise_level``).
+``uniform_t``, t ~ U(eps, T) (score_sde); ``lognormal``, EDM's ln sigma ~ N(P_mean, P_std^2) for
+the noise level sigma = std / alpha; or ``log_snr``, ln sigma uniform between sigma(eps) and
+sigma(T) (every octave of noise equally often); the last two mapped to t through the SDE
+(``SDE.time_at_noise_level``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -47,7 +50,7 @@ TIME_SCALE = 999.0
 """Diffusion time t in [0, 1] enters the sinusoidal embedding as 999 t (the DDPM step range)."""
 
 PARAMETRIZATIONS = ("eps", "edm")
-TRAINING_NOISE = ("uniform_t", "lognormal")
+TRAINING_NOISE = ("uniform_t", "lognormal", "log_snr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,14 @@ def make_time_sampler(
         raise ValueError(f"train.p_std must be > 0, got {p_std}")
     if name == "uniform_t":
         return lambda key, n: jax.random.uniform(key, (n,), minval=eps, maxval=sde.T)
+    if name == "log_snr":
+        lo, hi = (math.log(float(sde.noise_level(jnp.float32(t)))) for t in (eps, sde.T))
+
+        def log_uniform(key, n):
+            sigma = jnp.exp(jax.random.uniform(key, (n,), minval=lo, maxval=hi))
+            return sde.time_at_noise_level(sigma, t_min=eps)
+
+        return log_uniform
 
     def lognormal(key, n):
         sigma = jnp.exp(p_mean + p_std * jax.random.normal(key, (n,)))

@@ -86,6 +86,19 @@ def test_lognormal_training_noise_has_the_stated_distribution():
     assert abs(np.median(log_sigma) + 1.2) < 6 * se
 
 
+def test_log_snr_training_noise_is_uniform_in_log_sigma():
+    sde = _vp()
+    t = make_time_sampler(sde, "log_snr", 1e-4)(jax.random.key(2), 40_000)
+    log_sigma = np.log(np.asarray(sde.noise_level(t)))
+    lo, hi = (float(np.log(sde.noise_level(jnp.float32(s)))) for s in (1e-4, 1.0))
+    assert log_sigma.min() >= lo - 1e-4 and log_sigma.max() <= hi + 1e-4
+    # Uniform on [lo, hi]: every quarter of the range holds a quarter of the draws.
+    counts, _ = np.histogram(log_sigma, bins=4, range=(lo, hi))
+    np.testing.assert_allclose(
+        counts / len(log_sigma), 0.25, atol=4 * np.sqrt(0.25 * 0.75 / 40_000)
+    )
+
+
 def test_uniform_training_noise_and_bad_names():
     sde = _vp()
     t = np.asarray(make_time_sampler(sde, "uniform_t", 0.25)(jax.random.key(1), 20_000))
