@@ -85,20 +85,26 @@ def measure(name: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| candidate | channels | params | GFLOP/image | images/s | GFLOP/s | sgemm GFLOP/s "
-        "| of ceiling | compile s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['candidate']} | {tuple(r['model']['block_out_channels'])} "
-            f"| {r['parameters_per_agent']:,} | {r['gflop_per_image']:.3f} "
-            f"| {r['images_per_s']:.0f} | {r['gflops']:.1f} "
-            f"| {r['sgemm_gflops'][0]:.0f}-{r['sgemm_gflops'][1]:.0f} "
-            f"| {100 * r['fraction_of_ceiling']:.0f}% | {r['compile_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["candidate", "channels", "params", "GFLOP/image", "images/s", "GFLOP/s"]
+    header += ["sgemm GFLOP/s", "of ceiling", "compile s"]
+    return timing.markdown_table(
+        header,
+        [
+            [
+                r["candidate"],
+                tuple(r["model"]["block_out_channels"]),
+                f"{r['parameters_per_agent']:,}",
+                f"{r['gflop_per_image']:.3f}",
+                f"{r['images_per_s']:.0f}",
+                f"{r['gflops']:.1f}",
+                f"{r['sgemm_gflops'][0]:.0f}-{r['sgemm_gflops'][1]:.0f}",
+                f"{100 * r['fraction_of_ceiling']:.0f}%",
+                f"{r['compile_s']:.0f}",
+            ]
+            for r in rows
+        ],
+        numeric_from=2,
+    )
 
 
 def main(argv):

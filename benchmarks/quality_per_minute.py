@@ -187,20 +187,28 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| recipe | sampler | steps | images | train min (wall) | CPU min | sgemm GFLOP/s "
-        "| accuracy | noise rate | FID | sampling s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        sgemm = f"{r['sgemm_gflops_before']:.0f}-{r['sgemm_gflops_after']:.0f}"
-        lines.append(
-            f"| {r['recipe']} | {r['sampler']} | {r['steps']} | {r['images']:,} "
-            f"| {r['train_minutes']:.1f}{' (resumed)' if r['resumed'] else ''} "
-            f"| {r['train_cpu_s'] / 60:.1f} | {sgemm} | {r['accuracy']:.3f} "
-            f"| {r['noise_rate']:.3f} | {r['fid']:.2f} | {r['sampling_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["recipe", "sampler", "steps", "images", "train min (wall)", "CPU min"]
+    header += ["sgemm GFLOP/s", "accuracy", "noise rate", "FID", "sampling s"]
+    return timing.markdown_table(
+        header,
+        [
+            [
+                r["recipe"],
+                r["sampler"],
+                r["steps"],
+                f"{r['images']:,}",
+                f"{r['train_minutes']:.1f}{' (resumed)' if r['resumed'] else ''}",
+                f"{r['train_cpu_s'] / 60:.1f}",
+                f"{r['sgemm_gflops_before']:.0f}-{r['sgemm_gflops_after']:.0f}",
+                f"{r['accuracy']:.3f}",
+                f"{r['noise_rate']:.3f}",
+                f"{r['fid']:.2f}",
+                f"{r['sampling_s']:.0f}",
+            ]
+            for r in rows
+        ],
+        numeric_from=2,
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:

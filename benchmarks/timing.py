@@ -24,6 +24,13 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    """A Markdown table; columns from ``numeric_from`` on are right-aligned."""
+    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines) + "\n"
+
+
 def sgemm_gflops(n: int = 4096, repeats: int = 3) -> float:
     """This machine's fp32 matrix-product ceiling now: the best of ``repeats`` numpy ``n x n``
     float32 products, in GFLOP/s (2 n^3 flops each). It drifts within minutes on a shared
