@@ -71,6 +71,11 @@ SAMPLERS = {
     "em100": {"method": "sde", "solver": "euler", "num_steps": 100, "schedule": "uniform"},
     # Probability-flow ODE, Heun, 18 steps on Karras et al.'s sigma schedule (36 evaluations).
     "heun18_karras": {"method": "ode", "solver": "heun", "num_steps": 18, "schedule": "karras"},
+    # The two at equal evaluations: Heun with em100's 101, Euler-Maruyama with heun18's 37.
+    "heun50_karras": {"method": "ode", "solver": "heun", "num_steps": 50, "schedule": "karras"},
+    "em36": {"method": "sde", "solver": "euler", "num_steps": 36, "schedule": "uniform"},
+    # Euler-Maruyama with its 100 steps on the Karras schedule (short steps near the data).
+    "em100_karras": {"method": "sde", "solver": "euler", "num_steps": 100, "schedule": "karras"},
 }
 
 FLAGS = flags.FLAGS
@@ -218,13 +223,18 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))  # a colour each
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))  # a line style each
+    styles = ("o-", "s--", "^:", "v-.", "D-")
     for line in dict.fromkeys((r["recipe"], r["sampler"]) for r in rows):
         mine = sorted(
             (r for r in rows if (r["recipe"], r["sampler"]) == line), key=lambda r: r["steps"]
         )
         minutes = [r["train_minutes"] for r in mine]
+        color = f"C{recipes.index(line[0]) % 10}"
+        style = styles[samplers.index(line[1]) % len(styles)]
         for ax, key in zip(axes, ("accuracy", "noise_rate", "fid"), strict=True):
-            ax.plot(minutes, [r[key] for r in mine], "o-", label=" / ".join(line))
+            ax.plot(minutes, [r[key] for r in mine], style, color=color, label=" / ".join(line))
     for ax, title in zip(axes, ("label accuracy", "noise rate", "FID"), strict=True):
         ax.set(title=title, xlabel="training minutes (wall, this machine)")
         ax.grid(alpha=0.3)
