@@ -145,7 +145,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.max_steps = 4096  # adaptive: give up after this many steps
     config.sampler.t_end = 1e-3  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
-    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/sampling.py, time_grid.
+    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/sampling.py, tau_grid.
     config.sampler.schedule = "uniform"
     config.sampler.denoise = True  # a final Tweedie step x0 = (x + std^2 s) / alpha at t_end
     config.sampler.num_per_class = 10  # samples per digit

@@ -82,13 +82,19 @@ SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "sra1": diffrax.SRA1,
 }
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
-# Where constant steps are placed (``time_grid``).
+# Where constant steps are placed (``tau_grid``).
 SCHEDULES = ("uniform", "karras", "log_snr")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
 
-def time_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
-    """The ``num_steps + 1`` times from T down to ``t_end`` that constant steps visit.
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown sampler.schedule {schedule!r}; valid: {list(SCHEDULES)}")
+
+
+def tau_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
+    """The ``num_steps + 1`` solver times tau = T - t, from 0 (t = T) to T - ``t_end``, that
+    constant steps visit:
 
     * ``uniform``: equal steps in t;
     * ``karras``: Karras et al.'s sigma schedule, sigma_i = (sigma_max^(1/rho) + i / N
@@ -99,10 +105,10 @@ def time_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
     Raises:
       ValueError: an unknown schedule (the valid ones listed).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown sampler.schedule {schedule!r}; valid: {list(SCHEDULES)}")
+    _check_schedule(schedule)
+    tau1 = sde.T - t_end
     if schedule == "uniform":
-        return jnp.linspace(sde.T, t_end, num_steps + 1)
+        return jnp.linspace(0.0, tau1, num_steps + 1)
     s_max, s_min = sde.noise_level(jnp.float32(sde.T)), sde.noise_level(jnp.float32(t_end))
     u = jnp.linspace(0.0, 1.0, num_steps + 1)
     if schedule == "karras":
@@ -110,8 +116,8 @@ def time_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
         sigma = (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
     else:
         sigma = jnp.exp(jnp.log(s_max) + u * (jnp.log(s_min) - jnp.log(s_max)))
-    t = sde.time_at_noise_level(sigma, t_min=t_end)
-    return t.at[0].set(sde.T).at[-1].set(t_end)  # the ends exactly
+    tau = sde.T - sde.time_at_noise_level(sigma, t_min=t_end)
+    return tau.at[0].set(0.0).at[-1].set(tau1)  # the ends exactly
 
 
 _NONFINITE = "FEDINF_NONFINITE:"
@@ -146,7 +152,7 @@ class SolverSpec:
     atol: float = 1e-3
     max_steps: int = 4096
     t_end: float = 1e-3
-    schedule: str = "uniform"  # constant steps: where they lie (``time_grid``)
+    schedule: str = "uniform"  # constant steps: where they lie (``tau_grid``)
     denoise: bool = True
     save_trajectory: int = 0
     progress: bool = False
@@ -179,10 +185,7 @@ class SolverSpec:
             raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
         if self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown sampler.schedule {self.schedule!r}; valid: {list(SCHEDULES)}"
-            )
+        _check_schedule(self.schedule)
         if self.adaptive and self.schedule != "uniform":
             raise ValueError(
                 f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "
@@ -555,8 +558,7 @@ class FederatedSampler:
             )
             dt0, max_steps = tau1 / spec.num_steps, spec.max_steps
         else:
-            ts = sde.T - time_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
-            controller = diffrax.StepTo(ts=ts.at[0].set(0.0).at[-1].set(tau1))
+            controller = diffrax.StepTo(ts=tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end))
             dt0, max_steps = None, spec.num_steps
         if spec.save_trajectory:
             saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, tau1, spec.save_trajectory))

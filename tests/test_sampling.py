@@ -100,20 +100,22 @@ def test_second_order_ode_on_a_sigma_schedule_matches_closed_form(schedule):
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE(), SubVPSDE()], ids=lambda s: type(s).__name__)
-def test_time_grids(sde):
+def test_step_grids(sde):
     n, t_end = 12, 1e-3
+    tau1 = np.float32(sde.T - t_end)
     for schedule in sampling.SCHEDULES:
-        t = np.asarray(sampling.time_grid(sde, schedule, n, t_end))
-        assert t.shape == (n + 1,) and t[0] == sde.T and t[-1] == np.float32(t_end)
-        assert np.all(np.diff(t) < 0), schedule
-    sigma = lambda t: np.asarray(sde.noise_level(jnp.asarray(t)))  # noqa: E731
-    s = sigma(sampling.time_grid(sde, "log_snr", n, t_end))
+        tau = np.asarray(sampling.tau_grid(sde, schedule, n, t_end))
+        assert tau.shape == (n + 1,) and tau[0] == 0.0 and tau[-1] == tau1
+        assert np.all(np.diff(tau) > 0), schedule
+    sigma = lambda tau: np.asarray(sde.noise_level(sde.T - jnp.asarray(tau)))  # noqa: E731
+    s = sigma(sampling.tau_grid(sde, "log_snr", n, t_end))
     np.testing.assert_allclose(np.diff(np.log(s)), np.log(s[-1] / s[0]) / n, rtol=1e-3)
-    s = sigma(sampling.time_grid(sde, "karras", n, t_end))
+    s = sigma(sampling.tau_grid(sde, "karras", n, t_end))
     root = s ** (1 / sampling.KARRAS_RHO)
     np.testing.assert_allclose(np.diff(root), (root[-1] - root[0]) / n, rtol=1e-3)
-    np.testing.assert_allclose(
-        sampling.time_grid(sde, "uniform", n, t_end), np.linspace(1.0, t_end, n + 1), rtol=1e-6
+    # The uniform grid is the one the sampler always used (the same Brownian increments).
+    np.testing.assert_array_equal(
+        sampling.tau_grid(sde, "uniform", n, t_end), jnp.linspace(0.0, sde.T - t_end, n + 1)
     )
 
 
