@@ -37,8 +37,8 @@ def candidate_config(name: str):
     if name not in CANDIDATES:
         raise ValueError(f"unknown candidate {name!r}; valid: {sorted(CANDIDATES)}")
     preset, overrides = CANDIDATES[name]
-    config = base.for_regime(preset, "control", FLAGS.num_agents)
-    config.partition.name = "control" if FLAGS.num_agents == 1 else "homogeneous"
+    partition = "control" if FLAGS.num_agents == 1 else "homogeneous"
+    config = base.for_regime(preset, partition, FLAGS.num_agents)
     config.model.update(overrides)
     config.train.batch_size = FLAGS.batch_size
     config.agent_axis.train = "vmap"  # one jitted program to analyse (for K = 1 the same work)

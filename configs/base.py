@@ -104,7 +104,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha; "log_snr", ln sigma
     # uniform between sigma(sde.eps) and sigma(T).
     config.train.noise = "uniform_t"
-    config.train.p_mean = -1.2
+    config.train.p_mean = -1.2  # EDM's (Karras et al. 2022, Table 1)
     config.train.p_std = 1.2
     config.train.log_every = 50
     config.train.checkpoint_every = 200

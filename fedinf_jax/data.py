@@ -209,14 +209,15 @@ def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
         images = np.concatenate([im for im, _ in parts])[..., 0].astype(np.uint8)
         labels = np.concatenate([lb for _, lb in parts]).astype(np.int32)
         if not builder.info.disable_shuffling:
-            to_idx_order = np.argsort(_tfds_record_order(split, len(labels)))
+            to_idx_order = _tfds_to_idx_order(split, len(labels))
             images, labels = images[to_idx_order], labels[to_idx_order]
         splits[split] = (images, labels)
     return Mnist(*splits["train"], *splits["test"])
 
 
-def _tfds_record_order(split: str, num_examples: int) -> np.ndarray:
-    """The IDX index of each record of a prepared TFDS ``mnist`` split, in file order.
+def _tfds_to_idx_order(split: str, num_examples: int) -> np.ndarray:
+    """The permutation that takes a prepared TFDS ``mnist`` split from file order to IDX order:
+    entry i is the file position of IDX example i.
 
     TFDS's ``mnist`` builder keys example ``i`` of the IDX files by ``i``, and its writer stores
     the records sorted by the salted hash ``Hasher(salt=split).hash_key(key)`` (a deterministic
@@ -226,7 +227,8 @@ def _tfds_record_order(split: str, num_examples: int) -> np.ndarray:
     from tensorflow_datasets.core import hashing
 
     hasher = hashing.Hasher(salt=split)
-    return np.array(sorted(range(num_examples), key=hasher.hash_key))
+    file_order = sorted(range(num_examples), key=hasher.hash_key)  # IDX index at each position
+    return np.argsort(file_order)
 
 
 def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:

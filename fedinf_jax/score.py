@@ -51,6 +51,7 @@ TIME_SCALE = 999.0
 
 PARAMETRIZATIONS = ("eps", "edm")
 TRAINING_NOISE = ("uniform_t", "lognormal", "log_snr")
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # Karras et al. 2022, Table 1: ln sigma ~ N(P_mean, P_std^2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +131,14 @@ def make_score_fn(
 
 
 def make_time_sampler(
-    sde: SDE, name: str = "uniform_t", eps: float = 1e-5, p_mean: float = -1.2, p_std: float = 1.2
+    sde: SDE,
+    name: str = "uniform_t",
+    eps: float = 1e-5,
+    p_mean: float = EDM_P_MEAN,
+    p_std: float = EDM_P_STD,
 ) -> Callable[[Key, int], Times]:
-    """(key, n) -> n training times in [eps, T]: ``uniform_t`` or ``lognormal`` (module docstring;
-    EDM's defaults P_mean = -1.2, P_std = 1.2).
+    """(key, n) -> n training times in [eps, T], by ``name``: ``uniform_t``, ``lognormal`` (with
+    ``p_mean``, ``p_std``) or ``log_snr`` (module docstring).
 
     Raises:
       ValueError: an unknown name (the valid ones listed) or p_std <= 0.

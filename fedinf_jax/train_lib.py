@@ -27,7 +27,14 @@ from absl import logging
 from fedinf_jax import agents, checkpoint, data, partitions, plots, sharding
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
-from fedinf_jax.score import Parametrization, make_loss_fn, make_time_sampler, parametrization_of
+from fedinf_jax.score import (
+    EDM_P_MEAN,
+    EDM_P_STD,
+    Parametrization,
+    make_loss_fn,
+    make_time_sampler,
+    parametrization_of,
+)
 from fedinf_jax.sde import SDE, make_sde
 from fedinf_jax.types import AgentParams, Key, PyTree
 
@@ -212,8 +219,8 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
             sde,
             train.get("noise", "uniform_t"),
             config.sde.eps,
-            train.get("p_mean", -1.2),
-            train.get("p_std", 1.2),
+            train.get("p_mean", EDM_P_MEAN),  # records that predate the fields
+            train.get("p_std", EDM_P_STD),
         ),
     )
 
