@@ -30,4 +30,38 @@ CANDIDATES = {
             "norm_groups": 8,
         },
     ),
+    # A 2x2 pixel-unshuffle stem: the U-Net runs at 14x14 and 7x7 on 4-channel patches, so that
+    # 32 and 64 channels (which vectorise) cost what 8 and 16 do at full resolution.
+    "stem32": (
+        "cpu",
+        {
+            "patch_size": 2,
+            "block_out_channels": (32, 64),
+            "attention_levels": (False, True),
+            "up_attention_levels": (False, True),
+            "norm_groups": 8,
+        },
+    ),
+    # The stem with twice the widths.
+    "stem64": (
+        "cpu",
+        {
+            "patch_size": 2,
+            "block_out_channels": (64, 128),
+            "attention_levels": (False, True),
+            "up_attention_levels": (False, True),
+            "norm_groups": 8,
+        },
+    ),
+    # The stem with a third level (14x14, 7x7, 4x4).
+    "stem3": (
+        "cpu",
+        {
+            "patch_size": 2,
+            "block_out_channels": (32, 64, 128),
+            "attention_levels": (False, False, True),
+            "up_attention_levels": (False, False, True),
+            "norm_groups": 8,
+        },
+    ),
 }

@@ -61,7 +61,7 @@ RECIPES = {
 # decided) as at low noise (where its strokes are cleaned), the rest as baseline.
 RECIPES["log_snr"] = dict(RECIPES["baseline"], **{"train.noise": "log_snr"})
 # The baseline's training with another U-Net of candidates.py.
-for _name in ("wide16", "wide32", "wide_noattn", "two_level"):
+for _name in ("wide16", "wide32", "wide_noattn", "two_level", "stem32", "stem64", "stem3"):
     RECIPES[_name] = dict(RECIPES["baseline"], architecture=_name)
 
 # Each sampler: overrides of the config's ``sampler`` section. Every trained cell is sampled with
@@ -76,6 +76,9 @@ SAMPLERS = {
     "em36": {"method": "sde", "solver": "euler", "num_steps": 36, "schedule": "uniform"},
     # Euler-Maruyama with its 100 steps on the Karras schedule (short steps near the data).
     "em100_karras": {"method": "sde", "solver": "euler", "num_steps": 100, "schedule": "karras"},
+    # The demo preset's 25 Euler-Maruyama steps, uniform in t and on the Karras schedule.
+    "em25": {"method": "sde", "solver": "euler", "num_steps": 25, "schedule": "uniform"},
+    "em25_karras": {"method": "sde", "solver": "euler", "num_steps": 25, "schedule": "karras"},
 }
 
 FLAGS = flags.FLAGS

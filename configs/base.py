@@ -76,6 +76,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 10
     config.model.class_embedding = True
     config.model.dtype = "float32"
+    # > 1: a patch_size x patch_size pixel-unshuffle stem; the U-Net runs at 28 / patch_size.
+    config.model.patch_size = 1
     # How the network's output is read (fedinf_jax/score.py): "edm" (Karras et al. 2022
     # preconditioning; v-prediction under VP) or "eps" (noise prediction).
     config.model.parametrization = "edm"

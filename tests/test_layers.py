@@ -16,6 +16,7 @@ from fedinf_jax.models.layers import (
     GroupNorm,
     conv_impl_for,
 )
+from fedinf_jax.models.unet import depth_to_space, make_unet, space_to_depth
 
 
 @pytest.mark.parametrize("shape,groups", [((3, 7, 5, 8), 4), ((2, 4, 4, 6), 3), ((5, 9, 2), 1)])
@@ -84,3 +85,31 @@ def test_conv_impl_choice_and_bad_input():
     config.conv_impl = "winograd"
     with pytest.raises(ValueError, match=r"unknown convolution 'winograd'; valid: \['auto', 'xla'"):
         train_lib.resolve(config)
+
+
+def test_space_to_depth_is_patch_layout_and_inverse():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    z = space_to_depth(x, 2)
+    assert z.shape == (2, 2, 3, 12)
+    # Channel (di * 2 + dj) * C + c of output pixel (i, j) is input pixel (2i + di, 2j + dj, c).
+    for di in range(2):
+        for dj in range(2):
+            np.testing.assert_array_equal(
+                z[..., (di * 2 + dj) * 3 : (di * 2 + dj + 1) * 3], x[:, di::2, dj::2]
+            )
+    np.testing.assert_array_equal(depth_to_space(z, 2), x)
+    assert space_to_depth(x, 1) is x
+    with pytest.raises(ValueError, match="patch_size 4 must divide the image size 4 x 6"):
+        space_to_depth(x, 4)
+
+
+def test_unet_patch_stem_keeps_the_image_shape():
+    config = base.get_config("smoke")
+    config.model.patch_size = 2
+    model = make_unet(config.model)
+    x, t, y = jnp.ones((2, 28, 28, 1)), jnp.ones((2,)), jnp.array([0, 1])
+    params = model.init(jax.random.key(0), x, t, y)
+    assert model.apply(params, x, t, y).shape == x.shape
+    # The stem's input and output convolutions see the 2 x 2 patches as 4 channels.
+    assert params["params"]["conv_in"]["kernel"].shape[-2] == 4
+    assert params["params"]["conv_out"]["kernel"].shape[-1] == 4

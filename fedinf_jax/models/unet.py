@@ -5,9 +5,11 @@ Structure (diffusers names): sinusoidal time embedding (flip_sin_to_cos, shift 0
 4 x block_out_channels[0]; optional learned class embedding added to it (diffusers'
 ``num_class_embeds``); ``conv_in``; down blocks of ``layers_per_block`` ResNet blocks (each
 followed by a cross-attention transformer in attention levels) and a stride-2 downsampler (all but
-the last level); a mid block ResNet -> transformer -> ResNet; up blocks of ``layers_per_block + 1``
-ResNet blocks over concatenated skips and a nearest upsampler to the skip's size; GroupNorm, SiLU,
-``conv_out``. Labels enter as one one-hot token that the transformers cross-attend to
+the last level); optionally, a ``patch_size`` x ``patch_size`` pixel-unshuffle (space-to-depth)
+before ``conv_in`` and its inverse after ``conv_out``, so that every level runs at 1 / patch_size
+of the resolution on patch_size^2 times the channels; a mid block ResNet -> transformer -> ResNet;
+up blocks of ``layers_per_block + 1`` ResNet blocks over concatenated skips and a nearest
+upsampler to the skip's size; GroupNorm, SiLU, ``conv_out``. Labels enter as one one-hot token that the transformers cross-attend to
 (cross_attention_dim = number of classes), as in the paper.
 
 The network predicts the noise eps; ``fedinf_jax.score`` turns that into a score.
@@ -37,6 +39,26 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H / p, W / p, p * p * C): each p x p patch's pixels as channels."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"patch_size {p} must divide the image size {h} x {w}")
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    """The inverse of ``space_to_depth``."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 class ResnetBlock(nn.Module):
@@ -135,9 +157,16 @@ class UNet(nn.Module):
     out_channels: int = 1
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "auto"  # how stride-1 convolutions run (models.layers.Conv)
+    patch_size: int = 1  # > 1: a pixel-unshuffle stem (space_to_depth)
 
     @nn.compact
     def __call__(self, x, t, y):
+        p = self.patch_size
+        x = space_to_depth(x, p)
+        h = self._body(x, t, y, self.out_channels * p * p)
+        return depth_to_space(h, p)
+
+    def _body(self, x, t, y, out_channels):
         chans = tuple(self.block_out_channels)
         down_attn = tuple(self.attention_levels)
         up_attn = down_attn if self.up_attention_levels is None else tuple(self.up_attention_levels)
@@ -194,7 +223,7 @@ class UNet(nn.Module):
                 th, tw = skips[-1].shape[1:3]
                 h = Conv(ch, 3, conv, dtype, name=f"up_{level}_upsample")(h[:, :th, :tw])
         h = GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
-        h = Conv(self.out_channels, 3, conv, dtype, name="conv_out")(nn.silu(h))
+        h = Conv(out_channels, 3, conv, dtype, name="conv_out")(nn.silu(h))
         return h.astype(jnp.float32)
 
 
@@ -217,4 +246,5 @@ def make_unet(model_config, conv_impl: str = "auto") -> UNet:
         class_embedding=model_config.class_embedding,
         dtype=jnp.dtype(model_config.dtype),
         conv_impl=conv_impl,
+        patch_size=model_config.patch_size,
     )
