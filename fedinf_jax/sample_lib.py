@@ -106,7 +106,9 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
             continue
         if record[section] != current.get(section):
             logging.info("using the %s section %s was trained with", section, workdir)
-        merged[section] = ml_collections.ConfigDict(record[section])
+        # A field the record lacks (added since the run was trained) keeps its default, which
+        # is what the code did before the field existed.
+        merged[section] = ml_collections.ConfigDict({**current[section], **record[section]})
     return merged
 
 
@@ -279,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = No
         federation.step,
         cfg.sampler.method,
         cfg.sampler.solver,
-        "adaptive" if cfg.sampler.adaptive else cfg.sampler.num_steps,
+        "adaptive" if cfg.sampler.adaptive else f"{cfg.sampler.num_steps} {sampler.spec.schedule}",
         cfg.aggregator.name,
         federation.components.score_strategy,
     )

@@ -113,6 +113,7 @@ def test_step_grids(sde):
     s = sigma(sampling.tau_grid(sde, "karras", n, t_end))
     root = s ** (1 / sampling.KARRAS_RHO)
     np.testing.assert_allclose(np.diff(root), (root[-1] - root[0]) / n, rtol=1e-3)
+
     # The uniform grid is the one the sampler always used (the same Brownian increments).
     np.testing.assert_array_equal(
         sampling.tau_grid(sde, "uniform", n, t_end), jnp.linspace(0.0, sde.T - t_end, n + 1)
@@ -317,3 +318,14 @@ def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
     config.aggregator.name = "superdiff"
     with pytest.raises(ValueError, match="unknown aggregator 'superdiff'"):
         sample_lib.build_sampler(sample_lib.load_federation(config, str(smoke_run)))
+
+
+def test_trained_sections_keep_defaults_for_fields_added_since():
+    """A run recorded before a model field existed samples with that field's default."""
+    config = base.get_config("smoke")
+    record = json.loads(config.to_json_best_effort())
+    del record["model"]["patch_size"]
+    record["model"]["block_out_channels"] = [4, 8]
+    merged = sample_lib._with_trained_sections(config, record, "run")
+    assert merged.model.patch_size == 1
+    assert tuple(merged.model.block_out_channels) == (4, 8)
