@@ -9,6 +9,8 @@ from configs import base
 
 # Samples per digit for FID/IS/accuracy; the grids (samples.png) show the first 10.
 _EVAL_PER_CLASS = {"smoke": 2, "demo": 4, "cpu": 20, "paper": 100}
+# The sets a result rests on (the control's mean, each regime's best procedure), sampled again.
+_CLAIM_PER_CLASS = {"smoke": 1, "demo": 0, "cpu": 100, "paper": 100}
 _CLASSIFIER_PRESET = {"smoke": "smoke", "demo": "demo", "cpu": "cpu", "paper": "cpu"}
 
 
@@ -45,6 +47,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.trajectory_procedures = ("superdiff_or",)
     config.trajectory_times = 11
     config.eval_per_class = _EVAL_PER_CLASS[preset]
+    config.claim_per_class = _CLAIM_PER_CLASS[preset]
     config.classifier_preset = _CLASSIFIER_PRESET[preset]
     # The corrected sampler (every regime and aggregator); fields as in base.get_config().sampler.
     config.sampler = base.get_config(preset).sampler

@@ -72,6 +72,15 @@ def test_report_tables_parse(reproduced):
     metrics = json.loads((outdir / "metrics.json").read_text())
     assert metrics["reference_mnist_train"]["num_samples"] == 20  # smoke: 2 per digit
     assert set(metrics["results"]) == {f"heterogeneous/{p}" for p in PROCEDURES}
+    # The claim set: the best corrected procedure of Table 1, sampled again (smoke: 1 per digit).
+    best = max(
+        (r for r in metrics["results"].values() if r["procedure"] != "paper"),
+        key=lambda r: (r["accuracy"], -r["noise_rate"]),
+    )["procedure"]
+    assert list(metrics["claims"]) == [f"heterogeneous/{best}"]
+    assert metrics["claims"][f"heterogeneous/{best}"]["num_samples"] == 10
+    claim_rows = _table_rows(_section(report, "The claim sets"))
+    assert [r[:2] for r in claim_rows] == [["heterogeneous", best]]
     rows = json.loads((outdir / "agreement.json").read_text())
     assert len(rows) == 3 * 2 * 10 * 4  # mean, label_prior, superdiff_and
     assert {r["aggregator"] for r in rows} == {"mean", "label_prior", "superdiff_and"}
@@ -93,7 +102,9 @@ def test_rerun_reuses_every_finished_stage(reproduced):
         outdir / "timings.json",
         outdir / "agreement.json",
         *(outdir / "heterogeneous" / "samples" / p / "samples.npz" for p in PROCEDURES),
+        *(outdir / "heterogeneous" / "claims").glob("*/samples.npz"),
     ]
+    assert len(outputs) == 3 + len(PROCEDURES)
     before = [os.stat(p).st_mtime_ns for p in outputs]
     log = run_reproduce(outdir)
     assert [os.stat(p).st_mtime_ns for p in outputs] == before
@@ -121,6 +132,33 @@ def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
     assert result == {k: v for k, v in expected.items() if k not in ("regime", "procedure")}
     written = json.loads((sample_dir / "metrics.json").read_text())
     assert written == dict(result, classifier=clf_dir)
+
+
+def test_claim_procedures_pick_the_best_corrected_set():
+    config = reproduce.get_config("smoke")
+    config.regimes = ("control", "heterogeneous")
+
+    def row(regime, procedure, accuracy, noise):
+        return {"regime": regime, "procedure": procedure, "accuracy": accuracy, "noise_rate": noise}
+
+    results = {
+        f"{r}/{p}": row(r, p, a, n)
+        for r, p, a, n in [
+            ("control", "paper", 0.9, 0.0),
+            ("control", "mean", 0.5, 0.1),
+            ("heterogeneous", "paper", 0.99, 0.0),  # the paper's procedure is never the claim
+            ("heterogeneous", "mean", 0.7, 0.1),
+            ("heterogeneous", "label_prior", 0.8, 0.05),
+            ("heterogeneous", "superdiff_or", 0.8, 0.02),  # the tie goes to less noise
+        ]
+    }
+    assert pipeline.claim_procedures(config, results) == {
+        "control": "mean",
+        "heterogeneous": "superdiff_or",
+    }
+    claim = pipeline.claim_config(config, "heterogeneous", "superdiff_or")
+    assert claim.sampler.num_per_class == config.claim_per_class
+    assert claim.sampler.seed == config.seed + 1 and claim.sampler.save_trajectory == 0
 
 
 def test_procedures_and_regime_configs():
