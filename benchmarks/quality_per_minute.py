@@ -86,7 +86,9 @@ flags.DEFINE_string("workdir", "runs/quality_per_minute", "Where the cells are k
 flags.DEFINE_string("preset", "cpu", "The control agent's preset (configs/base.py).")
 flags.DEFINE_list("recipes", list(RECIPES), f"Recipes to run; known: {sorted(RECIPES)}.")
 flags.DEFINE_list(
-    "steps", ["150", "300", "600", "900", "1200"], "Step budgets: one agent trained per budget."
+    "steps",
+    ["150", "300", "600", "1200", "2400"],
+    "Step budgets up to the cpu preset's: one agent trained per budget.",
 )
 flags.DEFINE_list("samplers", ["em100"], f"Samplers per trained cell; known: {sorted(SAMPLERS)}.")
 flags.DEFINE_integer("per_class", 20, "Samples of each digit per cell.")
@@ -225,7 +227,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5.2))
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))  # a colour each
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))  # a line style each
     styles = ("o-", "s--", "^:", "v-.", "D-")
@@ -239,11 +241,16 @@ def plot(rows: list[dict], path: str) -> None:
         for ax, key in zip(axes, ("accuracy", "noise_rate", "fid"), strict=True):
             ax.plot(minutes, [r[key] for r in mine], style, color=color, label=" / ".join(line))
     for ax, title in zip(axes, ("label accuracy", "noise rate", "FID"), strict=True):
-        ax.set(title=title, xlabel="training minutes (wall, this machine)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
+        ax.set(title=title, xlabel="training minutes (wall, this machine; log scale)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[2].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = min(len(labels), 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize="small", frameon=False)
     fig.suptitle(f"control agent, preset {FLAGS.preset}: quality against training time")
-    fig.tight_layout()
+    rows_of_legend = -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from candidates import CANDIDATES
 
 from configs import base
 from fedinf_jax import agents, aggregators, data, sample_lib, sampling, train_lib
@@ -34,6 +35,11 @@ from fedinf_jax.score import make_score_fn
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "Model preset of the random-weight agents (part 1).")
+flags.DEFINE_string(
+    "candidate",
+    "",
+    f"Part 1: a U-Net of candidates.py instead of the preset's; known: {sorted(CANDIDATES)}.",
+)
 flags.DEFINE_integer("num_agents", 10, "K.")
 flags.DEFINE_integer("batch", 100, "Images per solve.")
 flags.DEFINE_integer("steps", 100, "Euler steps per solve (part 1).")
@@ -97,7 +103,8 @@ def throughput(config):
     keys = sampling.sample_keys(0, b)
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
     print(
-        f"part 1: backend {jax.default_backend()}, preset {FLAGS.preset}, K={k}, batch {b}, "
+        f"part 1: backend {jax.default_backend()}, preset {FLAGS.preset} {FLAGS.candidate}, "
+        f"K={k}, batch {b}, "
         f"{steps} Euler ODE steps, {train_lib.count_params(params) // k:,} parameters per agent",
         flush=True,
     )
@@ -181,6 +188,13 @@ def quality(config):
 def main(_):
     config = base.get_config(FLAGS.preset)
     record = {"backend": jax.default_backend(), "preset": FLAGS.preset}
+    if FLAGS.candidate:
+        if FLAGS.candidate not in CANDIDATES:
+            raise app.UsageError(
+                f"unknown --candidate {FLAGS.candidate!r}; valid: {sorted(CANDIDATES)}"
+            )
+        config.model.update(CANDIDATES[FLAGS.candidate][1])
+        record["candidate"] = FLAGS.candidate
     if FLAGS.strategies:
         record["throughput"] = throughput(config)
         record.update(num_agents=FLAGS.num_agents, batch=FLAGS.batch, steps=FLAGS.steps)

@@ -8,8 +8,10 @@ argument: ``--config=configs/hetero.py:cpu``. Presets:
   without attention, 150 steps of batch 16 per agent, all agents of the regime. Its samples are
   blobs, not digits: it shows the pipeline, not the result.
 * ``cpu``: the reproduction on a CPU (``make reproduce``): a three-level U-Net (attention at 7x7),
-  1200 steps of batch 32 per agent (about 6 epochs of a 6,000-image shard), about 2 hours for
-  the three regimes' 21 agents on 2 cores; 100 Euler-Maruyama steps when sampling.
+  2400 steps of batch 32 per agent (about 13 epochs of a 6,000-image shard, 1.3 epochs of the
+  control's 60,000), about 1.8 hours for the three regimes' 21 agents on 2 cores (the budget
+  chosen on the quality-per-minute curves, docs/quality.md); 100 Euler-Maruyama steps when
+  sampling.
 * ``paper``: the paper's UNet2DConditionModel (about 170M parameters) and training recipe (AdamW
   lr 1e-4, 500 warm-up steps, cosine decay, batch 16, 10 epochs, VE sigma = 25), for a GPU/TPU,
   with the score scaling done correctly.
@@ -93,8 +95,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sde.eps = 1e-5  # training t ~ U(eps, T)
 
     config.train = ml_collections.ConfigDict()
-    # The defaults are the cpu preset: about 0.3 s per agent-step on 2 cores (README).
-    config.train.num_steps = 1200
+    # The defaults are the cpu preset (its budget: the curve point in docs/quality.md).
+    config.train.num_steps = 2400
     config.train.batch_size = 32  # per agent
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 60

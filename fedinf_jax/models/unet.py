@@ -9,8 +9,8 @@ the last level); optionally, a ``patch_size`` x ``patch_size`` pixel-unshuffle (
 before ``conv_in`` and its inverse after ``conv_out``, so that every level runs at 1 / patch_size
 of the resolution on patch_size^2 times the channels; a mid block ResNet -> transformer -> ResNet;
 up blocks of ``layers_per_block + 1`` ResNet blocks over concatenated skips and a nearest
-upsampler to the skip's size; GroupNorm, SiLU, ``conv_out``. Labels enter as one one-hot token that the transformers cross-attend to
-(cross_attention_dim = number of classes), as in the paper.
+upsampler to the skip's size; GroupNorm, SiLU, ``conv_out``. Labels enter as one one-hot token
+that the transformers cross-attend to (cross_attention_dim = number of classes), as in the paper.
 
 The network predicts the noise eps; ``fedinf_jax.score`` turns that into a score.
 """
