@@ -371,6 +371,10 @@ def write_report(
         "noise rate = share with max softmax < 0.5; precision/recall with k = 3 against "
         f"{PRECISION_RECALL_REAL} test images.",
         "",
+        "## The agents",
+        "",
+        *_agents_table(config, timings),
+        "",
         "## Table 1: sample quality",
         "",
         *metrics_table(
@@ -435,6 +439,25 @@ def write_report(
     path = os.path.join(outdir, "report.md")
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _agents_table(config, timings: dict) -> list[str]:
+    """What each regime trained: agents, partition, U-Net, steps x batch, training wall time."""
+    lines = [
+        "| regime | agents | partition | U-Net channels | steps x batch per agent | training s |",
+        "| --- | ---: | --- | --- | --- | ---: |",
+    ]
+    for regime in config.regimes:
+        cfg = regime_config(config, regime)
+        m, t = cfg.model, cfg.train
+        stem = f", {m.patch_size}x{m.patch_size} stem" if m.patch_size > 1 else ""
+        train_s = timings.get(f"train/{regime}")
+        lines.append(
+            f"| {regime} | {cfg.partition.num_agents} | {cfg.partition.name} | "
+            f"{tuple(m.block_out_channels)}{stem} | {t.num_steps} x {t.batch_size} | "
+            f"{_seconds(train_s)} |"
+        )
+    return lines
 
 
 def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:

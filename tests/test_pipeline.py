@@ -32,6 +32,10 @@ def test_report_tables_parse(reproduced):
     assert "stage train/heterogeneous: reused" in log  # the copied run is at num_steps
     report = (outdir / "report.md").read_text()
 
+    # What was trained: the smoke preset's heterogeneous agents (the copied run).
+    agents = _table_rows(_section(report, "The agents"))
+    assert agents == [["heterogeneous", "2", "heterogeneous", "(8, 16)", "30 x 8", "-"]]
+
     table1 = _table_rows(_section(report, "Table 1"))
     assert [(r[0], r[1]) for r in table1] == [("MNIST train", "real images")] + [
         ("heterogeneous", p) for p in PROCEDURES
