@@ -96,7 +96,8 @@ def claim_procedures(config, results: dict) -> dict[str, str]:
 
 class Timings:
     """Wall time per stage, kept in ``timings.json`` across reruns (a skipped stage keeps the
-    time it took when it ran)."""
+    time it took when it ran). A stage interrupted (Ctrl-C, ``kill``, an error) keeps the time
+    it had run under ``"<name> (interrupted)"``, which its completion adds to its own."""
 
     def __init__(self, path: str):
         self.path = path
@@ -104,9 +105,15 @@ class Timings:
 
     def run(self, name: str, fn: Callable[[], object]):
         logging.info("stage %s: running", name)
+        partial = f"{name} (interrupted)"
         start = time.time()
-        out = fn()
-        self.record[name] = round(time.time() - start, 1)
+        try:
+            out = fn()
+        except BaseException:
+            self.record[partial] = round(self.record.get(partial, 0.0) + time.time() - start, 1)
+            write_json(self.path, self.record)
+            raise
+        self.record[name] = round(self.record.pop(partial, 0.0) + time.time() - start, 1)
         write_json(self.path, self.record)
         logging.info("stage %s: done in %.1f s", name, self.record[name])
         return out

@@ -138,6 +138,24 @@ def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
     assert written == dict(result, classifier=clf_dir)
 
 
+def test_timings_add_an_interrupted_attempt_to_the_stage(tmp_path, monkeypatch):
+    clock = iter([100.0, 130.0, 200.0, 210.0])
+    monkeypatch.setattr(pipeline.time, "time", lambda: next(clock))
+    timings = pipeline.Timings(str(tmp_path / "timings.json"))
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        timings.run("train/control", interrupted)
+    assert json.loads((tmp_path / "timings.json").read_text()) == {
+        "train/control (interrupted)": 30.0
+    }
+    resumed = pipeline.Timings(str(tmp_path / "timings.json"))  # the rerun
+    assert resumed.run("train/control", lambda: "done") == "done"
+    assert json.loads((tmp_path / "timings.json").read_text()) == {"train/control": 40.0}
+
+
 def test_claim_procedures_pick_the_best_corrected_set():
     config = reproduce.get_config("smoke")
     config.regimes = ("control", "heterogeneous")
