@@ -278,42 +278,33 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         for regime in config.regimes
         if procedure in procedures_for(regime_config(config, regime), config.procedures)
     ]
-    results = {}
-    for regime, procedure in sets:
+
+    def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
+        """One sample set, sampled unless its samples exist, and its metrics."""
+        stage = f"{'sample' if kind == 'samples' else 'claim'}/{regime}/{procedure}"
         workdir = os.path.join(outdir, regime)
-        sample_dir = _sample_dir(outdir, regime, procedure)
+        sample_dir = _sample_dir(outdir, regime, procedure, kind)
         if not os.path.exists(os.path.join(sample_dir, "samples.npz")):
-            cfg = regime_config(config, regime, procedure)
-            timings.run(
-                f"sample/{regime}/{procedure}",
-                lambda c=cfg, w=workdir, d=sample_dir: sample_lib.run(c, w, d),
-            )
+            cfg = make_config(config, regime, procedure)
+            timings.run(stage, lambda: sample_lib.run(cfg, workdir, sample_dir))
         else:
-            timings.reuse(f"sample/{regime}/{procedure}", sample_dir)
-        results[f"{regime}/{procedure}"] = dict(
-            evaluate_sample_dir(clf, real_features, sample_dir), regime=regime, procedure=procedure
-        )
+            timings.reuse(stage, sample_dir)
+        measured = evaluate_sample_dir(clf, real_features, sample_dir)
+        return dict(measured, regime=regime, procedure=procedure)
+
+    results = {
+        f"{regime}/{procedure}": sample_set("samples", regime, procedure, regime_config)
+        for regime, procedure in sets
+    }
     order = {regime: i for i, regime in enumerate(config.regimes)}
     results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
 
     claims = {}
-    if config.get("claim_per_class", 0) > 0:
-        for regime, procedure in claim_procedures(config, results).items():
-            workdir = os.path.join(outdir, regime)
-            claim_dir = _sample_dir(outdir, regime, procedure, "claims")
-            if not os.path.exists(os.path.join(claim_dir, "samples.npz")):
-                cfg = claim_config(config, regime, procedure)
-                timings.run(
-                    f"claim/{regime}/{procedure}",
-                    lambda c=cfg, w=workdir, d=claim_dir: sample_lib.run(c, w, d),
-                )
-            else:
-                timings.reuse(f"claim/{regime}/{procedure}", claim_dir)
-            claims[f"{regime}/{procedure}"] = dict(
-                evaluate_sample_dir(clf, real_features, claim_dir),
-                regime=regime,
-                procedure=procedure,
-            )
+    if config.claim_per_class > 0:
+        claims = {
+            f"{regime}/{procedure}": sample_set("claims", regime, procedure, claim_config)
+            for regime, procedure in claim_procedures(config, results).items()
+        }
     reference = evaluate_sample_set(
         clf, real_features, *reference_set(mnist, config.eval_per_class, config.seed)
     )
