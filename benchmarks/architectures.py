@@ -19,7 +19,7 @@ import time
 import jax
 import timing
 from absl import app, flags
-from candidates import CANDIDATES
+from candidates import CANDIDATES, candidate
 
 from configs import base
 from fedinf_jax import train_lib
@@ -34,9 +34,7 @@ flags.DEFINE_string("output", "", "JSON output path (optional).")
 
 
 def candidate_config(name: str):
-    if name not in CANDIDATES:
-        raise ValueError(f"unknown candidate {name!r}; valid: {sorted(CANDIDATES)}")
-    preset, overrides = CANDIDATES[name]
+    preset, overrides = candidate(name)
     partition = "control" if FLAGS.num_agents == 1 else "homogeneous"
     config = base.for_regime(preset, partition, FLAGS.num_agents)
     config.model.update(overrides)

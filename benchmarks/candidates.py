@@ -1,6 +1,22 @@
 """U-Net candidates for this CPU, shared by ``architectures.py`` (cost) and
 ``quality_per_minute.py`` (quality): a name -> (preset, ``model`` overrides)."""
 
+
+def _stem(channels: tuple[int, ...]) -> tuple[str, dict]:
+    """The cpu preset with a 2x2 pixel-unshuffle stem, these widths, attention at the last level."""
+    attention = (False,) * (len(channels) - 1) + (True,)
+    return (
+        "cpu",
+        {
+            "patch_size": 2,
+            "block_out_channels": channels,
+            "attention_levels": attention,
+            "up_attention_levels": attention,
+            "norm_groups": 8,
+        },
+    )
+
+
 CANDIDATES = {
     "demo": ("demo", {}),
     "cpu": ("cpu", {}),
@@ -32,36 +48,20 @@ CANDIDATES = {
     ),
     # A 2x2 pixel-unshuffle stem: the U-Net runs at 14x14 and 7x7 on 4-channel patches, so that
     # 32 and 64 channels (which vectorise) cost what 8 and 16 do at full resolution.
-    "stem32": (
-        "cpu",
-        {
-            "patch_size": 2,
-            "block_out_channels": (32, 64),
-            "attention_levels": (False, True),
-            "up_attention_levels": (False, True),
-            "norm_groups": 8,
-        },
-    ),
+    "stem32": _stem((32, 64)),
     # The stem with twice the widths.
-    "stem64": (
-        "cpu",
-        {
-            "patch_size": 2,
-            "block_out_channels": (64, 128),
-            "attention_levels": (False, True),
-            "up_attention_levels": (False, True),
-            "norm_groups": 8,
-        },
-    ),
+    "stem64": _stem((64, 128)),
     # The stem with a third level (14x14, 7x7, 4x4).
-    "stem3": (
-        "cpu",
-        {
-            "patch_size": 2,
-            "block_out_channels": (32, 64, 128),
-            "attention_levels": (False, False, True),
-            "up_attention_levels": (False, False, True),
-            "norm_groups": 8,
-        },
-    ),
+    "stem3": _stem((32, 64, 128)),
 }
+
+
+def candidate(name: str) -> tuple[str, dict]:
+    """(preset, ``model`` overrides) of the candidate called ``name``.
+
+    Raises:
+      ValueError: an unknown name (the valid ones listed).
+    """
+    if name not in CANDIDATES:
+        raise ValueError(f"unknown candidate {name!r}; valid: {sorted(CANDIDATES)}")
+    return CANDIDATES[name]

@@ -27,7 +27,7 @@ import time
 import ml_collections
 import timing
 from absl import app, flags, logging
-from candidates import CANDIDATES
+from candidates import candidate
 
 from configs import classifier as classifier_config
 from configs import control
@@ -118,7 +118,7 @@ def recipe_config(preset: str, recipe: str, steps: int) -> ml_collections.Config
     config = control.get_config(preset)
     for key, value in RECIPES[recipe].items():
         if key == "architecture":
-            config.model.update(CANDIDATES[value][1])
+            config.model.update(candidate(value)[1])
             continue
         section, field = key.split(".")
         if field not in config[section]:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from candidates import CANDIDATES
+from candidates import CANDIDATES, candidate
 
 from configs import base
 from fedinf_jax import agents, aggregators, data, sample_lib, sampling, train_lib
@@ -102,9 +102,9 @@ def throughput(config):
     params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
     keys = sampling.sample_keys(0, b)
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
+    model = " ".join(filter(None, (FLAGS.preset, FLAGS.candidate)))
     print(
-        f"part 1: backend {jax.default_backend()}, preset {FLAGS.preset} {FLAGS.candidate}, "
-        f"K={k}, batch {b}, "
+        f"part 1: backend {jax.default_backend()}, preset {model}, K={k}, batch {b}, "
         f"{steps} Euler ODE steps, {train_lib.count_params(params) // k:,} parameters per agent",
         flush=True,
     )
@@ -189,11 +189,10 @@ def main(_):
     config = base.get_config(FLAGS.preset)
     record = {"backend": jax.default_backend(), "preset": FLAGS.preset}
     if FLAGS.candidate:
-        if FLAGS.candidate not in CANDIDATES:
-            raise app.UsageError(
-                f"unknown --candidate {FLAGS.candidate!r}; valid: {sorted(CANDIDATES)}"
-            )
-        config.model.update(CANDIDATES[FLAGS.candidate][1])
+        try:
+            config.model.update(candidate(FLAGS.candidate)[1])
+        except ValueError as e:
+            raise app.UsageError(f"--candidate: {e}") from None
         record["candidate"] = FLAGS.candidate
     if FLAGS.strategies:
         record["throughput"] = throughput(config)
