@@ -43,8 +43,9 @@ def main(argv):
     )
     runtime.setup()
     logging.info("sampler: %s\naggregator: %s", FLAGS.config.sampler, FLAGS.config.aggregator)
-    sample_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir)
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    sample_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir, overrides)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(runtime.exit_on_user_error(main))

@@ -1,5 +1,5 @@
 """3x3 convolutions on XLA:CPU three ways, beside PyTorch's (oneDNN) ``conv2d``: where the paper
-architecture's time goes (issue 7: parity with diffusers at the paper's channel counts).
+architecture's time goes, against diffusers at the paper's channel counts.
 
     python benchmarks/conv_impl.py
 

@@ -25,6 +25,8 @@ Modifiers follow the preset after commas, e.g. ``--config=configs/hetero.py:cpu,
 
 import ml_collections
 
+from fedinf_jax import aggregators
+
 PRESETS = ("smoke", "demo", "cpu", "paper")
 MODIFIERS = ("paper_sampler",)
 DEFAULT_PRESET = "cpu"
@@ -120,7 +122,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agent_axis.score = "auto"
     # Agents per iteration of the "map" strategy's loop: on XLA:CPU, unrolled agents run side by
     # side on the threads, at that many times the body's compile time. 5 for the cpu preset's
-    # K = 10 scores (README, "Against the paper's stack"); 1 (compile once) for the others.
+    # K = 10 scores (docs/performance.md); 1 (compile once) for the others.
     config.agent_axis.map_unroll = 5 if preset == "cpu" else 1
     # How the U-Net's convolutions run (fedinf_jax/models/layers.py, Conv): "xla" (lax.conv),
     # "matmul" (matmuls over the channel axis) or "auto": on CPU "matmul" for layers of >= 128
@@ -160,20 +162,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.checkpoint_step = -1  # -1: the latest checkpoint
     config.sampler.progress = True  # a solver progress bar (Diffrax's TqdmProgressMeter)
 
-    # How the server combines the agents' scores (fedinf_jax/aggregators.py).
-    config.aggregator = ml_collections.ConfigDict()
-    # mean weighted label_prior schedule median trimmed_mean superdiff_or superdiff_and
-    config.aggregator.name = "mean"
-    config.aggregator.weights = ()  # weighted: one per agent; empty: data shares n_i / N
-    config.aggregator.early_agents = ()  # schedule: agents used for t > t_switch; empty: owners
-    config.aggregator.t_switch = 0.5  # schedule
-    config.aggregator.trim = 1  # trimmed_mean: drop this many largest and smallest per element
-    # superdiff_or: w = softmax(temperature * log q_i + log prior_i(y)); prior: "label" (n_iy / n_y,
-    # the pooled data's mixture), "shares" (n_i / N) or "uniform"
-    config.aggregator.prior = "label"
-    config.aggregator.temperature = 1.0
-    config.aggregator.probes = 1  # superdiff_*, ODE only: Hutchinson probes per step
-    config.aggregator.ridge = 1e-6  # superdiff_and: regularisation where agents agree
+    # How the server combines the agents' scores (fedinf_jax/aggregators.py): ``name`` and one
+    # section per member with settings, e.g. --config.aggregator.superdiff_or.temperature=0.5
+    # (each setting is documented on its member's factory).
+    config.aggregator = aggregators.config_section("mean")
 
     _apply_preset(config, preset)
     for modifier in modifiers:
@@ -251,9 +243,13 @@ def for_regime(preset: str | None, partition: str, num_agents: int) -> ml_collec
     """A regime file's config: the base at ``preset`` with its partition and number of agents.
 
     The ``smoke`` preset caps the number of agents at 2 so that tests compile small programs.
+    ``trimmed_mean``'s trim is capped so that it keeps an agent.
     """
     config = get_config(preset)
     config.partition.name = partition
     smoke = config.preset == "smoke"
     config.partition.num_agents = min(num_agents, 2) if smoke else num_agents
+    # trimmed_mean must keep an agent: with the smoke preset's 2 agents it trims none.
+    k, trim = config.partition.num_agents, config.aggregator.trimmed_mean
+    trim.trim = min(trim.trim, (k - 1) // 2)
     return config

@@ -2,19 +2,16 @@
 
 K agents' parameters are one pytree whose leaves carry a leading ``agents`` axis. A single-agent
 function ``fn(params, *args)`` is lifted to all agents by ``over_agents(fn, strategy, in_axes)``;
-every strategy computes the same numbers, only speed and compile time differ (measured in
-``benchmarks/train_throughput.py`` and the README):
+every strategy computes the same numbers, only speed and compile time differ
+(docs/performance.md, "The agent axis"):
 
-* ``vmap``: ``jax.vmap``; one batched program. Best on GPU/TPU. On XLA:CPU a vmapped convolution
-  over stacked weights becomes a grouped convolution, about 5x slower than a loop.
+* ``vmap``: ``jax.vmap``; one batched program. On XLA:CPU a vmapped convolution over stacked
+  weights becomes a grouped convolution.
 * ``map``: a ``jax.lax.scan`` over agents (``jax.lax.map``), ``map_unroll`` agents per iteration;
   compiles the body ``map_unroll`` times. With ``map_unroll`` > 1 the agents of one iteration are
-  independent programs that XLA:CPU runs side by side on its threads (K = 10 ``cpu``-preset
-  scores: 22.5 ms/image one per iteration, 17.6-20.4 five; README). Gradients through
-  convolutions inside it are pathologically slow on CPU.
-* ``unroll``: a Python loop inside the traced function (K copies of the body in one program); about
-  a loop's speed on CPU, but compile time grows with K (many minutes for K = 10 U-Net updates on
-  2 CPU cores).
+  independent programs that XLA:CPU can run side by side on its threads.
+* ``unroll``: a Python loop inside the traced function (K copies of the body in one program);
+  compile time grows with K.
 * ``loop``: a host-side loop: one jitted program, compiled once, is called K times with the
   agent's index; it reads agent i's slice of the stacked arguments, applies the single-agent
   function and writes the result into agent i's slot of the stacked outputs (a donated buffer,
@@ -33,12 +30,38 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("vmap", "map", "unroll", "loop")
+from fedinf_jax.registry import Registry, check_choice
+
+STRATEGIES: Registry[Callable] = Registry("agent-axis strategy")
+"""Each strategy as it runs inside a trace: ``(call, stacked, map_unroll) -> outputs`` with
+``call(agent_args)`` one agent's function of its slice of the stacked arguments."""
 HOST_STRATEGIES = ("loop",)
 """Strategies whose lifted function dispatches from Python and must not be wrapped in ``jit``."""
 PURPOSES = ("train", "score")
 
-# Defaults per (backend, purpose): measured on XLA:CPU (README, "Agent-axis strategies");
+
+@STRATEGIES.register("vmap")
+def _vmap(call: Callable, stacked: tuple, map_unroll: int):
+    del map_unroll
+    return jax.vmap(call)(stacked)
+
+
+@STRATEGIES.register("map")
+def _map(call: Callable, stacked: tuple, map_unroll: int):
+    return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
+
+
+@STRATEGIES.register("unroll")
+def _unroll(call: Callable, stacked: tuple, map_unroll: int):
+    del map_unroll
+    return stack_agents([call(agent(stacked, i)) for i in range(num_agents_of(stacked))])
+
+
+# Called eagerly, ``loop`` dispatches one compiled program per agent (``over_agents``); inside a
+# trace there is no host, and it unrolls.
+STRATEGIES.register("loop", _unroll)
+
+# Defaults per (backend, purpose), chosen by measurement on XLA:CPU (docs/performance.md);
 # accelerators batch the agents.
 _AUTO = {
     ("cpu", "train"): "loop",
@@ -52,13 +75,11 @@ def resolve_strategy(name: str, purpose: str, backend: str | None = None) -> str
     Raises:
       ValueError: an unknown strategy or purpose (the message lists the valid ones).
     """
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown purpose {purpose!r}; valid: {list(PURPOSES)}")
+    check_choice("purpose", purpose, PURPOSES)
     if name == "auto":
         backend = backend or jax.default_backend()
         return _AUTO.get((backend, purpose), "vmap")
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown agent-axis strategy {name!r}; valid: {['auto', *STRATEGIES]}")
+    check_choice("agent-axis strategy", name, ("auto", *STRATEGIES))
     return name
 
 
@@ -85,12 +106,9 @@ def over_agents(
     Returns:
       A function of the same arguments whose outputs gain a leading ``agents`` axis.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown agent-axis strategy {strategy!r}; valid: {list(STRATEGIES)}")
+    run_traced = STRATEGIES.get(strategy)
     if map_unroll < 1:
         raise ValueError(f"map_unroll must be >= 1, got {map_unroll}")
-    if strategy == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)
 
     @functools.cache
     def loop_programs(axes):
@@ -122,19 +140,15 @@ def over_agents(
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
         k = num_agents_of(stacked)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stacked))
-        if strategy == "loop" and not traced:
+        if strategy in HOST_STRATEGIES and not traced:
             allocate, into_slot = loop_programs(tuple(axes))
             out = allocate(args)
             for i in range(k):
                 out = into_slot(i, args, out)
             return out
-
-        def call(agent_args):
-            return fn(*_splice(args, axes, agent_args))
-
-        if strategy == "map":
-            return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
-        return stack_agents([call(agent(stacked, i)) for i in range(k)])
+        return run_traced(
+            lambda agent_args: fn(*_splice(args, axes, agent_args)), stacked, map_unroll
+        )
 
     return lifted
 

@@ -37,6 +37,7 @@ those weights.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedinf_jax import density
+from fedinf_jax.registry import Registry, check_choice
 from fedinf_jax.sde import SDE
 from fedinf_jax.types import Array
 
@@ -64,6 +66,36 @@ class Aggregator(NamedTuple):
     noise: Callable[..., Array] | None = None
     weights: Callable[[Any, Array], Array] | None = None
     divergence_probes: int = 0
+
+
+AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
+CONTEXT = ("counts", "num_agents", "sde", "method")
+"""Factory parameters that come from the run, not from the config: the partition's count matrix
+n[agent, class], K, the agents' SDE and the sampler's method. Every other parameter of a
+registered factory is a setting of that member, with a default."""
+
+
+def member(name: str):
+    """Registers an aggregator factory under ``name``; its parameters are its settings (the
+    config's ``aggregator.<name>`` section, from their defaults) and any of ``CONTEXT``.
+
+    Raises:
+      ValueError: a setting without a default, or a name already registered.
+    """
+
+    def add(factory):
+        for p in inspect.signature(factory).parameters.values():
+            if p.name not in CONTEXT and p.default is inspect.Parameter.empty:
+                raise ValueError(f"aggregator {name!r}: setting {p.name!r} needs a default")
+        return AGGREGATORS.register(name, factory)
+
+    return add
+
+
+def settings_of(name: str) -> dict[str, Any]:
+    """The settings of member ``name`` with their defaults (unknown names refused)."""
+    params = inspect.signature(AGGREGATORS.get(name)).parameters.values()
+    return {p.name: p.default for p in params if p.name not in CONTEXT}
 
 
 def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggregator:
@@ -91,24 +123,33 @@ def _weighted_sum(agent_scores: Array, weights: Array) -> Array:
     return jnp.sum(w * agent_scores, axis=0)
 
 
+@member("mean")
 def mean() -> Aggregator:
     """The paper's uniform average s = (1/K) sum_i s_i (its eq. 6). Permutation-invariant."""
     return _stateless(lambda scores, t, x, y: jnp.mean(scores, axis=0))
 
 
-def weighted(weights) -> Aggregator:
-    """Fixed weights s = sum_i w_i s_i, w normalised to sum to one (e.g. data shares n_i / N).
+@member("weighted")
+def weighted(weights=(), counts=None) -> Aggregator:
+    """Fixed weights s = sum_i w_i s_i, w normalised to sum to one; no weights: the data shares
+    n_i / N from the count matrix ``counts``.
 
     Raises:
-      ValueError: a negative weight or an all-zero vector.
+      ValueError: a negative weight, an all-zero vector, a length other than the number of
+        agents in ``counts``, or neither weights nor counts.
     """
+    if len(weights) == 0:
+        weights = _need_counts("weighted", counts).sum(axis=1)
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be a non-negative vector with a positive sum, got {w}")
+    if counts is not None and w.shape != (len(counts),):
+        raise ValueError(f"aggregator weights: {w.size} entries for {len(counts)} agents")
     w = jnp.asarray(w / w.sum(), jnp.float32)
     return _stateless(lambda scores, t, x, y: _weighted_sum(scores, w))
 
 
+@member("label_prior")
 def label_prior(counts) -> Aggregator:
     """Label-prior weights rho_i(y) = n_{i,y} / n_y from the count matrix n[agent, class].
 
@@ -170,19 +211,43 @@ def owner_switch_schedule(counts, t_switch: float) -> Callable:
     return _switch(early, late, t_switch)
 
 
+@member("schedule")
+def switch(early_agents=(), t_switch: float = 0.5, counts=None, num_agents=None) -> Aggregator:
+    """``schedule`` with the paper's switch: for t > t_switch only ``early_agents``
+    (``switch_schedule``) or, with none given, each label's owners (``owner_switch_schedule``);
+    all agents uniformly for t <= t_switch.
+
+    Raises:
+      ValueError: t_switch < 0, early agents outside 0..K-1, or no early agents and no counts.
+    """
+    if not t_switch >= 0:
+        raise ValueError(f"t_switch must be >= 0, got {t_switch}")
+    if len(early_agents) == 0:
+        return schedule(owner_switch_schedule(_need_counts("schedule", counts), t_switch))
+    k = num_agents if num_agents is not None else len(_need_counts("schedule", counts))
+    return schedule(switch_schedule(k, early_agents, t_switch))
+
+
+@member("median")
 def median() -> Aggregator:
     """Elementwise median over agents: robust to fewer than half the agents being faulty."""
     return _stateless(lambda scores, t, x, y: jnp.median(scores, axis=0))
 
 
-def trimmed_mean(trim: int = 1) -> Aggregator:
+@member("trimmed_mean")
+def trimmed_mean(trim: int = 1, num_agents: int | None = None) -> Aggregator:
     """Elementwise mean after dropping the ``trim`` largest and ``trim`` smallest agent values.
 
     Raises:
-      ValueError: trim < 0.
+      ValueError: trim < 0, or 2 trim >= ``num_agents`` (checked here when given, else at the
+        first call).
     """
     if trim < 0:
         raise ValueError(f"trim must be >= 0, got {trim}")
+    if num_agents is not None and 2 * trim >= num_agents:
+        raise ValueError(
+            f"trimmed_mean(trim={trim}) needs more than {2 * trim} agents, got {num_agents}"
+        )
 
     def combine(scores, t, x, y):
         k = scores.shape[0]
@@ -213,9 +278,8 @@ def log_prior_table(counts, prior: str = "label") -> np.ndarray:
     Raises:
       ValueError: an unknown prior, or a class no agent holds.
     """
+    check_choice("prior", prior, PRIORS)
     n = _count_matrix(counts)
-    if prior not in PRIORS:
-        raise ValueError(f"unknown prior {prior!r}; valid: {list(PRIORS)}")
     if prior == "shares":
         n = np.broadcast_to(n.sum(axis=1, keepdims=True), n.shape)
     elif prior == "uniform":
@@ -245,15 +309,20 @@ def _density_tendency(sde: SDE, method: str):
 
 
 def _check_method(method: str, probes: int) -> int:
-    if method not in density.METHODS:
-        raise ValueError(f"unknown sampler method {method!r}; valid: {list(density.METHODS)}")
+    check_choice("sampler method", method, density.METHODS)
     if method == "ode" and probes < 1:
         raise ValueError(f"the ODE's density needs >= 1 Hutchinson probe, got {probes}")
     return probes if method == "ode" else 0
 
 
+@member("superdiff_or")
 def superdiff_or(
-    sde: SDE, method: str, log_prior=None, temperature: float = 1.0, probes: int = 1
+    sde: SDE,
+    method: str,
+    counts=None,
+    prior="label",
+    temperature: float = 1.0,
+    probes: int = 1,
 ) -> Aggregator:
     """The mixture (SuperDiff's OR): s = sum_i w_i s_i, w = softmax_i(T log q_i + log pi_i(y)).
 
@@ -266,15 +335,27 @@ def superdiff_or(
     Args:
       sde: the SDE the agents were trained with.
       method: the sampler's method, "sde" or "ode".
-      log_prior: (agents, classes) log pi_i(y) (``log_prior_table``); None: uniform.
-      temperature: T; 0 gives the prior's fixed weights.
+      counts: the partition's count matrix n[agent, class] (the ``label`` and ``shares`` priors).
+      prior: log pi_i(y): a name of ``PRIORS`` (``log_prior_table``) or an (agents, classes)
+        table; ``uniform`` (or None) adds nothing.
+      temperature: T > 0.
       probes: Rademacher probes per ODE step (ignored on the SDE).
 
     Raises:
-      ValueError: an unknown method, or no probe for the ODE.
+      ValueError: an unknown method or prior, no probe for the ODE, T <= 0, or a named prior
+        other than ``uniform`` without counts.
     """
     probes = _check_method(method, probes)
-    table = None if log_prior is None else jnp.asarray(log_prior, jnp.float32)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(prior, str):
+        check_choice("prior", prior, PRIORS)
+        prior = (
+            None
+            if prior == "uniform"
+            else log_prior_table(_need_counts("superdiff_or", counts), prior)
+        )
+    table = None if prior is None else jnp.asarray(prior, jnp.float32)
 
     def weights(state, y):
         logits = temperature * state.log_q
@@ -335,6 +416,7 @@ def _project_out_differences(scores, g_dw, ridge):
     return (v - jnp.einsum("bi,bid->bd", coef, d)).reshape(g_dw.shape)
 
 
+@member("superdiff_and")
 def superdiff_and(sde: SDE, method: str, probes: int = 1, ridge: float = 1e-6) -> Aggregator:
     """Equal-density superposition (SuperDiff's AND), generalised to K agents.
 
@@ -385,29 +467,6 @@ def superdiff_and(sde: SDE, method: str, probes: int = 1, ridge: float = 1e-6) -
     )
 
 
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
-    "mean": mean,
-    "weighted": weighted,
-    "label_prior": label_prior,
-    "schedule": schedule,
-    "median": median,
-    "trimmed_mean": trimmed_mean,
-    "superdiff_or": superdiff_or,
-    "superdiff_and": superdiff_and,
-}
-
-
-def make_aggregator(name: str, **kwargs) -> Aggregator:
-    """Looks a member up by name.
-
-    Raises:
-      ValueError: an unknown name (the message lists the valid ones).
-    """
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; valid: {sorted(AGGREGATORS)}")
-    return AGGREGATORS[name](**kwargs)
-
-
 def _need_counts(name: str, counts) -> np.ndarray:
     if counts is None:
         raise ValueError(
@@ -417,6 +476,19 @@ def _need_counts(name: str, counts) -> np.ndarray:
     return np.asarray(counts)
 
 
+def config_section(name: str = "mean"):
+    """The config's ``aggregator`` section: ``name`` plus one subsection per member with
+    settings, ``aggregator.<member>.<setting>``, at the factories' defaults."""
+    import ml_collections  # only configs build sections
+
+    section = ml_collections.ConfigDict({"name": AGGREGATORS.check(name)})
+    for member_name in AGGREGATORS:
+        settings = settings_of(member_name)
+        if settings:
+            section[member_name] = ml_collections.ConfigDict(settings)
+    return section
+
+
 def from_config(
     agg_config,
     counts=None,
@@ -424,51 +496,32 @@ def from_config(
     sde: SDE | None = None,
     method: str = "sde",
 ) -> Aggregator:
-    """The aggregator a config's ``aggregator`` section names (``configs/base.py``).
+    """The member a config's ``aggregator`` section names, with its settings
+    (``aggregator.<name>``) and the run's context (``CONTEXT``).
 
     Args:
-      agg_config: ``name`` plus the members' settings: ``weights`` (``weighted``; empty: the data
-        shares n_i / N), ``early_agents`` and ``t_switch`` (``schedule``; no early agents: each
-        label's owners), ``trim`` (``trimmed_mean``), ``prior``, ``temperature``, ``probes``
-        (``superdiff_or``), ``probes`` and ``ridge`` (``superdiff_and``).
+      agg_config: ``name`` plus the members' sections (``config_section``).
       counts: the partition's count matrix n[agent, class] from the checkpoint, or None.
-      num_agents: K, checked against ``weights`` and ``early_agents``.
+      num_agents: K; default: the rows of ``counts``.
       sde, method: the agents' SDE and the sampler's method (the superdiff members need them).
 
     Raises:
-      ValueError: an unknown name, settings that do not fit K, or a member that needs the count
-        matrix when there is none.
+      ValueError: an unknown name, settings out of range or not fitting K, or a member that
+        needs context (the count matrix, the SDE) that is not given.
     """
-    name = agg_config.name
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; valid: {sorted(AGGREGATORS)}")
-    k = num_agents if num_agents is not None else (None if counts is None else len(counts))
-    if name == "weighted":
-        if agg_config.weights:
-            weights = np.asarray(agg_config.weights, np.float64)
-            if k is not None and weights.shape != (k,):
-                raise ValueError(f"aggregator.weights has {weights.size} entries for {k} agents")
-        else:
-            weights = _need_counts(name, counts).sum(axis=1)
-        return weighted(weights)
-    if name == "label_prior":
-        return label_prior(_need_counts(name, counts))
-    if name == "schedule":
-        if agg_config.early_agents:
-            if k is None:
-                raise ValueError("schedule with early_agents needs the number of agents")
-            return schedule(switch_schedule(k, agg_config.early_agents, agg_config.t_switch))
-        return schedule(owner_switch_schedule(_need_counts(name, counts), agg_config.t_switch))
-    if name == "trimmed_mean":
-        return trimmed_mean(agg_config.trim)
-    if name.startswith("superdiff"):
-        if sde is None:
-            raise ValueError(f"aggregator {name!r} needs the agents' SDE")
-        if name == "superdiff_and":
-            return superdiff_and(sde, method, agg_config.probes, agg_config.ridge)
-        if agg_config.prior == "uniform":
-            log_prior = None
-        else:
-            log_prior = log_prior_table(_need_counts(name, counts), agg_config.prior)
-        return superdiff_or(sde, method, log_prior, agg_config.temperature, agg_config.probes)
-    return AGGREGATORS[name]()
+    factory = AGGREGATORS.get(agg_config.name)
+    kwargs = dict(agg_config.get(agg_config.name, None) or {})
+    if num_agents is None and counts is not None:
+        num_agents = len(counts)
+    context = {"counts": counts, "num_agents": num_agents, "sde": sde, "method": method}
+    for p in inspect.signature(factory).parameters.values():
+        if p.name not in CONTEXT:
+            continue
+        if context[p.name] is not None:
+            kwargs[p.name] = context[p.name]
+        elif p.default is inspect.Parameter.empty:
+            if p.name == "counts":
+                _need_counts(agg_config.name, None)
+            what = {"sde": "the agents' SDE", "num_agents": "the number of agents"}[p.name]
+            raise ValueError(f"aggregator {agg_config.name!r} needs {what}")
+    return factory(**kwargs)

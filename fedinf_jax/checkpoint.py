@@ -16,10 +16,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fedinf_jax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's shapes or run record do not match the current config."""
 
 

@@ -33,8 +33,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedinf_jax.errors import UserError
+
 MNIST_DIR_ENV = "FEDINF_MNIST_DIR"
 NUM_CLASSES = 10
+TRAIN_CLASS_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+"""Examples of each digit in MNIST's 60,000 training images (a partition's count matrix
+depends on the labels only through these)."""
 IMAGE_SHAPE = (28, 28, 1)
 
 IDX_FILES = {
@@ -57,7 +62,7 @@ _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
 
 
-class MnistError(ValueError):
+class MnistError(UserError, ValueError):
     """A missing, truncated or malformed MNIST file."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedinf_jax.registry import check_choice
 from fedinf_jax.sde import SDE
 from fedinf_jax.types import Array, Key
 
@@ -50,8 +51,7 @@ def log_density_rate(
     Raises:
       ValueError: an unknown method, or the ODE without a divergence.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampler method {method!r}; valid: {list(METHODS)}")
+    check_choice("sampler method", method, METHODS)
     s, f = _flat(scores, 2), _flat(sde.drift(x, t), 1)
     g2 = sde.diffusion(t) ** 2
     rate = (

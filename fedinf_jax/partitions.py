@@ -8,12 +8,14 @@ sampler's label prior rho_i(y) = n_{i,y} / n_y is built from it).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-from fedinf_jax.data import NUM_CLASSES
+from fedinf_jax.data import NUM_CLASSES, TRAIN_CLASS_COUNTS
+from fedinf_jax.registry import Registry, check_choice
 
 
 class Partition(NamedTuple):
@@ -25,6 +27,9 @@ class Partition(NamedTuple):
     @property
     def num_agents(self) -> int:
         return len(self.indices)
+
+
+PARTITIONS: Registry[Callable[..., Partition]] = Registry("partition")
 
 
 def _finish(labels: np.ndarray, shards: list[np.ndarray], num_classes: int) -> Partition:
@@ -51,6 +56,7 @@ def _class_indices(labels: np.ndarray, num_classes: int, rng: np.random.Generato
     return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
 
 
+@PARTITIONS.register("control")
 def control(labels, num_agents: int = 1, seed: int = 0, num_classes: int = NUM_CLASSES):
     """One agent holding the whole training set (the centralized baseline).
 
@@ -65,6 +71,7 @@ def control(labels, num_agents: int = 1, seed: int = 0, num_classes: int = NUM_C
     return _finish(labels, [np.arange(labels.size)], num_classes)
 
 
+@PARTITIONS.register("homogeneous")
 def homogeneous(labels, num_agents: int, seed: int = 0, num_classes: int = NUM_CLASSES):
     """IID split: every agent gets 1/K of every class.
 
@@ -94,6 +101,7 @@ def heterogeneous_fractions(
     return fractions
 
 
+@PARTITIONS.register("heterogeneous")
 def heterogeneous(
     labels,
     num_agents: int,
@@ -158,6 +166,7 @@ def heterogeneous(
     return _finish(labels, [np.concatenate(s) for s in shards], num_classes)
 
 
+@PARTITIONS.register("dirichlet")
 def dirichlet(
     labels,
     num_agents: int,
@@ -203,6 +212,7 @@ def dirichlet(
     )
 
 
+@PARTITIONS.register("pathological")
 def pathological(
     labels,
     num_agents: int,
@@ -238,10 +248,8 @@ def pathological(
             for _ in range(num_agents)
         ]
     else:
-        raise ValueError(
-            f"unknown class_assignment_mode {class_assignment_mode!r}; valid: "
-            "'first-deterministic', 'deterministic', 'random'"
-        )
+        valid = ("first-deterministic", "deterministic", "random")
+        check_choice("class_assignment_mode", class_assignment_mode, valid)
     shards = [[] for _ in range(num_agents)]
     for c, idx in enumerate(_class_indices(labels, num_classes, rng)):
         holders = [k for k in range(num_agents) if c in held[k]]
@@ -252,21 +260,37 @@ def pathological(
     )
 
 
-PARTITIONS: dict[str, Callable[..., Partition]] = {
-    "control": control,
-    "homogeneous": homogeneous,
-    "heterogeneous": heterogeneous,
-    "dirichlet": dirichlet,
-    "pathological": pathological,
-}
-
-
 def make_partition(name: str, labels, num_agents: int, seed: int = 0, **kwargs) -> Partition:
     """Looks a partition up by name and applies it.
 
     Raises:
       ValueError: an unknown name (the message lists the valid ones) or invalid arguments.
     """
-    if name not in PARTITIONS:
-        raise ValueError(f"unknown partition {name!r}; valid: {sorted(PARTITIONS)}")
-    return PARTITIONS[name](labels, num_agents=num_agents, seed=seed, **kwargs)
+    return PARTITIONS.get(name)(labels, num_agents=num_agents, seed=seed, **kwargs)
+
+
+def from_config(section, labels) -> Partition:
+    """The partition a config's ``partition`` section names, applied to ``labels``: ``name``,
+    ``num_agents``, ``seed`` and, of the other fields, those that are parameters of that
+    partition (``owner_fraction`` for ``heterogeneous``, ``alpha`` for ``dirichlet``, ...).
+
+    Raises:
+      ValueError: an unknown name or invalid arguments.
+    """
+    fn = PARTITIONS.get(section.name)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: section[k] for k in section if k in params and k not in ("labels", "name")}
+    return fn(labels, **kwargs)
+
+
+def expected_counts(section) -> np.ndarray:
+    """The count matrix n[agent, class] that ``from_config(section, labels)`` gives on MNIST's
+    training labels, computed from the class sizes alone (``data.TRAIN_CLASS_COUNTS``; a
+    partition sees the labels only through each class's examples): the config's partition,
+    checked before any data is read.
+
+    Raises:
+      ValueError: as ``from_config``.
+    """
+    labels = np.repeat(np.arange(NUM_CLASSES), TRAIN_CLASS_COUNTS)
+    return from_config(section, labels).counts

@@ -34,8 +34,9 @@ from absl import logging
 
 from configs import classifier as classifier_config
 from configs import control, hetero, homo
-from fedinf_jax import aggregators, checkpoint, data, sample_lib, train_lib
+from fedinf_jax import aggregators, checkpoint, data, errors, sample_lib, train_lib
 from fedinf_jax.evaluation import agreement, classifier, metrics
+from fedinf_jax.registry import check_choice
 
 REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
@@ -51,15 +52,12 @@ def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list
 
 def regime_config(config, regime: str, procedure: str | None = None) -> ml_collections.ConfigDict:
     """The regime's run config; with a procedure, its sampler and aggregator set."""
-    if regime not in REGIME_FILES:
-        raise ValueError(f"unknown regime {regime!r}; valid: {sorted(REGIME_FILES)}")
+    check_choice("regime", regime, REGIME_FILES)
     paper = procedure == "paper"
     cfg = REGIME_FILES[regime].get_config(config.preset + (",paper_sampler" if paper else ""))
     cfg.data.update(config.data.to_dict())
     if procedure is not None and not paper:
-        if procedure not in aggregators.AGGREGATORS:
-            valid = ["paper", *sorted(aggregators.AGGREGATORS)]
-            raise ValueError(f"unknown procedure {procedure!r}; valid: {valid}")
+        check_choice("procedure", procedure, ("paper", *aggregators.AGGREGATORS))
         cfg.sampler.update(config.sampler.to_dict())
         cfg.aggregator.name = procedure
         if procedure in config.get("trajectory_procedures", ()):
@@ -158,7 +156,7 @@ def check_sample_dir(sample_dir: str) -> tuple[str, str]:
     npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
     missing = [p for p in (npz, meta) if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"{sample_dir!r} is not a sample set: {', '.join(missing)} missing (a sample set is "
             "the --outdir of sample.py or <regime>/samples/<procedure> of reproduce.py)"
         )
@@ -243,8 +241,30 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
     return [dict(r, regime=regime) for r in rows]
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every regime's config under every procedure it will sample (``sample_lib``'s
+    ``check_config``), before anything is trained or written.
+
+    Raises:
+      ConfigError: an unknown regime or procedure, or an invalid setting (named with the regime
+        and procedure).
+    """
+    for regime in config.regimes:
+        with errors.as_config_error():
+            procedures = procedures_for(regime_config(config, regime), config.procedures)
+        for procedure in procedures:
+            with errors.as_config_error(f"{regime}/{procedure}: "):
+                cfg = regime_config(config, regime, procedure)
+                sample_lib.check_config(cfg)
+
+
 def run(config: ml_collections.ConfigDict, outdir: str) -> str:
-    """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path."""
+    """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path.
+
+    Raises:
+      ConfigError: an invalid setting (``check_config``), before anything is written.
+    """
+    check_config(config)
     os.makedirs(outdir, exist_ok=True)
     timings = Timings(os.path.join(outdir, "timings.json"))
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
+import sys
 
 CACHE_ENV = "FEDINF_JAX_CACHE"
 
 
+def exit_on_user_error(main):
+    """Wraps an absl ``main``: a ``fedinf_jax.errors.UserError`` (a bad setting, a missing run)
+    prints one line, ``error: <message>``, on stderr and exits with status 2; other exceptions
+    (bugs) keep their tracebacks."""
+    from fedinf_jax.errors import UserError
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
 def define_distributed_flags() -> None:
     """The ``jax.distributed`` flags of ``train.py`` and ``sample.py`` (one process per host, or
-    per GPU; see the README's "Several devices")."""
+    per GPU; see docs/multi_device.md)."""
     from absl import flags
 
     flags.DEFINE_string(

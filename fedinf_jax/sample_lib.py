@@ -33,7 +33,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fedinf_jax import agents, aggregators, checkpoint, data, plots, sampling, sharding, train_lib
+from fedinf_jax import (
+    agents,
+    aggregators,
+    checkpoint,
+    data,
+    errors,
+    plots,
+    sampling,
+    sharding,
+    train_lib,
+)
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.types import AgentParams
 
@@ -60,15 +70,75 @@ class Federation:
         return agents.num_agents_of(self.params)
 
 
-def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federation:
-    """Restores the agents of ``workdir`` (the latest checkpoint, or ``sampler.checkpoint_step``).
+_SAMPLER_RULES = {
+    "num_per_class": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_step": (lambda v: v >= -1, ">= 0, or -1 for the latest"),
+}
+
+
+def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = None) -> None:
+    """Every setting ``sample.py`` reads, checked: the trained sections as ``train_lib``'s
+    ``check_config`` does, the sampler's, and the aggregator built for the partition's count
+    matrix (``counts``; default: the config's partition on MNIST's class sizes) and its K.
 
     Raises:
-      FileNotFoundError: ``workdir`` holds no checkpoint (or not the step asked for).
+      ConfigError: the first invalid setting, named with what is valid.
+    """
+    components, expected = train_lib.check_config(config)
+    counts = expected if counts is None else counts
+    errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
+    with errors.as_config_error():
+        spec = sampling.SolverSpec.from_config(config.sampler, components.sde)
+        aggregators.AGGREGATORS.check(config.aggregator.name)
+    with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
+        aggregator = aggregators.from_config(
+            config.aggregator, counts, len(counts), components.sde, spec.method
+        )
+    with errors.as_config_error():
+        sampling.check_solver_for(aggregator, spec)
+
+
+def contradicted_fields(overrides: dict, record: dict) -> list[str]:
+    """The given ``overrides`` ({"section.field": value}, e.g. from the command line) that set a
+    trained section's field to something other than the run's ``record`` holds, as
+    "--config.F=given (the checkpoint has recorded)" lines."""
+    lines = []
+    for path, given in sorted(overrides.items()):
+        section, _, rest = path.partition(".")
+        if section not in TRAINED_SECTIONS or section not in record:
+            continue
+        recorded = record[section]
+        for part in rest.split("."):
+            recorded = recorded.get(part, _MISSING) if isinstance(recorded, dict) else _MISSING
+        normal = json.loads(json.dumps(given, default=list))
+        if recorded is not _MISSING and normal != recorded:
+            lines.append(f"--config.{path}={given!r} (the checkpoint has {recorded!r})")
+    return lines
+
+
+_MISSING = object()
+
+
+def load_federation(
+    config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None
+) -> Federation:
+    """Restores the agents of ``workdir`` (the latest checkpoint, or ``sampler.checkpoint_step``).
+
+    The run's record is read first: ``overrides`` (the settings given on the command line,
+    {"section.field": value}) that contradict a trained section are refused, and the whole
+    config, with the run's trained sections and count matrix, is checked (``check_config``)
+    before any array is restored. Without a checkpoint the config is still checked first, so a
+    bad setting is named before the missing run.
+
+    Raises:
+      ConfigError: an invalid setting, or an override that contradicts the run.
+      MissingInputError: ``workdir`` holds no checkpoint (or not the step asked for).
     """
     ckpt_dir = checkpoint.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(
+        check_config(config)
+        raise errors.MissingInputError(
             f"no checkpoint under {ckpt_dir}: train first, e.g. "
             f"python train.py --config=configs/hetero.py:{config.preset} --workdir={workdir}"
         )
@@ -78,14 +148,26 @@ def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federati
         want = config.sampler.checkpoint_step
         step = manager.latest_step() if want < 0 else want
         if step is None or step not in steps:
-            raise FileNotFoundError(
+            check_config(config)
+            raise errors.MissingInputError(
                 f"no checkpoint {'' if want < 0 else f'step {want} '}under {ckpt_dir} "
                 f"(steps there: {sorted(steps)})"
             )
         meta = checkpoint.restore_meta(manager, step)
-        merged = _with_trained_sections(config, meta.get("config", {}), workdir)
-        components = train_lib.resolve(merged)
+        record = meta.get("config", {})
+        contradicted = contradicted_fields(overrides or {}, record)
+        if contradicted:
+            raise errors.ConfigError(
+                f"the run in {workdir} fixes its {', '.join(TRAINED_SECTIONS)} sections, and "
+                f"these settings contradict it: {'; '.join(contradicted)}. Drop them, or train "
+                "a new run with them"
+            )
+        merged = _with_trained_sections(config, record, workdir)
+        counts = np.asarray(meta["counts"]) if "counts" in meta else None
         num_agents = int(meta.get("num_agents", merged.partition.num_agents))
+        merged.partition.num_agents = num_agents
+        check_config(merged, counts)
+        components = train_lib.resolve(merged)
         agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
         abstract = train_lib.abstract_train_state(components, num_agents)
         if agent_mesh is not None:
@@ -94,7 +176,6 @@ def load_federation(config: ml_collections.ConfigDict, workdir: str) -> Federati
     finally:
         manager.close()
     params = state.ema_params if config.sampler.use_ema else state.params
-    counts = np.asarray(meta["counts"]) if "counts" in meta else None
     return Federation(merged, params, counts, int(step), components, agent_mesh)
 
 
@@ -258,18 +339,26 @@ def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return os.path.join(workdir, "samples", name)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, outdir: str | None = None) -> str:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str | None = None,
+    overrides: dict | None = None,
+) -> str:
     """Samples ``sampler.num_per_class`` images of every digit from ``workdir``'s federation.
+
+    ``overrides``: the settings given on the command line (``load_federation`` refuses those
+    that contradict the trained run).
 
     Returns:
       The output folder (see the module docstring for its files).
 
     Raises:
-      FileNotFoundError: no checkpoint in ``workdir``.
-      ValueError: an invalid sampler or aggregator setting.
+      MissingInputError: no checkpoint in ``workdir``.
+      ConfigError: an invalid setting, or one that contradicts the trained run.
       FloatingPointError: an agent's score became non-finite (names the agent and t).
     """
-    federation = load_federation(config, workdir)
+    federation = load_federation(config, workdir, overrides)
     sampler = build_sampler(federation)
     cfg = federation.config
     labels = class_labels(cfg.sampler.num_per_class, cfg.model.num_classes)

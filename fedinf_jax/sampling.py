@@ -26,14 +26,13 @@ Details that matter for the numbers:
   estimates from one linearisation of the agents, with fresh Rademacher probes at each
   evaluation, drawn from the sample's key and t (so the vector field is still a function of
   (t, state)). Their errors average out over the steps; probes fixed for the whole solve (as in
-  FFJORD) add up instead (measured: 1.35 against 0.15 nats mean error at t_end, one probe, 200
-  Heun steps, tests/test_superdiff.py's mixtures).
+  FFJORD) add up instead (docs/aggregators.md).
 * Each sample has its own key (its prior draw and its own Brownian path), so with constant steps a
   sample does not depend on which other samples share its batch. Adaptive steps are controlled on
   the batch's error norm over the images (the aggregator's state rides along), so there the batch
   matters.
-* Constant steps use ``StepTo`` on an exact grid and ``UnsafeBrownianPath`` (about 10x faster than
-  a ``VirtualBrownianTree`` for fixed steps, diffrax issue 489); adaptive SDE solves use a
+* Constant steps use ``StepTo`` on an exact grid and ``UnsafeBrownianPath`` (far cheaper than a
+  ``VirtualBrownianTree`` for fixed steps, diffrax issue 489); adaptive SDE solves use a
   per-sample ``VirtualBrownianTree``.
 * The final denoising step is Tweedie's formula, x_0 = (x + std^2 s(x, t_end)) / alpha at t_end,
   the posterior mean E[x_0 | x_t_end] (score_sde's ``noise_removal``).
@@ -60,36 +59,71 @@ import numpy as np
 from fedinf_jax import density
 from fedinf_jax.agents import num_agents_of
 from fedinf_jax.aggregators import Aggregator
+from fedinf_jax.errors import UserError
+from fedinf_jax.registry import Registry, check_choice
 from fedinf_jax.sde import SDE, batch_broadcast
 from fedinf_jax.types import AgentParams, Array, Key, Labels
 
-METHODS = ("sde", "ode")
-ODE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
-    "euler": diffrax.Euler,
-    "heun": diffrax.Heun,
-    "midpoint": diffrax.Midpoint,
-    "ralston": diffrax.Ralston,
-    "bosh3": diffrax.Bosh3,
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-}
-SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
-    "euler": diffrax.Euler,  # Euler-Maruyama
-    "heun": diffrax.Heun,
-    "sea": diffrax.SEA,  # the stochastic Runge-Kutta solvers for additive noise
-    "shark": diffrax.ShARK,
-    "sra1": diffrax.SRA1,
-}
+METHODS = density.METHODS
+ODE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("ode solver")
+for _name, _solver in (
+    ("euler", diffrax.Euler),
+    ("heun", diffrax.Heun),
+    ("midpoint", diffrax.Midpoint),
+    ("ralston", diffrax.Ralston),
+    ("bosh3", diffrax.Bosh3),
+    ("tsit5", diffrax.Tsit5),
+    ("dopri5", diffrax.Dopri5),
+    ("dopri8", diffrax.Dopri8),
+):
+    ODE_SOLVERS.register(_name, _solver)
+SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solver")
+for _name, _solver in (
+    ("euler", diffrax.Euler),  # Euler-Maruyama
+    ("heun", diffrax.Heun),
+    ("sea", diffrax.SEA),  # the stochastic Runge-Kutta solvers for additive noise
+    ("shark", diffrax.ShARK),
+    ("sra1", diffrax.SRA1),
+):
+    SDE_SOLVERS.register(_name, _solver)
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
-# Where constant steps are placed (``tau_grid``).
-SCHEDULES = ("uniform", "karras", "log_snr")
+
+# Where constant steps are placed: (sde, num_steps, t_end) -> the num_steps + 1 solver times
+# tau = T - t from 0 (t = T) to T - t_end (``tau_grid``).
+SCHEDULES: Registry[Callable[[SDE, int, float], Array]] = Registry("step schedule")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
 
-def _check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown sampler.schedule {schedule!r}; valid: {list(SCHEDULES)}")
+@SCHEDULES.register("uniform")
+def uniform_steps(sde: SDE, num_steps: int, t_end: float) -> Array:
+    """Equal steps in t."""
+    return jnp.linspace(0.0, sde.T - t_end, num_steps + 1)
+
+
+def _noise_level_steps(sigmas: Callable[[Array, Array, Array], Array]):
+    """A schedule placing steps at noise levels sigma = ``sigmas(u, sigma(T), sigma(t_end))``
+    for u uniform on [0, 1], mapped back to t."""
+
+    def grid(sde: SDE, num_steps: int, t_end: float) -> Array:
+        s_max, s_min = sde.noise_level(jnp.float32(sde.T)), sde.noise_level(jnp.float32(t_end))
+        sigma = sigmas(jnp.linspace(0.0, 1.0, num_steps + 1), s_max, s_min)
+        tau = sde.T - sde.time_at_noise_level(sigma, t_min=t_end)
+        return tau.at[0].set(0.0).at[-1].set(sde.T - t_end)  # the ends exactly
+
+    return grid
+
+
+def _karras_sigmas(u: Array, s_max: Array, s_min: Array) -> Array:
+    inv = 1.0 / KARRAS_RHO
+    return (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
+
+
+def _log_uniform_sigmas(u: Array, s_max: Array, s_min: Array) -> Array:
+    return jnp.exp(jnp.log(s_max) + u * (jnp.log(s_min) - jnp.log(s_max)))
+
+
+SCHEDULES.register("karras", _noise_level_steps(_karras_sigmas))
+SCHEDULES.register("log_snr", _noise_level_steps(_log_uniform_sigmas))
 
 
 def tau_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
@@ -105,19 +139,7 @@ def tau_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
     Raises:
       ValueError: an unknown schedule (the valid ones listed).
     """
-    _check_schedule(schedule)
-    tau1 = sde.T - t_end
-    if schedule == "uniform":
-        return jnp.linspace(0.0, tau1, num_steps + 1)
-    s_max, s_min = sde.noise_level(jnp.float32(sde.T)), sde.noise_level(jnp.float32(t_end))
-    u = jnp.linspace(0.0, 1.0, num_steps + 1)
-    if schedule == "karras":
-        inv = 1.0 / KARRAS_RHO
-        sigma = (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
-    else:
-        sigma = jnp.exp(jnp.log(s_max) + u * (jnp.log(s_min) - jnp.log(s_max)))
-    tau = sde.T - sde.time_at_noise_level(sigma, t_min=t_end)
-    return tau.at[0].set(0.0).at[-1].set(tau1)  # the ends exactly
+    return SCHEDULES.get(schedule)(sde, num_steps, t_end)
 
 
 _NONFINITE = "FEDINF_NONFINITE:"
@@ -129,14 +151,8 @@ def make_solver(method: str, name: str) -> diffrax.AbstractSolver:
     Raises:
       ValueError: an unknown method or solver (the message lists the valid ones).
     """
-    if method not in SOLVERS:
-        raise ValueError(f"unknown sampler method {method!r}; valid: {list(METHODS)}")
-    if name not in SOLVERS[method]:
-        raise ValueError(
-            f"unknown {method} solver {name!r}; valid: {sorted(SOLVERS[method])} "
-            "(or pass any diffrax solver object in code)"
-        )
-    return SOLVERS[method][name]()
+    check_choice("sampler method", method, METHODS)
+    return SOLVERS[method].get(name)()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,13 +195,12 @@ class SolverSpec:
 
     def check(self, sde: SDE) -> None:
         """Raises ValueError naming the first invalid setting and what is valid."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown sampler method {self.method!r}; valid: {list(METHODS)}")
+        check_choice("sampler method", self.method, METHODS)
         if not 0.0 < self.t_end < sde.T:
             raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
         if self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
-        _check_schedule(self.schedule)
+        SCHEDULES.check(self.schedule)
         if self.adaptive and self.schedule != "uniform":
             raise ValueError(
                 f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "
@@ -212,6 +227,29 @@ class SolverSpec:
             raise ValueError(
                 f"sampler.save_trajectory must be 0 (off) or >= 2 times, got {self.save_trajectory}"
             )
+
+
+def noise_drives_state(aggregator: Aggregator, method: str) -> bool:
+    """Whether the aggregator's state or noise depends on the Brownian increments (then the
+    SDE is solved as one control term, and only Ito solvers are valid)."""
+    return method == "sde" and (aggregator.tendency is not None or aggregator.noise is not None)
+
+
+def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
+    """Refuses a Stratonovich solver where the aggregator's state is an Ito integral.
+
+    Raises:
+      ValueError: naming the solver and the valid (Ito) ones.
+    """
+    if noise_drives_state(aggregator, spec.method) and not isinstance(
+        spec.solver, diffrax.AbstractItoSolver
+    ):
+        ito = [n for n, m in SDE_SOLVERS.items() if issubclass(m, diffrax.AbstractItoSolver)]
+        raise ValueError(
+            "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
+            f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "
+            f"bias; use an Ito solver: {ito}"
+        )
 
 
 class SolveState(NamedTuple):
@@ -315,7 +353,7 @@ class StepOperator(lineax.AbstractLinearOperator):
 
     Linear in its control (dtau, dW) (``TimeAndNoise``), so Euler-Maruyama's single product
     ``vf_prod`` takes the step with the scores evaluated once; splitting drift and noise into two
-    Diffrax terms would evaluate the K agents twice per step (measured: twice the time).
+    Diffrax terms would evaluate the K agents twice per step.
     """
 
     b: Array
@@ -424,15 +462,7 @@ class FederatedSampler:
         self.sde = sde
         self.aggregator = aggregator
         self.spec = spec
-        if self.noise_drives_state and not isinstance(spec.solver, diffrax.AbstractItoSolver):
-            ito = sorted(
-                n for n, m in SDE_SOLVERS.items() if issubclass(m, diffrax.AbstractItoSolver)
-            )
-            raise ValueError(
-                "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
-                f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "
-                f"bias; use an Ito solver: {ito}"
-            )
+        check_solver_for(aggregator, spec)
         self.image_shape = tuple(image_shape)
         self._evaluations = itertools.count()
         self._solve = jax.jit(self._solve_impl)
@@ -498,10 +528,8 @@ class FederatedSampler:
 
     @property
     def noise_drives_state(self) -> bool:
-        """Whether the aggregator's state or noise depends on the Brownian increments (then the
-        SDE is solved as one control term, and only Ito solvers are valid)."""
-        agg = self.aggregator
-        return self.spec.method == "sde" and (agg.tendency is not None or agg.noise is not None)
+        """``noise_drives_state`` of this sampler's aggregator and method."""
+        return noise_drives_state(self.aggregator, self.spec.method)
 
     # -- the solve -----------------------------------------------------------------------------
     def _brownian(self, keys, tau1):
@@ -607,14 +635,22 @@ class FederatedSampler:
         return samples._replace(stats=stats)
 
 
+class NonFiniteScoreError(UserError, FloatingPointError):
+    """An agent's score or the aggregate became non-finite during a solve (names them and t)."""
+
+
+class MaxStepsError(UserError, RuntimeError):
+    """An adaptive solve reached ``sampler.max_steps`` before t_end."""
+
+
 def _translate(error: Exception) -> Exception:
     """A readable exception for a failed solve (non-finite scores, Diffrax's own failures)."""
     message = str(error)
     if _NONFINITE in message:
         line = message[message.rindex(_NONFINITE) + len(_NONFINITE) :].strip().splitlines()[0]
-        return FloatingPointError(f"sampling stopped: {line}")
+        return NonFiniteScoreError(f"sampling stopped: {line}")
     if "maximum number of solver steps" in message:
-        return RuntimeError(
+        return MaxStepsError(
             "the adaptive solve reached sampler.max_steps before t_end; raise sampler.max_steps or "
             "loosen sampler.rtol/atol"
         )

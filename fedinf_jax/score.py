@@ -21,7 +21,7 @@ Two parametrizations (``config.model.parametrization``):
   x0_hat stays of the order of the network's error at every noise level; under ``eps`` it is
   that error times std / alpha, which is about 150 at t = 1 of the VP SDE, so an agent that has
   not yet learnt the high-noise regime to 1e-3 drives the reverse process away from the data
-  (docs and numbers: README, "Why the `edm` parametrization").
+  (docs/results.md, "Why the `edm` parametrization").
 
 Loss (denoising score matching; Song et al. 2021 eq. 7 with lambda(t) = std^2 for ``eps``, EDM's
 lambda = 1 / c_out^2 for ``edm``): the network's target is F* = (x_0 - c_skip x_t) / c_out,
@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedinf_jax.registry import Registry, check_choice
 from fedinf_jax.sde import SDE, batch_broadcast
 from fedinf_jax.types import Array, Images, Key, Labels, Params, Times
 
@@ -50,7 +51,8 @@ TIME_SCALE = 999.0
 """Diffusion time t in [0, 1] enters the sinusoidal embedding as 999 t (the DDPM step range)."""
 
 PARAMETRIZATIONS = ("eps", "edm")
-TRAINING_NOISE = ("uniform_t", "lognormal", "log_snr")
+TRAINING_NOISE: Registry[Callable[..., Callable[[Key, int], Times]]] = Registry("train.noise")
+"""How training times are drawn: ``(sde, eps, p_mean, p_std) -> ((key, n) -> n times)``."""
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # Karras et al. 2022, Table 1: ln sigma ~ N(P_mean, P_std^2)
 
 
@@ -62,10 +64,7 @@ class Parametrization:
     sigma_data: float = 0.5  # edm only
 
     def __post_init__(self):
-        if self.name not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"unknown parametrization {self.name!r}; valid: {list(PARAMETRIZATIONS)}"
-            )
+        check_choice("parametrization", self.name, PARAMETRIZATIONS)
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data must be > 0, got {self.sigma_data}")
 
@@ -130,6 +129,33 @@ def make_score_fn(
     return score_fn
 
 
+@TRAINING_NOISE.register("uniform_t")
+def _uniform_t(sde: SDE, eps: float, p_mean: float, p_std: float):
+    del p_mean, p_std
+    return lambda key, n: jax.random.uniform(key, (n,), minval=eps, maxval=sde.T)
+
+
+@TRAINING_NOISE.register("lognormal")
+def _lognormal(sde: SDE, eps: float, p_mean: float, p_std: float):
+    def lognormal(key, n):
+        sigma = jnp.exp(p_mean + p_std * jax.random.normal(key, (n,)))
+        return sde.time_at_noise_level(sigma, t_min=eps)
+
+    return lognormal
+
+
+@TRAINING_NOISE.register("log_snr")
+def _log_snr(sde: SDE, eps: float, p_mean: float, p_std: float):
+    del p_mean, p_std
+    lo, hi = (math.log(float(sde.noise_level(jnp.float32(t)))) for t in (eps, sde.T))
+
+    def log_uniform(key, n):
+        sigma = jnp.exp(jax.random.uniform(key, (n,), minval=lo, maxval=hi))
+        return sde.time_at_noise_level(sigma, t_min=eps)
+
+    return log_uniform
+
+
 def make_time_sampler(
     sde: SDE,
     name: str = "uniform_t",
@@ -143,26 +169,10 @@ def make_time_sampler(
     Raises:
       ValueError: an unknown name (the valid ones listed) or p_std <= 0.
     """
-    if name not in TRAINING_NOISE:
-        raise ValueError(f"unknown train.noise {name!r}; valid: {list(TRAINING_NOISE)}")
+    build = TRAINING_NOISE.get(name)
     if p_std <= 0:
         raise ValueError(f"train.p_std must be > 0, got {p_std}")
-    if name == "uniform_t":
-        return lambda key, n: jax.random.uniform(key, (n,), minval=eps, maxval=sde.T)
-    if name == "log_snr":
-        lo, hi = (math.log(float(sde.noise_level(jnp.float32(t)))) for t in (eps, sde.T))
-
-        def log_uniform(key, n):
-            sigma = jnp.exp(jax.random.uniform(key, (n,), minval=lo, maxval=hi))
-            return sde.time_at_noise_level(sigma, t_min=eps)
-
-        return log_uniform
-
-    def lognormal(key, n):
-        sigma = jnp.exp(p_mean + p_std * jax.random.normal(key, (n,)))
-        return sde.time_at_noise_level(sigma, t_min=eps)
-
-    return lognormal
+    return build(sde, eps, p_mean, p_std)
 
 
 def make_loss_fn(

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fedinf_jax import agents, checkpoint, data, partitions, plots, sharding
+from fedinf_jax import agents, checkpoint, data, errors, partitions, plots, sharding
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
 from fedinf_jax.score import (
@@ -75,7 +75,7 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 def make_key(seed: int) -> Key:
     """The run's root key. XLA's RngBitGenerator ("rbg") rather than threefry: initialising a
-    U-Net's many parameters with threefry took 2-3x longer to compile on XLA:CPU."""
+    U-Net's many parameters with threefry compiles far more slowly on XLA:CPU."""
     return jax.random.key(seed, impl="rbg")
 
 
@@ -199,11 +199,9 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
     """Builds the model, SDE, optimizer and agent-axis strategies a config names.
 
     Raises:
-      ValueError: an unknown SDE, strategy, convolution or training-noise name, or an invalid
-        number of agents.
+      ValueError: an unknown SDE, strategy, convolution or training-noise name, or a model that
+        cannot be built (``check_config`` checks all of a config).
     """
-    if config.partition.num_agents < 1:
-        raise ValueError(f"partition.num_agents must be >= 1, got {config.partition.num_agents}")
     sde = make_sde(config.sde)
     train = config.train
     return Components(
@@ -225,15 +223,52 @@ def resolve(config: ml_collections.ConfigDict) -> Components:
     )
 
 
+_TRAIN_RULES = {
+    "num_steps": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "end_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "p_std": (lambda v: v > 0, "> 0"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+}
+_AGENT_AXIS_RULES = {"map_unroll": (lambda v: v >= 1, ">= 1")}
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[Components, np.ndarray]:
+    """Every setting ``train.py`` reads, checked before any data or checkpoint is read: the
+    registries' names, the fields' ranges, the model's shapes, the mesh against the devices and
+    the partition on MNIST's class sizes.
+
+    Returns:
+      The resolved components and the partition's count matrix as it will be on MNIST.
+
+    Raises:
+      ConfigError: the first invalid setting, named with what is valid.
+    """
+    errors.check_fields("partition", config.partition, {"num_agents": (lambda v: v >= 1, ">= 1")})
+    errors.check_fields("train", config.train, _TRAIN_RULES)
+    errors.check_fields("agent_axis", config.agent_axis, _AGENT_AXIS_RULES)
+    with errors.as_config_error(f"partition {config.partition.name}: "):
+        counts = partitions.expected_counts(config.partition)
+    with errors.as_config_error():
+        components = resolve(config)
+        if not 0 < config.sde.eps < components.sde.T:
+            raise ValueError(
+                f"sde.eps must lie in (0, T = {components.sde.T}), got {config.sde.eps}"
+            )
+        sharding.make_mesh(config.mesh, config.partition.num_agents)
+    return components, counts
+
+
 def make_partition(config: ml_collections.ConfigDict, labels: np.ndarray) -> partitions.Partition:
     """The config's partition of the training labels."""
-    p = config.partition
-    extra = {
-        "heterogeneous": {"owner_fraction": p.owner_fraction},
-        "dirichlet": {"alpha": p.alpha, "min_partition_size": p.min_partition_size},
-        "pathological": {"classes_per_agent": p.classes_per_agent},
-    }.get(p.name, {})
-    return partitions.make_partition(p.name, labels, p.num_agents, seed=p.seed, **extra)
+    return partitions.from_config(config.partition, labels)
 
 
 def run_record(config: ml_collections.ConfigDict, partition: partitions.Partition) -> dict:
@@ -337,7 +372,7 @@ def train_and_evaluate(
     """
     from clu import metric_writers, periodic_actions
 
-    components = resolve(config)
+    components, _ = check_config(config)
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     partition = make_partition(config, mnist.train_labels)
     batcher = AgentBatcher(

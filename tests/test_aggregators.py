@@ -12,17 +12,15 @@ COUNTS = np.array([[30, 5], [10, 5], [5, 20], [5, 10], [10, 10]])
 
 
 def _members(k=K):
+    """Every registered member, built from its config section at its defaults."""
     counts = COUNTS[:k] if k <= len(COUNTS) else np.ones((k, 2))
-    return {
-        "mean": A.mean(),
-        "weighted": A.weighted(np.arange(1, k + 1)),
-        "label_prior": A.label_prior(counts),
-        "schedule": A.schedule(A.switch_schedule(k, [0], t_switch=0.5)),
-        "median": A.median(),
-        "trimmed_mean": A.trimmed_mean(1 if k > 2 else 0),
-        "superdiff_or": A.superdiff_or(VPSDE(), "sde", A.log_prior_table(counts)),
-        "superdiff_and": A.superdiff_and(VPSDE(), "sde"),
-    }
+    section = A.config_section()
+    section.trimmed_mean.trim = 1 if k > 2 else 0
+    members = {}
+    for name in A.AGGREGATORS:
+        section.name = name
+        members[name] = A.from_config(section, counts, k, VPSDE())
+    return members
 
 
 def _inputs(k=K, seed=0):
@@ -39,13 +37,19 @@ def _apply(agg, scores, t, x, y):
     return jax.jit(agg.aggregate)(scores, t, x, y, state)
 
 
-def test_registry_covers_every_member():
-    assert set(_members()) == set(A.AGGREGATORS)
-    with pytest.raises(ValueError, match=r"valid: \['label_prior', 'mean', 'median'"):
-        A.make_aggregator("superdiff")
+def test_every_setting_has_a_config_field():
+    section = A.config_section()
+    for name in A.AGGREGATORS:
+        assert dict(section.get(name, {})) == A.settings_of(name)
+    with pytest.raises(ValueError, match=r"unknown aggregator 'avg'; valid: \['mean', 'weighted'"):
+        A.config_section("avg")
+    with pytest.raises(ValueError, match="setting 'w' needs a default"):
+        A.member("needs_w")(lambda w: A.mean())
+    with pytest.raises(ValueError, match="aggregator 'mean' is already registered"):
+        A.member("mean")(A.mean)
 
 
-@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
 def test_jittable_shape_finite(name):
     scores, t, x, y = _inputs()
     out, state = _apply(_members()[name], scores, t, x, y)
@@ -57,14 +61,14 @@ def test_jittable_shape_finite(name):
         assert state == A.EmptyState()
 
 
-@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
 def test_one_agent_is_that_agent(name):
     scores, t, x, y = _inputs(k=1)
     out, _ = _apply(_members(k=1)[name], scores, t, x, y)
     np.testing.assert_allclose(out, scores[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(A.AGGREGATORS))
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
 def test_identical_agents_give_the_agent(name):
     scores, t, x, y = _inputs()
     same = jnp.broadcast_to(scores[:1], scores.shape)
@@ -80,7 +84,7 @@ def test_permutation_invariant(name):
     perm = np.array([3, 0, 4, 1, 2])
     members = _members()
     if name == "superdiff_or":  # with a uniform prior; the label prior follows the agents
-        members[name] = A.superdiff_or(VPSDE(), "sde")
+        members[name] = A.superdiff_or(VPSDE(), "sde", prior="uniform")
     a, _ = _apply(members[name], scores, t, x, y)
     b, _ = _apply(members[name], scores[perm], t, x, y)
     # superdiff_and solves float32 normal equations, which square the condition number.
@@ -133,20 +137,13 @@ def test_robust_members_ignore_one_faulty_agent():
 
 
 def test_from_config():
-    from configs import base
-
-    cfg = base.get_config("smoke").aggregator
-    for name in A.AGGREGATORS:
-        cfg.name = name
-        agg = A.from_config(cfg, COUNTS, K, VPSDE())
-        out, _ = _apply(agg, *_inputs())
-        assert out.shape == (B, 3, 3, 1)
+    cfg = A.config_section()
     cfg.name = "weighted"  # no weights: the data shares n_i / N
     scores, t, x, y = _inputs()
     out, _ = _apply(A.from_config(cfg, COUNTS, K), scores, t, x, y)
     shares = COUNTS.sum(axis=1) / COUNTS.sum()
     np.testing.assert_allclose(out, np.tensordot(shares, scores, axes=1), rtol=1e-5, atol=1e-6)
-    cfg.weights = (1.0, 2.0)
+    cfg.weighted.weights = (1.0, 2.0)
     with pytest.raises(ValueError, match="2 entries for 5 agents"):
         A.from_config(cfg, COUNTS, K)
     for name in ("label_prior", "schedule", "superdiff_or"):
@@ -161,6 +158,25 @@ def test_from_config():
         A.from_config(cfg, COUNTS, K)
 
 
+@pytest.mark.parametrize(
+    "member, setting, value, message",
+    [
+        ("trimmed_mean", "trim", 3, "needs more than 6 agents, got 5"),
+        ("trimmed_mean", "trim", -1, "trim must be >= 0"),
+        ("superdiff_or", "temperature", -1.0, "temperature must be > 0"),
+        ("superdiff_or", "prior", "flat", r"unknown prior 'flat'; valid: \['label'"),
+        ("superdiff_and", "ridge", -1.0, "ridge must be >= 0"),
+        ("schedule", "early_agents", (5,), r"non-empty subset of 0\.\.4"),
+        ("schedule", "t_switch", -0.5, "t_switch must be >= 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_when_built(member, setting, value, message):
+    cfg = A.config_section(member)
+    cfg[member][setting] = value
+    with pytest.raises(ValueError, match=message):
+        A.from_config(cfg, COUNTS, K, VPSDE())
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="non-negative vector"):
         A.weighted([1.0, -1.0])
@@ -173,7 +189,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown prior 'flat'; valid: \['label'"):
         A.log_prior_table(COUNTS, "flat")
     with pytest.raises(ValueError, match="needs >= 1 Hutchinson probe"):
-        A.superdiff_or(VPSDE(), "ode", probes=0)
+        A.superdiff_or(VPSDE(), "ode", prior="uniform", probes=0)
     with pytest.raises(ValueError, match="unknown sampler method 'pf'"):
         A.superdiff_and(VPSDE(), "pf")
     with pytest.raises(ValueError, match="ridge must be >= 0"):

@@ -14,10 +14,11 @@ def test_real_mnist_shapes_and_hashes(mnist, mnist_dir):
     assert mnist.test_images.shape == (10000, 28, 28)
     assert mnist.train_labels.shape == (60000,) and mnist.test_labels.shape == (10000,)
     assert set(np.unique(mnist.train_labels)) == set(range(10))
+    assert tuple(np.bincount(mnist.train_labels)) == data.TRAIN_CLASS_COUNTS
     for name, digest in data.IDX_SHA256.items():  # the canonical files' well-known hashes
         with gzip.open(mnist_dir / data.IDX_FILES[name], "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
-    # The README's pixel statistics.
+    # MNIST's well-known pixel statistics.
     x = mnist.train_images / 255.0
     np.testing.assert_allclose([x.mean(), x.std()], [0.1307, 0.3081], atol=1e-4)
 

@@ -60,7 +60,9 @@ def test_perturb_matches_marginal_statistics(name):
 def test_unknown_sde_lists_valid_names():
     c = ml_collections.ConfigDict(CONFIG.to_dict())
     c.name = "edm"
-    with pytest.raises(ValueError, match=r"valid: \['subvp', 've', 've_paper', 'vp'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown SDE 'edm'; valid: \['vp', 'subvp', 've', 've_paper'\]"
+    ):
         sde_lib.make_sde(c)
 
 

@@ -129,7 +129,7 @@ def test_tracked_log_density_matches_the_closed_form(
     error, the ODE's change of variables up to the prior mismatch at T and, for the mixtures'
     non-diagonal Jacobians, Hutchinson's noise; also for the agents' difference, which is what
     the weights use."""
-    agg = A.superdiff_or(sde, method, probes=max(probes, 1))
+    agg = A.superdiff_or(sde, method, prior="uniform", probes=max(probes, 1))
     _, out = solve(sde, agg, method, solver, steps, 300, mus, save=5, denoise=False)
     for s in range(1, 5):
         t, x = out.trajectory_t[s], out.trajectory[s]
@@ -145,7 +145,15 @@ def test_ito_estimator_converges_with_the_step():
     errors = []
     for steps in (250, 2000):
         _, out = solve(
-            sde, A.superdiff_or(sde, "sde"), "sde", "euler", steps, 300, MUS[:2], 2, False
+            sde,
+            A.superdiff_or(sde, "sde", prior="uniform"),
+            "sde",
+            "euler",
+            steps,
+            300,
+            MUS[:2],
+            2,
+            False,
         )
         err = out.aggregator_state.log_q[0] - true_log_density(sde, out.images, 1e-3, MUS[0])
         errors.append(float(jnp.mean(jnp.abs(err))))
@@ -161,7 +169,7 @@ def test_superdiff_or_samples_the_mixture(method, solver, steps, share):
     between the modes (the product of experts), near neither."""
     sde, n = VPSDE(), 2000
     prior = np.log([[share], [1.0 - share]])
-    _, out = solve(sde, A.superdiff_or(sde, method, prior), method, solver, steps, n, MUS[:2])
+    _, out = solve(sde, A.superdiff_or(sde, method, prior=prior), method, solver, steps, n, MUS[:2])
     x = np.asarray(out.images)
     # Each mode is N(+-3, S0^2) along e_1, so |x_1| > 1.5 holds for all but 0.1% of its samples.
     assert np.mean(np.abs(x[:, 0]) > 1.5) > 0.99
@@ -234,7 +242,7 @@ def test_superdiff_and_is_superdiffs_two_agent_equation():
 
 def test_noise_driven_state_costs_one_evaluation_per_step_and_needs_an_ito_solver():
     sde = VPSDE()
-    _, out = solve(sde, A.superdiff_or(sde, "sde"), "sde", "euler", 12, 4, MUS[:2])
+    _, out = solve(sde, A.superdiff_or(sde, "sde", prior="uniform"), "sde", "euler", 12, 4, MUS[:2])
     assert out.stats["score_evaluations"] == 12 + 1  # + the denoising step
     with pytest.raises(ValueError, match=r"Stratonovich solver.*use an Ito solver: \['euler'\]"):
-        solve(sde, A.superdiff_or(sde, "sde"), "sde", "heun", 12, 4, MUS[:2])
+        solve(sde, A.superdiff_or(sde, "sde", prior="uniform"), "sde", "heun", 12, 4, MUS[:2])

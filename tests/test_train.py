@@ -125,28 +125,6 @@ def test_non_finite_loss_names_agent_and_step():
         train_lib.check_finite(np.array([0.5, np.nan, 0.2]), step=12, saved_step=10)
 
 
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda c: setattr(c.sde, "name", "edm"), "unknown SDE 'edm'; valid"),
-        (lambda c: setattr(c.agent_axis, "train", "pmap"), "unknown agent-axis strategy"),
-        (lambda c: setattr(c.partition, "num_agents", 0), "num_agents must be >= 1"),
-    ],
-)
-def test_bad_config_values(edit, message):
-    config = hetero.get_config("smoke")
-    edit(config)
-    with pytest.raises(ValueError, match=message):
-        train_lib.resolve(config)
-
-
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match=r"valid: \['smoke', 'demo', 'cpu', 'paper'\]"):
         base.get_config("huge")
-
-
-def test_unknown_partition_in_config(mnist):
-    config = hetero.get_config("smoke")
-    config.partition.name = "iid"
-    with pytest.raises(ValueError, match="unknown partition 'iid'; valid"):
-        train_lib.make_partition(config, mnist.train_labels)

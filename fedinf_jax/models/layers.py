@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fedinf_jax.registry import Registry, check_choice
 
 
 class GroupNorm(nn.Module):
@@ -20,8 +23,8 @@ class GroupNorm(nn.Module):
     The statistics are taken in two stages: per-channel means over the spatial axes, then the
     mean over each group's channels; the normalisation is then one multiply-add per element with a
     per-(sample, channel) scale and shift. Flax reduces over (spatial..., C / G) in one strided
-    reduction, which XLA:CPU runs 3-7x slower forward (2-3x for the gradient) on this project's
-    shapes (``benchmarks/group_norm.py``); the sums only change order (float32 rounding).
+    reduction, which XLA:CPU runs slowly on NHWC arrays (``benchmarks/group_norm.py``,
+    docs/performance.md); the sums only change order (float32 rounding).
     """
 
     num_groups: int
@@ -51,10 +54,38 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype or jnp.result_type(x.dtype, jnp.float32))
 
 
-CONV_IMPLS = ("auto", "xla", "matmul")
+CONV_IMPLS: Registry[Callable[[jax.Array, jax.Array], jax.Array]] = Registry("convolution")
+"""How ``Conv`` computes a stride-1 SAME convolution ``(x, kernel (k, k, C_in, C_out)) -> y``;
+``auto`` (not a member) picks one per layer (``conv_impl_for``)."""
+
+
+@CONV_IMPLS.register("xla")
+def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``lax.conv_general_dilated``, what Flax's Conv lowers to."""
+    pad = (kernel.shape[0] // 2,) * 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@CONV_IMPLS.register("matmul")
+def matmul_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1: one matmul over the channel axis; 3x3: three matmuls, one per kernel row i: the
+    zero-padded input's three column shifts side by side on the channel axis, rows i .. i + H,
+    times row i of the kernel as a (3 C_in, C_out) matrix, i.e.
+    y[h, w] = sum_ij x[h + i - 1, w + j - 1] @ W[i, j]."""
+    if kernel.shape[0] == 1:
+        return x @ kernel[0, 0]
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([padded[:, :, j : j + w] for j in range(3)], axis=-1)
+    features = kernel.shape[-1]
+    return sum(cols[:, i : i + h] @ kernel[i].reshape(-1, features) for i in range(3))
+
+
 MATMUL_MIN_CHANNELS = 128
-"""``auto`` runs a layer as ``matmul`` on CPU from this many input channels (README, "Against the
-paper's stack": the paper preset's 480- to 1,056-channel layers), as ``xla`` below it."""
+"""``auto`` runs a layer as ``matmul`` on CPU from this many input channels (the paper preset's
+480- to 1,056-channel layers), as ``xla`` below it (docs/performance.md)."""
 
 
 def conv_impl_for(impl: str, in_channels: int, backend: str | None = None) -> str:
@@ -67,8 +98,7 @@ def conv_impl_for(impl: str, in_channels: int, backend: str | None = None) -> st
     Raises:
       ValueError: an unknown ``impl`` (the message lists the valid ones).
     """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown convolution {impl!r}; valid: {list(CONV_IMPLS)}")
+    check_choice("convolution", impl, ("auto", *CONV_IMPLS))
     if impl != "auto":
         return impl
     if (backend or jax.default_backend()) != "cpu":
@@ -80,17 +110,9 @@ class Conv(nn.Module):
     """``flax.linen.Conv(features, (k, k), padding="SAME")`` for k = 1 or 3, stride 1: its function
     and parameters (``kernel`` (k, k, C_in, C_out) and ``bias``, same names and initialisers, so
     checkpoints are shared), computed one of two ways (``impl``; ``auto`` picks per layer,
-    ``conv_impl_for``):
-
-    * ``xla``: ``lax.conv_general_dilated``, what Flax's Conv lowers to;
-    * ``matmul``: 1x1, one matmul over the channel axis; 3x3, three matmuls, one per kernel row
-      i: the zero-padded input's three column shifts side by side on the channel axis, rows
-      i .. i + H, times row i of the kernel as a (3 C_in, C_out) matrix, i.e.
-      y[h, w] = sum_ij x[h + i - 1, w + j - 1] @ W[i, j].
-
-    On XLA:CPU, alone, ``matmul`` is 19-53% faster for 1x1 layers and 13-20% faster for wide 3x3
-    layers on small maps at small batches, slower for narrow 3x3 layers
-    (``benchmarks/conv_impl.py``).
+    ``conv_impl_for``): ``xla_conv`` (``lax.conv_general_dilated``) or ``matmul_conv`` (matmuls
+    over the channel axis). Which is faster depends on the layer's width and the backend
+    (``benchmarks/conv_impl.py``, docs/performance.md).
     """
 
     features: int
@@ -109,16 +131,4 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if impl == "xla":
-            pad = (k // 2, k // 2)
-            y = jax.lax.conv_general_dilated(
-                x, kernel, (1, 1), (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-        elif k == 1:
-            y = x @ kernel[0, 0]
-        else:
-            h, w = x.shape[1:3]
-            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            cols = jnp.concatenate([padded[:, :, j : j + w] for j in range(3)], axis=-1)
-            y = sum(cols[:, i : i + h] @ kernel[i].reshape(-1, self.features) for i in range(3))
-        return y + bias
+        return CONV_IMPLS.get(impl)(x, kernel) + bias

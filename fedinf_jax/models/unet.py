@@ -227,13 +227,59 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
+def check_model_config(model_config, image_shape=(28, 28)) -> None:
+    """Checks the shapes a ``config.model`` section describes before anything is traced.
+
+    Raises:
+      ValueError: no levels; attention levels not one per level; a count < 1; ``norm_groups``
+        not dividing a level's channels; ``num_heads`` not dividing an attention level's
+        channels; ``patch_size`` not dividing the image; an unknown dtype.
+    """
+    m = model_config
+    chans = tuple(m.block_out_channels)
+    if not chans or min(chans) < 1:
+        raise ValueError(f"model.block_out_channels must be positive widths, got {chans}")
+    for name in ("attention_levels", "up_attention_levels"):
+        if len(m[name]) != len(chans):
+            raise ValueError(
+                f"model.{name} {tuple(m[name])} must have one entry per level of "
+                f"block_out_channels {chans}"
+            )
+    for name in ("layers_per_block", "norm_groups", "num_heads", "num_classes", "patch_size"):
+        if m[name] < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {m[name]}")
+    if any(c % m.norm_groups for c in chans):
+        raise ValueError(f"model.norm_groups = {m.norm_groups} must divide every width {chans}")
+    attended = [
+        c
+        for c, a, u in zip(chans, m.attention_levels, m.up_attention_levels, strict=True)
+        if a or u
+    ]
+    if m.mid_attention:
+        attended.append(chans[-1])
+    if any(c % m.num_heads for c in attended):
+        raise ValueError(
+            f"model.num_heads = {m.num_heads} must divide the attention levels' widths {attended}"
+        )
+    if any(s % m.patch_size for s in image_shape):
+        raise ValueError(
+            f"model.patch_size {m.patch_size} must divide the image size {image_shape}"
+        )
+    try:
+        jnp.dtype(m.dtype)
+    except TypeError:
+        raise ValueError(f"model.dtype {m.dtype!r} is not a dtype (float32, bfloat16)") from None
+
+
 def make_unet(model_config, conv_impl: str = "auto") -> UNet:
     """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``layers.Conv``.
 
     Raises:
-      ValueError: an unknown ``conv_impl`` (the message lists the valid ones).
+      ValueError: an unknown ``conv_impl`` (the message lists the valid ones), or a section
+        ``check_model_config`` refuses.
     """
     conv_impl_for(conv_impl, in_channels=0)  # checks the name now rather than at the first trace
+    check_model_config(model_config)
     return UNet(
         block_out_channels=tuple(model_config.block_out_channels),
         layers_per_block=model_config.layers_per_block,

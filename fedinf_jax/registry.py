@@ -1,0 +1,93 @@
+"""Names to members, one ``Registry`` per plug-in family (score_sde's and big_vision's pattern).
+
+    SOLVERS = Registry("ode solver")
+
+    @SOLVERS.register("euler")
+    def euler(): ...
+
+    SOLVERS.get("euler")  # the member; an unknown name lists the valid ones
+
+A name is registered once: a second registration under the same name is refused, so two
+modules cannot silently shadow each other's member. Fixed choices that are not plug-ins (a
+sampler method, a prior) check their names with ``check_choice``, which raises the same error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def unknown_name(family: str, name: object, valid: Iterable[str]) -> ValueError:
+    """The error for a name outside a family: ``unknown <family> 'x'; valid: [...]``."""
+    return ValueError(f"unknown {family} {name!r}; valid: {list(valid)}")
+
+
+def check_choice(family: str, name: object, valid: Iterable[str]) -> None:
+    """Raises ``unknown_name`` unless ``name`` is one of ``valid``."""
+    valid = tuple(valid)
+    if name not in valid:
+        raise unknown_name(family, name, valid)
+
+
+class Registry(Generic[T]):
+    """The members of one plug-in family by name, in registration order.
+
+    Args:
+      family: what a member is, as error messages name it ("aggregator", "ode solver").
+    """
+
+    def __init__(self, family: str):
+        self.family = family
+        self._members: dict[str, T] = {}
+
+    def register(self, name: str, member: T | None = None):
+        """Registers ``member`` under ``name``; without ``member``, a decorator that does.
+
+        Raises:
+          ValueError: ``name`` is already registered in this family.
+        """
+
+        def add(member: T) -> T:
+            if name in self._members:
+                raise ValueError(f"{self.family} {name!r} is already registered")
+            self._members[name] = member
+            return member
+
+        return add if member is None else add(member)
+
+    def get(self, name: str) -> T:
+        """The member called ``name``.
+
+        Raises:
+          ValueError: an unknown name (the message lists the valid ones).
+        """
+        if name not in self._members:
+            raise unknown_name(self.family, name, self._members)
+        return self._members[name]
+
+    def check(self, name: str) -> str:
+        """``name``, after checking that it is registered (``get``'s error otherwise)."""
+        self.get(name)
+        return name
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, in registration order."""
+        return tuple(self._members)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(self._members.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.family!r}, {list(self._members)})"

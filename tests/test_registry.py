@@ -1,0 +1,58 @@
+import pytest
+
+from fedinf_jax import agents, aggregators, partitions, sampling, score, sde
+from fedinf_jax.models import layers
+from fedinf_jax.registry import Registry, check_choice
+
+
+def test_register_get_and_order():
+    reg = Registry("widget")
+
+    @reg.register("b")
+    def b():
+        return "b"
+
+    reg.register("a", len)
+    assert reg.get("b") is b and reg.get("a") is len
+    assert reg.names() == ("b", "a") and list(reg) == ["b", "a"] and len(reg) == 2
+    assert "a" in reg and "c" not in reg
+    assert reg.check("a") == "a"
+
+
+def test_duplicate_name_is_refused():
+    reg = Registry("widget")
+    reg.register("a", 1)
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        reg.register("a", 2)
+    assert reg.get("a") == 1
+
+
+def test_unknown_name_lists_the_valid_ones():
+    reg = Registry("widget")
+    reg.register("x", 1)
+    reg.register("y", 2)
+    with pytest.raises(ValueError, match=r"unknown widget 'z'; valid: \['x', 'y'\]"):
+        reg.get("z")
+    with pytest.raises(ValueError, match=r"unknown mode 'q'; valid: \['p'\]"):
+        check_choice("mode", "q", ("p",))
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        aggregators.AGGREGATORS,
+        sampling.ODE_SOLVERS,
+        sampling.SDE_SOLVERS,
+        sampling.SCHEDULES,
+        sde.SDES,
+        partitions.PARTITIONS,
+        agents.STRATEGIES,
+        layers.CONV_IMPLS,
+        score.TRAINING_NOISE,
+    ],
+    ids=lambda r: r.family,
+)
+def test_every_plug_in_family_is_a_registry(family):
+    assert isinstance(family, Registry) and len(family) >= 2
+    with pytest.raises(ValueError, match=f"unknown {family.family} 'nope'; valid: "):
+        family.get("nope")
