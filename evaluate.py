@@ -14,7 +14,8 @@ import os
 
 from absl import app, flags
 
-from fedinf_jax import data, pipeline, runtime
+from fedinf_jax import data, files, pipeline, runtime
+from fedinf_jax.evaluation import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
@@ -34,7 +35,7 @@ def evaluate(classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist) -> 
     results = {}
     for sample_dir in sample_dirs:
         results[sample_dir] = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
-        pipeline.write_json(
+        files.write_json(
             os.path.join(sample_dir, "metrics.json"),
             dict(results[sample_dir], classifier=classifier_dir),
         )
@@ -48,7 +49,7 @@ def main(argv):
     results = evaluate(
         FLAGS.classifier, argv[1:], data.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
     )
-    print("\n".join(pipeline.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
+    print("\n".join(report.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
 
 
 if __name__ == "__main__":

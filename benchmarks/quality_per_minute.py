@@ -31,7 +31,7 @@ from candidates import candidate
 
 from configs import classifier as classifier_config
 from configs import control
-from fedinf_jax import data, pipeline, runtime, sample_lib, train_lib
+from fedinf_jax import data, files, pipeline, runtime, sample_lib, train_lib
 from fedinf_jax.evaluation import classifier
 
 # Each recipe: the config overrides it applies to the preset (dotted keys; "architecture" names a
@@ -155,7 +155,7 @@ def train_cell(config, workdir: str) -> dict:
         "resumed": resumed,  # a resumed cell's time covers only the steps after the resume
         "images": config.train.num_steps * config.train.batch_size,
     }
-    pipeline.write_json(path, cost)
+    files.write_json(path, cost)
     return cost
 
 
@@ -179,7 +179,7 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
             config.sampler.num_per_class = FLAGS.per_class
             sample_dir = sample_lib.run(config, workdir, os.path.dirname(metrics_path))
             metrics = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
-            pipeline.write_json(metrics_path, metrics)
+            files.write_json(metrics_path, metrics)
         keep = ("accuracy", "noise_rate", "fid", "num_samples", "score_evaluations")
         rows.append(
             dict(
@@ -294,8 +294,8 @@ def main(argv):
         )
     stem = os.path.splitext(FLAGS.output)[0]
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-    pipeline.write_json(FLAGS.output, {"preset": FLAGS.preset, "rows": rows})
-    pipeline.write_text(stem + ".md", table(rows))
+    files.write_json(FLAGS.output, {"preset": FLAGS.preset, "rows": rows})
+    files.write_text(stem + ".md", table(rows))
     plot(rows, stem + ".png")
     print(table(rows))
 

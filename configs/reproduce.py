@@ -5,13 +5,15 @@ measure. ``--config=configs/reproduce.py:PRESET`` with PRESET the regimes' model
 
 import ml_collections
 
-from configs import base
+from configs import base, control, hetero, homo
+from configs import classifier as classifier_config
 
 # Samples per digit for FID/IS/accuracy; the grids (samples.png) show the first 10.
 _EVAL_PER_CLASS = {"smoke": 2, "demo": 4, "cpu": 20, "paper": 100}
 # The sets a result rests on (the control's mean, each regime's best procedure), sampled again.
 _CLAIM_PER_CLASS = {"smoke": 1, "demo": 0, "cpu": 100, "paper": 100}
 _CLASSIFIER_PRESET = {"smoke": "smoke", "demo": "demo", "cpu": "cpu", "paper": "cpu"}
+_REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -48,9 +50,16 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.trajectory_times = 11
     config.eval_per_class = _EVAL_PER_CLASS[preset]
     config.claim_per_class = _CLAIM_PER_CLASS[preset]
-    config.classifier_preset = _CLASSIFIER_PRESET[preset]
+    # The evaluation classifier's config (configs/classifier.py) and each regime's run config
+    # (configs/control.py, homo.py, hetero.py at the preset): what the pipeline trains.
+    config.classifier = classifier_config.get_config(_CLASSIFIER_PRESET[preset])
+    config.runs = ml_collections.ConfigDict(
+        {regime: module.get_config(preset) for regime, module in _REGIME_FILES.items()}
+    )
     # The corrected sampler (every regime and aggregator); fields as in base.get_config().sampler.
     config.sampler = base.get_config(preset).sampler
+    # The paper's procedure (the ``paper_sampler`` modifier): its sampler, with the uniform mean.
+    config.paper_sampler = base.get_config(f"{preset},paper_sampler").sampler
     config.agreement_samples = 10  # S in the paper's eqs. 11-13
     # Aggregates measured besides the paper's mean (at a fixed point superdiff_or's weights are
     # its prior's, i.e. label_prior's; superdiff_and's needs only the agents' scores there).

@@ -113,6 +113,20 @@ def _same_up_to_padding(stored, target, num_agents: int | None) -> bool:
     )
 
 
+def _with_local_sharding(abstract):
+    """Leaves without a sharding go to this process's first device (not the layout they were
+    saved with, which may belong to another mesh)."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda leaf: (
+            leaf
+            if getattr(leaf, "sharding", None) is not None
+            else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local)
+        ),
+        abstract,
+    )
+
+
 def restore(manager, abstract_state, step: int | None = None, num_agents: int | None = None):
     """Restores (state, meta) of checkpoint ``step`` (default: the latest) into the target's
     structure, shapes and shardings.
@@ -139,17 +153,7 @@ def restore(manager, abstract_state, step: int | None = None, num_agents: int | 
             f"({len(mismatches)} arrays differ):\n  {shown}{more}\n"
             "Use the config it was trained with, or a fresh --workdir."
         )
-    # Leaves without a sharding go to this process's first device (not the layout they were
-    # saved with, which may belong to another mesh).
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(
-        lambda leaf: (
-            leaf
-            if getattr(leaf, "sharding", None) is not None
-            else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local)
-        ),
-        abstract_state,
-    )
+    abstract_state = _with_local_sharding(abstract_state)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -158,3 +162,56 @@ def restore(manager, abstract_state, step: int | None = None, num_agents: int | 
         ),
     )
     return restored["state"], restored["meta"]
+
+
+def restore_params(
+    workdir: str | os.PathLike,
+    abstract_params,
+    step: int,
+    field: str = "ema_params",
+    num_agents: int | None = None,
+):
+    """Restores only the stacked parameters ``field`` ("ema_params" or "params") of checkpoint
+    ``step``, into ``abstract_params``' structure, shapes and shardings: what sampling needs,
+    without the optimizer state (Orbax's partial restore). ``num_agents``: as in ``restore``.
+
+    Raises:
+      CheckpointMismatchError: the stored parameters' shapes differ from ``abstract_params``.
+    """
+    manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        # The same files as ``make_manager``'s StandardCheckpointHandler writes; this handler
+        # restores a subtree of them.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+    )
+    try:
+        stored = manager.item_metadata(step)["state"]
+        mismatches = _shape_mismatches({field: abstract_params}, {field: stored[field]}, num_agents)
+        if mismatches:
+            raise CheckpointMismatchError(
+                f"checkpoint {manager.directory}/{step} does not match the config "
+                f"({len(mismatches)} arrays differ): {'; '.join(mismatches[:4])}. Use the config "
+                "it was trained with."
+            )
+        target = {field: _with_local_sharding(abstract_params)}
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(
+                sharding=leaf.sharding,
+                global_shape=leaf.shape,
+                dtype=leaf.dtype,
+                strict=num_agents is None,
+            ),
+            target,
+        )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return restored["state"][field]

@@ -27,20 +27,15 @@ import os
 import time
 from collections.abc import Callable
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from configs import classifier as classifier_config
-from configs import control, hetero, homo
-from fedinf_jax import aggregators, checkpoint, data, errors, sample_lib, train_lib
-from fedinf_jax.evaluation import agreement, classifier, metrics
+from fedinf_jax import aggregators, checkpoint, data, errors, files, sample_lib, train_lib
+from fedinf_jax.evaluation import agreement, classifier, metrics, report
 from fedinf_jax.registry import check_choice
 
-REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
-PRECISION_RECALL_REAL = 2000  # test images in the real manifold for precision/recall
 
 
 def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list[str]:
@@ -51,12 +46,18 @@ def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list
 
 
 def regime_config(config, regime: str, procedure: str | None = None) -> ml_collections.ConfigDict:
-    """The regime's run config; with a procedure, its sampler and aggregator set."""
-    check_choice("regime", regime, REGIME_FILES)
+    """The regime's run config (``config.runs.<regime>``); with a procedure, its sampler and
+    aggregator set: ``paper``, the paper's sampler (``config.paper_sampler``) with the uniform
+    mean; an aggregator's name, the corrected sampler (``config.sampler``) with it."""
+    check_choice("regime", regime, config.runs)
     paper = procedure == "paper"
-    cfg = REGIME_FILES[regime].get_config(config.preset + (",paper_sampler" if paper else ""))
+    cfg = ml_collections.ConfigDict(config.runs[regime].to_dict())
     cfg.data.update(config.data.to_dict())
-    if procedure is not None and not paper:
+    if paper:
+        cfg.modifiers = "paper_sampler"
+        cfg.sampler.update(config.paper_sampler.to_dict())
+        cfg.aggregator.name = "mean"
+    elif procedure is not None:
         check_choice("procedure", procedure, ("paper", *aggregators.AGGREGATORS))
         cfg.sampler.update(config.sampler.to_dict())
         cfg.aggregator.name = procedure
@@ -109,10 +110,10 @@ class Timings:
             out = fn()
         except BaseException:
             self.record[partial] = round(self.record.get(partial, 0.0) + time.time() - start, 1)
-            write_json(self.path, self.record)
+            files.write_json(self.path, self.record)
             raise
         self.record[name] = round(self.record.pop(partial, 0.0) + time.time() - start, 1)
-        write_json(self.path, self.record)
+        files.write_json(self.path, self.record)
         logging.info("stage %s: done in %.1f s", name, self.record[name])
         return out
 
@@ -136,7 +137,9 @@ def evaluate_sample_set(
     is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(images)))
     accuracy, per_class = metrics.label_accuracy(probs, labels)
     rng = np.random.default_rng(0)
-    real = real_features[rng.choice(len(real_features), PRECISION_RECALL_REAL, replace=False)]
+    real = real_features[
+        rng.choice(len(real_features), metrics.PRECISION_RECALL_REAL, replace=False)
+    ]
     precision, recall = metrics.precision_recall(real, feats, k=3)
     return {
         "num_samples": len(images),
@@ -270,7 +273,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
 
     clf_dir = os.path.join(outdir, "classifier")
-    clf_cfg = classifier_config.get_config(config.classifier_preset)
+    clf_cfg = ml_collections.ConfigDict(config.classifier.to_dict())
     clf_cfg.data.update(config.data.to_dict())
     clf = classifier.load_classifier(clf_dir)
     if clf is None:
@@ -328,7 +331,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     reference = evaluate_sample_set(
         clf, real_features, *reference_set(mnist, config.eval_per_class, config.seed)
     )
-    write_json(
+    files.write_json(
         os.path.join(outdir, "metrics.json"),
         {
             "classifier_test_accuracy": clf.test_accuracy,
@@ -346,242 +349,24 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
                 f"agreement/{regime}",
                 lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
             )
-        write_json(agreement_path, rows)
+        files.write_json(agreement_path, rows)
     else:
         timings.reuse("agreement", agreement_path)
     rows = _read_json(agreement_path)
-    return write_report(
-        config, outdir, clf.test_accuracy, results, rows, timings.record, reference, claims
+    agents = [report.agents_row(regime, regime_config(config, regime)) for regime in config.regimes]
+    weights = []  # the density-weighted sets' weights.png, relative to the report
+    for r in results.values():
+        png = os.path.join(_sample_dir(outdir, r["regime"], r["procedure"]), "weights.png")
+        if os.path.exists(png):
+            weights.append(os.path.relpath(png, outdir))
+    text = report.render(
+        config, agents, clf.test_accuracy, results, rows, timings.record, reference, claims, weights
     )
-
-
-def _weights_png(outdir: str, result: dict) -> str:
-    return os.path.join(_sample_dir(outdir, result["regime"], result["procedure"]), "weights.png")
+    path = os.path.join(outdir, "report.md")
+    files.write_text(path, text)
+    return path
 
 
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes a temporary file and renames it: never a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def write_report(
-    config, outdir, clf_accuracy, results, rows, timings, reference, claims=None
-) -> str:
-    """``report.md``: Table 1 (with ``reference``, real images measured the same way), the
-    claim sets, the grids, Tables 3/4 and the wall times."""
-    lines = [
-        f"# fedinf_jax reproduction, preset `{config.preset}`",
-        "",
-        f"Backend {jax.default_backend()}; evaluation classifier test accuracy "
-        f"{clf_accuracy:.4f}; {config.eval_per_class} samples per digit per set; FID against the "
-        "10,000 MNIST test images in the classifier's penultimate features; IS over 10 splits; "
-        "noise rate = share with max softmax < 0.5; precision/recall with k = 3 against "
-        f"{PRECISION_RECALL_REAL} test images.",
-        "",
-        "## The agents",
-        "",
-        *_agents_table(config, timings),
-        "",
-        "## Table 1: sample quality",
-        "",
-        *metrics_table(
-            ["regime", "procedure"],
-            [(["MNIST train", "real images"], reference)]
-            + [([r["regime"], r["procedure"]], r) for r in results.values()],
-        ),
-        "",
-        f"The first row is {config.eval_per_class} real training images per digit, measured like a "
-        "sample set: a perfect generator's values at this sample size.",
-    ]
-    if claims:
-        n = config.claim_per_class
-        lines += [
-            "",
-            f"## The claim sets: {n} samples per digit",
-            "",
-            "The control's `mean` and each federated regime's best corrected procedure in Table 1, "
-            f"sampled again, {n} per digit on fresh draws (seed {config.seed + 1}): the set that "
-            "chose the winner does not score it. One standard error of an accuracy p is "
-            f"sqrt(p (1 - p) / {10 * n}).",
-            "",
-            *metrics_table(
-                ["regime", "procedure"],
-                [([r["regime"], r["procedure"]], r) for r in claims.values()],
-            ),
-        ]
-    lines += _ratio_table(results)
-    lines += ["", "## Figure 2: samples (first 10 per digit)", ""]
-    for r in results.values():
-        rel = os.path.join(r["regime"], "samples", r["procedure"], "samples.png")
-        lines.append(f"![{r['regime']} {r['procedure']}]({rel})")
-    weights = [r for r in results.values() if os.path.exists(_weights_png(outdir, r))]
-    if weights:
-        lines += ["", "## The agents' weights along the reverse process", ""]
-        lines += [
-            f"![{r['regime']} {r['procedure']}]({os.path.relpath(_weights_png(outdir, r), outdir)})"
-            for r in weights
-        ]
-    by_aggregator = {}
-    for r in rows:  # rows written before the aggregator field existed are the mean's
-        by_aggregator.setdefault(r.get("aggregator", "mean"), []).append(r)
-    lines += ["", "## Agreement at a glance", ""]
-    lines += _agreement_summary(by_aggregator)
-    lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
-    lines += _agreement_tables(by_aggregator.pop("mean", []))
-    for name, group in by_aggregator.items():
-        lines += [
-            "",
-            f"## Tables 3/4 under `{name}`: the agents' agreement with that aggregate",
-            "",
-        ]
-        note = {
-            "label_prior": "`superdiff_or`'s weights before any density evidence, at t = T",
-            "superdiff_and": "the drift that keeps the agents' log-densities changing equally",
-        }.get(name)
-        if note:
-            lines += [f"({note}.)", ""]
-        lines += _agreement_tables(group)
-    lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    path = os.path.join(outdir, "report.md")
-    write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _agents_table(config, timings: dict) -> list[str]:
-    """What each regime trained: agents, partition, U-Net, steps x batch, training wall time."""
-    lines = [
-        "| regime | agents | partition | U-Net channels | steps x batch per agent | training s |",
-        "| --- | ---: | --- | --- | --- | ---: |",
-    ]
-    for regime in config.regimes:
-        cfg = regime_config(config, regime)
-        m, t = cfg.model, cfg.train
-        stem = f", {m.patch_size}x{m.patch_size} stem" if m.patch_size > 1 else ""
-        train_s = timings.get(f"train/{regime}")
-        lines.append(
-            f"| {regime} | {cfg.partition.num_agents} | {cfg.partition.name} | "
-            f"{tuple(m.block_out_channels)}{stem} | {t.num_steps} x {t.batch_size} | "
-            f"{_seconds(train_s)} |"
-        )
-    return lines
-
-
-def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
-    """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics."""
-    head = [*key_columns, "IS", "FID", "accuracy", "noise rate", "precision", "recall"]
-    head += ["score evals", "sampling s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for keys, r in rows:
-        lines.append(
-            f"| {' | '.join(keys)} | {r['inception_score']:.2f} +- "
-            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | {r['accuracy']:.3f} | "
-            f"{r['noise_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-            f"{r.get('score_evaluations', '-')} | {_seconds(r.get('sampling_wall_time_s'))} |"
-        )
-    return lines
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-# The paper's Table 1 (IS, FID), and its Figure 2 text: "over 50 % of the samples generated by
-# the FederatedInference regimes were noise".
-PAPER_TABLE1 = {"control": (5.9459, 1.6274), "homogeneous": (3.6795, 31.7551),
-                "heterogeneous": (3.1651, 37.1922)}  # fmt: skip
-
-
-def _ratio_table(results: dict) -> list[str]:
-    """Federated / control for each set, against the control set of the same procedure (the
-    corrected aggregators against the control's ``mean``), beside the paper's ratios: raw IS and
-    FID depend on the feature extractor, their ratios less so."""
-    rows = []
-    for r in results.values():
-        ref = "paper" if r["procedure"] == "paper" else "mean"
-        control = results.get(f"control/{ref}")
-        if r["regime"] == "control" or control is None:
-            continue
-        paper_is, paper_fid = PAPER_TABLE1[r["regime"]]
-        rows.append(
-            f"| {r['regime']} | {r['procedure']} | "
-            f"{r['inception_score'] / control['inception_score']:.2f} | "
-            f"{r['fid'] / control['fid']:.1f} | "
-            f"{r['accuracy'] - control['accuracy']:+.3f} | "
-            f"{r['noise_rate'] - control['noise_rate']:+.3f} | "
-            f"{paper_is / PAPER_TABLE1['control'][0]:.2f} | "
-            f"{paper_fid / PAPER_TABLE1['control'][1]:.1f} |"
-        )
-    if not rows:
-        return []
-    return [
-        "",
-        "Relative to the control agent sampled the same way (`paper` to `paper`, the corrected "
-        "aggregators to `mean`); the paper's Table 1 ratios beside them (its IS/FID used other "
-        "features, so only ratios compare; it reports over 50% noise for both federated regimes):",
-        "",
-        "| regime | procedure | IS / control | FID / control | accuracy - control | "
-        "noise rate - control | paper IS / control | paper FID / control |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-    ]
-
-
-def _agreement_summary(by_aggregator: dict[str, list[dict]]) -> list[str]:
-    """Tables 3/4 averaged over the digits: one row per (aggregate, input, regime), one column
-    per t, cells "magnitude / cosine"."""
-    times = sorted({r["t"] for rows in by_aggregator.values() for r in rows}, reverse=True)
-    out = [
-        "Mean over the 10 digits of Tables 3/4 (and their versions under the other aggregates): "
-        "magnitude of the aggregate / mean cosine of each agent's score to it.",
-        "",
-        "| aggregate | input | regime | " + " | ".join(f"t = {t:g}" for t in times) + " |",
-        "| --- | --- | --- |" + " --- |" * len(times),
-    ]
-    for name in sorted(by_aggregator, key=lambda n: n != "mean"):  # the paper's mean first
-        rows = by_aggregator[name]
-        for kind in agreement.INPUTS:
-            for regime in dict.fromkeys(r["regime"] for r in rows):
-                cells = []
-                for t in times:
-                    key = (t, kind, regime)
-                    sel = [r for r in rows if (r["t"], r["input"], r["regime"]) == key]
-                    magnitude = np.mean([r["magnitude"] for r in sel])
-                    cells.append(f"{magnitude:.1f} / {np.mean([r['cosine'] for r in sel]):.2f}")
-                out.append(f"| {name} | {kind} | {regime} | " + " | ".join(cells) + " |")
-    return out
-
-
-def _agreement_tables(rows: list[dict]) -> list[str]:
-    """One table per t: rows (input, regime), columns digits, cells "magnitude / cosine"."""
-    out = []
-    for t in sorted({r["t"] for r in rows}, reverse=True):
-        labels = sorted({r["label"] for r in rows})
-        out += [
-            f"t = {t:g}: magnitude +- std / cosine +- std",
-            "",
-            "| input | regime | " + " | ".join(str(c) for c in labels) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in labels) + " |",
-        ]
-        for kind in agreement.INPUTS:
-            for regime in dict.fromkeys(r["regime"] for r in rows):
-                cells = {
-                    r["label"]: f"{r['magnitude']:.2f} +- {r['magnitude_std']:.2f} / "
-                    f"{r['cosine']:.2f} +- {r['cosine_std']:.2f}"
-                    for r in rows
-                    if r["t"] == t and r["input"] == kind and r["regime"] == regime
-                }
-                out.append(f"| {kind} | {regime} | " + " | ".join(cells[c] for c in labels) + " |")
-        out.append("")
-    return out

@@ -9,6 +9,8 @@ import textwrap
 
 import numpy as np
 
+from fedinf_jax import files
+
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """All scalar summaries in ``workdir``'s TensorBoard event files: name -> (steps, values).
@@ -165,13 +167,14 @@ def _pyplot():
 
 
 def _save(fig, path: str, rect=None) -> str:
-    """Writes the figure to a temporary file and renames it: never a half-written figure.
+    """Writes the figure atomically (``files.atomic_path``): never a half-written figure.
     ``rect``: the part of the figure the panels fill (the rest is left to a legend)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout(rect=rect)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -22,8 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import periodic_actions
 
 from fedinf_jax import (
     agents,
@@ -39,6 +38,7 @@ from fedinf_jax import (
     checkpoint,
     data,
     errors,
+    files,
     plots,
     sampling,
     sharding,
@@ -59,7 +59,7 @@ class Federation:
     params: AgentParams  # stacked (EMA, unless sampler.use_ema is False)
     counts: np.ndarray | None  # n[agent, class]
     step: int
-    components: train_lib.Components
+    components: train_lib.ScoreComponents
     # Several devices: the mesh ``params`` are padded and laid out on (fedinf_jax/sharding.py).
     agent_mesh: sharding.AgentMesh | None = None
 
@@ -167,15 +167,15 @@ def load_federation(
         num_agents = int(meta.get("num_agents", merged.partition.num_agents))
         merged.partition.num_agents = num_agents
         check_config(merged, counts)
-        components = train_lib.resolve(merged)
-        agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
-        abstract = train_lib.abstract_train_state(components, num_agents)
-        if agent_mesh is not None:
-            abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
-        state, _ = checkpoint.restore(manager, abstract, step, num_agents=num_agents)
     finally:
         manager.close()
-    params = state.ema_params if config.sampler.use_ema else state.params
+    components = train_lib.resolve_score(merged)
+    agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
+    abstract = train_lib.abstract_agent_params(components.model, num_agents)
+    if agent_mesh is not None:
+        abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
+    field = "ema_params" if config.sampler.use_ema else "params"
+    params = checkpoint.restore_params(workdir, abstract, step, field, num_agents)
     return Federation(merged, params, counts, int(step), components, agent_mesh)
 
 
@@ -216,7 +216,7 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
 
 
 def agent_score_fn(
-    components: train_lib.Components,
+    components: train_lib.ScoreComponents,
     strategy: str | None = None,
     agent_mesh: sharding.AgentMesh | None = None,
 ):
@@ -285,7 +285,8 @@ def sample_in_batches(
     images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
     trajectory_t = None
     weights_of = sampler.aggregator.weights
-    start_time = time.time()
+    progress = periodic_actions.ReportProgress(num_train_steps=num_batches, every_steps=1)
+    progress(0)
     for b in range(num_batches):
         lo = b * batch
         idx = np.arange(lo, lo + batch)
@@ -306,19 +307,16 @@ def sample_in_batches(
                 w = jax.vmap(weights_of, in_axes=(0, None))(out.trajectory_state, y)
                 trajectory_weights.append(np.asarray(w)[:, :, :keep])
         stats.append({k: int(v) for k, v in out.stats.items()})
-        elapsed = time.time() - start_time
         logging.info(
-            "batch %d/%d: %d images, %d score evaluations, %d steps (%d rejected); "
-            "%.1f s elapsed, ETA %.0f s",
+            "batch %d/%d: %d images, %d score evaluations, %d steps (%d rejected)",
             b + 1,
             num_batches,
             keep,
             stats[-1]["score_evaluations"],
             stats[-1]["num_steps"],
             stats[-1]["num_rejected_steps"],
-            elapsed,
-            elapsed / (b + 1) * (num_batches - b - 1),
         )
+        progress(b + 1)  # clu: batches/s, done and ETA
     per_batch = {k: np.array([s[k] for s in stats]) for k in stats[0]}
     joined = lambda parts, axis: np.concatenate(parts, axis) if parts else None  # noqa: E731
     return Drawn(
@@ -421,11 +419,9 @@ def run(
 
 
 def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> None:
-    """Writes the three files into a fresh sibling folder, then swaps it in."""
-    parent = os.path.dirname(os.path.abspath(outdir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    """Writes the sample set's files into a fresh folder that then replaces ``outdir``
+    (``files.atomic_path``): a failure leaves any earlier folder intact."""
+    with files.atomic_path(outdir, folder=True) as tmp:
         np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
         shown = plots.first_per_class(labels, GRID_PER_CLASS)
         plots.plot_sample_grid(
@@ -447,21 +443,4 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
                 title,
             )
         record = {"config": json.loads(config.to_json_best_effort()), "stats": stats}
-        with open(os.path.join(tmp, "samples.json"), "w") as f:
-            json.dump(record, f, indent=2)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if os.path.exists(outdir):
-        backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.replace(outdir, os.path.join(backup, "previous"))
-    try:
-        os.replace(tmp, outdir)
-    except BaseException:
-        if backup:
-            os.replace(os.path.join(backup, "previous"), outdir)
-        raise
-    finally:
-        if backup:
-            shutil.rmtree(backup, ignore_errors=True)
+        files.write_json(os.path.join(tmp, "samples.json"), record)

@@ -107,6 +107,11 @@ def create_train_state(params: AgentParams, tx: optax.GradientTransformation) ->
     )
 
 
+def abstract_agent_params(model, num_agents: int) -> AgentParams:
+    """Shapes and dtypes of K stacked agents' parameters, computed without running anything."""
+    return jax.eval_shape(lambda k: init_agents(model, num_agents, k), make_key(0))
+
+
 def abstract_train_state(components: Components, num_agents: int) -> TrainState:
     """Shapes and dtypes of the K-agent train state, computed without running anything: the
     target a checkpoint is restored into."""
@@ -171,7 +176,8 @@ def make_train_step(
 
 
 def check_finite(loss: np.ndarray, step: int, saved_step: int) -> None:
-    """Raises FloatingPointError naming the agents whose loss at ``step`` is not finite."""
+    """Raises FloatingPointError naming the agents whose loss at ``step`` is not finite (the
+    training loop checks every step's loss at the next log or checkpoint step)."""
     if not np.all(np.isfinite(loss)):
         bad = np.flatnonzero(~np.isfinite(loss)).tolist()
         raise FloatingPointError(
@@ -181,40 +187,66 @@ def check_finite(loss: np.ndarray, step: int, saved_step: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Components:
-    """A config resolved into plain objects, once, outside ``jit``."""
+class ScoreComponents:
+    """What evaluating the agents' scores needs, resolved from a config outside ``jit``: the
+    model, the SDE, how the network's output is read, and the agent-axis strategy."""
 
     model: Any
     sde: SDE
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    train_strategy: str
     score_strategy: str
     map_unroll: int  # agents per iteration of the ``map`` strategy's loop
     param: Parametrization  # how the network's output is read as a score
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """A config resolved into plain objects for training, once, outside ``jit``."""
+
+    model: Any
+    sde: SDE
+    score_strategy: str
+    map_unroll: int
+    param: Parametrization
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_strategy: str
     times: Callable  # (key, n) -> training times
 
 
+def resolve_score(config: ml_collections.ConfigDict) -> ScoreComponents:
+    """Builds the model, SDE, parametrization and score strategy a config names (no optimizer:
+    what sampling needs).
+
+    Raises:
+      ValueError: an unknown SDE, strategy or convolution name, or a model that cannot be built
+        (``check_config`` checks all of a config).
+    """
+    return ScoreComponents(
+        model=make_unet(config.model, config.get("conv_impl", "auto")),
+        sde=make_sde(config.sde),
+        score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
+        map_unroll=config.agent_axis.get("map_unroll", 1),
+        param=parametrization_of(config.model),
+    )
+
+
 def resolve(config: ml_collections.ConfigDict) -> Components:
-    """Builds the model, SDE, optimizer and agent-axis strategies a config names.
+    """``resolve_score``'s components plus the optimizer, its schedule, the training strategy
+    and the training-time sampler.
 
     Raises:
       ValueError: an unknown SDE, strategy, convolution or training-noise name, or a model that
         cannot be built (``check_config`` checks all of a config).
     """
-    sde = make_sde(config.sde)
+    score = resolve_score(config)
     train = config.train
     return Components(
-        model=make_unet(config.model, config.get("conv_impl", "auto")),
-        sde=sde,
-        tx=make_optimizer(config.train),
-        schedule=make_schedule(config.train),
+        **{f.name: getattr(score, f.name) for f in dataclasses.fields(score)},
+        tx=make_optimizer(train),
+        schedule=make_schedule(train),
         train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
-        score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
-        map_unroll=config.agent_axis.get("map_unroll", 1),
-        param=parametrization_of(config.model),
         times=make_time_sampler(
-            sde,
+            score.sde,
             train.get("noise", "uniform_t"),
             config.sde.eps,
             train.get("p_mean", EDM_P_MEAN),  # records that predate the fields
@@ -442,6 +474,17 @@ def train_and_evaluate(
     )
     last_step = num_steps if stop_at is None else min(stop_at, num_steps)
     saved_step = initial_step
+    # The losses of the steps since the last read-back, still on the device: the host waits on
+    # the device only at log and checkpoint steps, where every pending step is checked.
+    pending: list[tuple[int, jax.Array]] = []
+
+    def check_pending() -> np.ndarray | None:
+        losses = [np.asarray(loss) for _, loss in pending]
+        for (s, _), loss in zip(pending, losses, strict=True):
+            check_finite(loss, s, saved_step)
+        pending.clear()
+        return losses[-1] if losses else None
+
     t_start = time.time()
     try:
         for step in range(initial_step, last_step):
@@ -449,11 +492,14 @@ def train_and_evaluate(
             if agent_mesh is not None:
                 batch = sharding.to_mesh(batch, agent_mesh)
             state, metrics = train_step(state, batch, train_key)
-            loss = np.asarray(metrics["loss"])
-            check_finite(loss, step, saved_step)
+            pending.append((step, metrics["loss"]))
             done = step + 1
             report(done)
-            if done % config.train.log_every == 0 or done == num_steps:
+            log_now = done % config.train.log_every == 0 or done == num_steps
+            save_now = done % config.train.checkpoint_every == 0 or done == last_step
+            if log_now or save_now:
+                loss = check_pending()
+            if log_now:
                 scalars = {
                     "loss": float(loss.mean()),
                     "grad_norm": float(np.mean(metrics["grad_norm"])),
@@ -461,13 +507,14 @@ def train_and_evaluate(
                 }
                 scalars.update({f"loss/agent_{k}": float(v) for k, v in enumerate(loss)})
                 writer.write_scalars(done, scalars)
-            if done % config.train.checkpoint_every == 0 or done == last_step:
+            if save_now:
                 checkpoint.save(manager, done, state, meta)
                 saved_step = done
     except KeyboardInterrupt:
         # If the interrupt landed inside the call, ``state`` may be the donated (deleted) input.
         intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
         if intact and int(state.step) > saved_step:
+            check_pending()  # never save a state whose steps went non-finite
             logging.warning("interrupted: saving step %d before exiting", int(state.step))
             checkpoint.save(manager, int(state.step), state, meta)
         raise

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import evaluate
-from configs import reproduce
+from configs import homo, reproduce
 from fedinf_jax import pipeline
+from fedinf_jax.evaluation import report
 from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
 
 PROCEDURES = REPRODUCE_PROCEDURES
@@ -203,8 +204,12 @@ def test_procedures_and_regime_configs():
     superdiff = pipeline.regime_config(config, "heterogeneous", "superdiff_or")
     assert superdiff.sampler.save_trajectory == config.trajectory_times
     assert hetero.sampler.save_trajectory == 0
-    assert (demo.classifier_preset, demo.sampler.num_steps) == ("demo", 25)
-    assert config.classifier_preset == "cpu" and config.sampler.num_steps == 100
+    assert (demo.classifier.preset, demo.sampler.num_steps) == ("demo", 25)
+    assert config.classifier.preset == "cpu" and config.sampler.num_steps == 100
+    # The paper's procedure: the regime's config under the paper_sampler modifier.
+    expected = homo.get_config("cpu,paper_sampler")
+    expected.sampler.update(num_per_class=config.eval_per_class, seed=config.seed)
+    assert paper.to_dict() == expected.to_dict()
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         reproduce.get_config("huge")
 
@@ -220,11 +225,11 @@ def test_ratios_to_control_and_the_papers():
         "heterogeneous/paper": result("heterogeneous", "paper", 2.5, 10.0, 0.5, 0.6),
         "heterogeneous/label_prior": result("heterogeneous", "label_prior", 8.0, 1.5, 0.9, 0.02),
     }
-    rows = _table_rows(pipeline._ratio_table(results))
+    rows = _table_rows(report._ratio_table(results))
     assert rows == [
         ["heterogeneous", "paper", "0.50", "5.0", "-0.400", "+0.500", "0.53", "22.9"],
         ["heterogeneous", "label_prior", "1.00", "1.5", "-0.050", "+0.020", "0.53", "22.9"],
     ]
     del results["control/mean"]
-    assert len(_table_rows(pipeline._ratio_table(results))) == 1
-    assert pipeline._ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []
+    assert len(_table_rows(report._ratio_table(results))) == 1
+    assert report._ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []

@@ -128,3 +128,20 @@ def test_non_finite_loss_names_agent_and_step():
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match=r"valid: \['smoke', 'demo', 'cpu', 'paper'\]"):
         base.get_config("huge")
+
+
+def test_the_loop_checks_every_step_at_log_steps(tmp_path, monkeypatch):
+    """The host reads the losses back only at log and checkpoint steps, and then checks each
+    pending step: a non-finite loss at step 7 (agent 1), read back at step 10, is named exactly,
+    and the checkpoint of step 10 is never written."""
+    config = micro_config()
+    config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 20, 10, 5
+
+    def fake_step(state, batch, key):
+        loss = jnp.where((jnp.arange(2) == 1) & (state.step == 7), jnp.nan, 1.0)
+        return state._replace(step=state.step + 1), {"loss": loss, "grad_norm": jnp.ones(2)}
+
+    monkeypatch.setattr(train_lib, "build_train_step", lambda c: fake_step)
+    with pytest.raises(FloatingPointError, match=r"step 7 for agent\(s\) \[1\].*step 5\) is kept"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint.latest_step(str(tmp_path)) == 5

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import periodic_actions
 
 from fedinf_jax import checkpoint, data, train_lib
 from fedinf_jax.models.layers import GroupNorm
@@ -173,7 +173,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
     n, b = len(mnist.train_labels), config.train.batch_size
     steps_per_epoch = n // b
     order = rng.permutation(n)
-    start = time.time()
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.train.num_steps, every_steps=config.train.log_every
+    )
     for s in range(config.train.num_steps):
         pos = s % steps_per_epoch
         if pos == 0 and s:
@@ -183,15 +185,10 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
             _shift(mnist.train_images[idx], rng, config.train.max_shift), config.data.centered
         )
         params, opt_state, loss = step(params, opt_state, x, mnist.train_labels[idx])
+        progress(s + 1)  # clu: steps/s, done and ETA
         if (s + 1) % config.train.log_every == 0 or s + 1 == config.train.num_steps:
-            elapsed = time.time() - start
             logging.info(
-                "classifier step %d/%d: loss %.4f, %.1f s elapsed, ETA %.0f s",
-                s + 1,
-                config.train.num_steps,
-                float(loss),
-                elapsed,
-                elapsed / (s + 1) * (config.train.num_steps - s - 1),
+                "classifier step %d/%d: loss %.4f", s + 1, config.train.num_steps, float(loss)
             )
     accuracy = evaluate_accuracy(
         model, params, mnist.test_images, mnist.test_labels, config.data.centered

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
+PRECISION_RECALL_REAL = 2000
+"""Real test images in the manifold that sample sets' precision and recall are measured against."""
+
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of (N, D) features, float64, covariance with N - 1 degrees of freedom."""
