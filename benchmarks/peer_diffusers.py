@@ -140,7 +140,7 @@ def torch_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     import federated_score
 
-    from fedinf_jax import aggregators, data, sampling, train_lib
+    from fedinf_jax import aggregators, data, sampling, solvers, train_lib
 
     config.agent_axis.score = FLAGS.strategy
     config.model.dtype = FLAGS.dtype
@@ -162,9 +162,9 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
         "score_s": score_s,
     }
     if steps:
-        spec = sampling.SolverSpec(
+        spec = solvers.SolverSpec(
             method="ode",
-            solver=sampling.make_solver("ode", "euler"),
+            solver=solvers.make_solver("ode", "euler"),
             num_steps=steps,
             t_end=1e-3,
             denoise=False,

@@ -30,7 +30,7 @@ from absl import app, flags
 from candidates import CANDIDATES, candidate
 
 from configs import base
-from fedinf_jax import agents, aggregators, data, sample_lib, sampling, train_lib
+from fedinf_jax import agents, aggregators, data, reverse, sample_lib, sampling, solvers, train_lib
 from fedinf_jax.score import make_score_fn
 
 FLAGS = flags.FLAGS
@@ -53,9 +53,9 @@ flags.DEFINE_string("output", "", "Optional JSON output path.")
 
 
 def _spec(solver, steps=100, adaptive=False, tol=1e-3):
-    return sampling.SolverSpec(
+    return solvers.SolverSpec(
         method="ode",
-        solver=sampling.make_solver("ode", solver),
+        solver=solvers.make_solver("ode", solver),
         num_steps=steps,
         adaptive=adaptive,
         rtol=tol,
@@ -80,10 +80,10 @@ def _paper_loop(comp, params, keys, labels, steps, sampler):
 
     @jax.jit
     def euler(x, mean_score, t, dt):
-        return x + dt * sampling.reverse_drift(sde, "ode", x, t, mean_score)
+        return x + dt * reverse.reverse_drift(sde, "ode", x, t, mean_score)
 
     def run():
-        x, _ = sampler._prior(keys)
+        x, _ = sampler.prior(keys)
         taus = np.linspace(0.0, sde.T - t_end, steps + 1)
         for tau0, tau1 in itertools.pairwise(taus):
             t = jnp.full((x.shape[0],), sde.T - tau0)
@@ -121,7 +121,7 @@ def throughput(config):
             t0 = time.perf_counter()
             x = jax.block_until_ready(run())
         else:
-            compiled = sampler._solve.lower(params, keys, labels).compile()
+            compiled = sampler.solve.lower(params, keys, labels).compile()
             compile_s = time.perf_counter() - t0
             jax.block_until_ready(compiled(params, keys, labels))  # untimed warm-up run
             t0 = time.perf_counter()

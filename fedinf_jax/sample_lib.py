@@ -42,6 +42,7 @@ from fedinf_jax import (
     plots,
     sampling,
     sharding,
+    solvers,
     train_lib,
 )
 from fedinf_jax.score import make_score_fn
@@ -89,14 +90,14 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
     counts = expected if counts is None else counts
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
     with errors.as_config_error():
-        spec = sampling.SolverSpec.from_config(config.sampler, components.sde)
+        spec = solvers.SolverSpec.from_config(config.sampler, components.sde)
         aggregators.AGGREGATORS.check(config.aggregator.name)
     with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
         aggregator = aggregators.from_config(
             config.aggregator, counts, len(counts), components.sde, spec.method
         )
     with errors.as_config_error():
-        sampling.check_solver_for(aggregator, spec)
+        solvers.check_solver_for(aggregator, spec)
 
 
 def contradicted_fields(overrides: dict, record: dict) -> list[str]:
@@ -201,7 +202,7 @@ def build_sampler(federation: Federation) -> sampling.FederatedSampler:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
     """
     config, comp, agent_mesh = federation.config, federation.components, federation.agent_mesh
-    spec = sampling.SolverSpec.from_config(config.sampler, comp.sde)
+    spec = solvers.SolverSpec.from_config(config.sampler, comp.sde)
     aggregator = aggregators.from_config(
         config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
     )

@@ -1,6 +1,6 @@
 import pytest
 
-from fedinf_jax import agents, aggregators, partitions, sampling, score, sde
+from fedinf_jax import agents, aggregators, partitions, score, sde, solvers
 from fedinf_jax.models import layers
 from fedinf_jax.registry import Registry, check_choice
 
@@ -41,9 +41,9 @@ def test_unknown_name_lists_the_valid_ones():
     "family",
     [
         aggregators.AGGREGATORS,
-        sampling.ODE_SOLVERS,
-        sampling.SDE_SOLVERS,
-        sampling.SCHEDULES,
+        solvers.ODE_SOLVERS,
+        solvers.SDE_SOLVERS,
+        solvers.SCHEDULES,
         sde.SDES,
         partitions.PARTITIONS,
         agents.STRATEGIES,

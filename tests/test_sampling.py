@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import agents, aggregators, sample_lib, sampling
+from fedinf_jax import agents, aggregators, reverse, sample_lib, sampling, solvers
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
 from tests.conftest import count_traces
 
@@ -29,8 +29,8 @@ def gaussian_agents(sde, strategy="vmap"):
 
 
 def make_sampler(sde, aggregator, method="ode", solver="euler", num_steps=20, **spec):
-    spec = sampling.SolverSpec(
-        method=method, solver=sampling.make_solver(method, solver), num_steps=num_steps, **spec
+    spec = solvers.SolverSpec(
+        method=method, solver=solvers.make_solver(method, solver), num_steps=num_steps, **spec
     )
     return sampling.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
 
@@ -103,30 +103,50 @@ def test_second_order_ode_on_a_sigma_schedule_matches_closed_form(schedule):
 def test_step_grids(sde):
     n, t_end = 12, 1e-3
     tau1 = np.float32(sde.T - t_end)
-    for schedule in sampling.SCHEDULES:
-        tau = np.asarray(sampling.tau_grid(sde, schedule, n, t_end))
+    for schedule in solvers.SCHEDULES:
+        tau = np.asarray(solvers.tau_grid(sde, schedule, n, t_end))
         assert tau.shape == (n + 1,) and tau[0] == 0.0 and tau[-1] == tau1
         assert np.all(np.diff(tau) > 0), schedule
     sigma = lambda tau: np.asarray(sde.noise_level(sde.T - jnp.asarray(tau)))  # noqa: E731
-    s = sigma(sampling.tau_grid(sde, "log_snr", n, t_end))
+    s = sigma(solvers.tau_grid(sde, "log_snr", n, t_end))
     np.testing.assert_allclose(np.diff(np.log(s)), np.log(s[-1] / s[0]) / n, rtol=1e-3)
-    s = sigma(sampling.tau_grid(sde, "karras", n, t_end))
-    root = s ** (1 / sampling.KARRAS_RHO)
+    s = sigma(solvers.tau_grid(sde, "karras", n, t_end))
+    root = s ** (1 / solvers.KARRAS_RHO)
     np.testing.assert_allclose(np.diff(root), (root[-1] - root[0]) / n, rtol=1e-3)
 
     # The uniform grid is the one the sampler always used (the same Brownian increments).
     np.testing.assert_array_equal(
-        sampling.tau_grid(sde, "uniform", n, t_end), jnp.linspace(0.0, sde.T - t_end, n + 1)
+        solvers.tau_grid(sde, "uniform", n, t_end), jnp.linspace(0.0, sde.T - t_end, n + 1)
     )
+
+
+def reverse_euler_maruyama(sampler, params, keys, labels):
+    """A hand-written ``lax.scan`` Euler-Maruyama on the sampler's grid and Brownian increments,
+    before denoising: the oracle ``FederatedSampler`` is tested against."""
+    spec, sde = sampler.spec, sampler.sde
+    tau1 = sde.T - spec.t_end
+    taus = jnp.linspace(0.0, tau1, spec.num_steps + 1)
+    x, path_keys = sampler.prior(keys)
+    path = reverse.brownian_paths(spec, path_keys, tau1, sampler.image_shape)
+    agg = sampler.aggregator.init(sampler.agents_in(params), x, labels)
+
+    def step(x, tau_pair):
+        tau0, tau_next = tau_pair
+        t = sde.T - tau0
+        score = sampler.score(params, labels, None, x, t, agg).score
+        drift = -sde.drift(x, t) + sde.diffusion(t) ** 2 * score
+        dw = path.evaluate(tau0, tau_next)
+        return x + (tau_next - tau0) * drift + sde.diffusion(t) * dw, None
+
+    x, _ = jax.lax.scan(step, x, (taus[:-1], taus[1:]))
+    return x
 
 
 def test_diffrax_euler_maruyama_equals_a_scan():
     sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 50, denoise=False)
     keys, labels = sampling.sample_keys(3, 64), jnp.zeros(64, jnp.int32)
     out = sampler({"mu": MUS}, keys, labels)
-    ref = jax.jit(sampling.reverse_euler_maruyama, static_argnums=0)(
-        sampler, {"mu": MUS}, keys, labels
-    )
+    ref = jax.jit(reverse_euler_maruyama, static_argnums=0)(sampler, {"mu": MUS}, keys, labels)
     np.testing.assert_allclose(out.images, ref, rtol=1e-5, atol=1e-5)
     assert out.stats["score_evaluations"] == 50
 
@@ -201,7 +221,7 @@ def test_aggregator_state_is_carried_through_the_solve(method, solver, steps, ad
     )
     keys = sampling.sample_keys(0, 32)
     out = sampler({"mu": MUS}, keys, jnp.zeros(32, jnp.int32))
-    x_T, _ = sampler._prior(keys)
+    x_T, _ = sampler.prior(keys)
     expected = np.sum(out.images - x_T, axis=1) + (sde.T - sampler.spec.t_end)
     np.testing.assert_allclose(out.aggregator_state, expected, rtol=1e-4, atol=1e-4)
 
@@ -232,8 +252,8 @@ def test_non_finite_scores_name_the_agent_and_time():
         s = base_scores(params, x, t, y)
         return s.at[2].set(jnp.where(t[:, None] < 0.3, jnp.inf, s[2]))
 
-    spec = sampling.SolverSpec(
-        method="ode", solver=sampling.make_solver("ode", "euler"), num_steps=10
+    spec = solvers.SolverSpec(
+        method="ode", solver=solvers.make_solver("ode", "euler"), num_steps=10
     )
     sampler = sampling.FederatedSampler(late_failure, sde, aggregators.median(), spec, (2,))
     with pytest.raises(FloatingPointError, match=r"agent\(s\) \[2\] .* at t = 0\.2"):
@@ -243,9 +263,9 @@ def test_non_finite_scores_name_the_agent_and_time():
 def test_bad_settings_are_clear_errors():
     sde = VPSDE()
     with pytest.raises(ValueError, match=r"unknown sampler method 'pde'; valid: \['sde', 'ode'\]"):
-        sampling.make_solver("pde", "euler")
+        solvers.make_solver("pde", "euler")
     with pytest.raises(ValueError, match=r"unknown ode solver 'rk4'; valid: \['euler', 'heun'"):
-        sampling.make_solver("ode", "rk4")
+        solvers.make_solver("ode", "rk4")
     for t_end in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=r"t_end must lie in \(0, T = 1.0\)"):
             make_sampler(sde, aggregators.mean(), t_end=t_end)
@@ -266,7 +286,7 @@ def test_bad_settings_are_clear_errors():
     config = base.get_config("smoke")
     config.sampler.solver = "nope"
     with pytest.raises(ValueError, match="unknown sde solver 'nope'"):
-        sampling.SolverSpec.from_config(config.sampler, sde)
+        solvers.SolverSpec.from_config(config.sampler, sde)
 
 
 def test_paper_sampler_preset():

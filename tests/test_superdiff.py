@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax import agents, density, sampling
+from fedinf_jax import agents, density, reverse, sampling, solvers
 from fedinf_jax import aggregators as A
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
 
@@ -47,9 +47,9 @@ def gaussian_agents(sde):
 
 
 def solve(sde, aggregator, method, solver, steps, n, mus, save=0, denoise=True, seed=0):
-    spec = sampling.SolverSpec(
+    spec = solvers.SolverSpec(
         method=method,
-        solver=sampling.make_solver(method, solver),
+        solver=solvers.make_solver(method, solver),
         num_steps=steps,
         save_trajectory=save,
         denoise=denoise,
@@ -217,8 +217,8 @@ def test_superdiff_and_is_superdiffs_two_agent_equation():
     keys = sampling.sample_keys(0, n)
     tau1 = sde.T - sampler.spec.t_end
     taus = jnp.linspace(0.0, tau1, steps + 1)
-    x, path_keys = sampler._prior(keys)
-    path = sampler._brownian(path_keys, tau1)
+    x, path_keys = sampler.prior(keys)
+    path = reverse.brownian_paths(sampler.spec, path_keys, tau1, sampler.image_shape)
     score_fn = gaussian_agents(sde)
 
     def step(x, taus):

@@ -1,0 +1,228 @@
+"""How the reverse process is integrated: Diffrax solvers by name, where constant steps lie, and
+the sampler's settings resolved and checked (``SolverSpec``).
+
+The reverse process runs in tau = T - t (``fedinf_jax.sampling``), so solver times are tau:
+0 at t = T (noise), T - t_end at the end of the solve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import diffrax
+import jax.numpy as jnp
+
+from fedinf_jax import density
+from fedinf_jax.aggregators import Aggregator
+from fedinf_jax.registry import Registry, check_choice
+from fedinf_jax.sde import SDE
+from fedinf_jax.types import Array
+
+METHODS = density.METHODS
+ODE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("ode solver")
+for _name, _solver in (
+    ("euler", diffrax.Euler),
+    ("heun", diffrax.Heun),
+    ("midpoint", diffrax.Midpoint),
+    ("ralston", diffrax.Ralston),
+    ("bosh3", diffrax.Bosh3),
+    ("tsit5", diffrax.Tsit5),
+    ("dopri5", diffrax.Dopri5),
+    ("dopri8", diffrax.Dopri8),
+):
+    ODE_SOLVERS.register(_name, _solver)
+SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solver")
+for _name, _solver in (
+    ("euler", diffrax.Euler),  # Euler-Maruyama
+    ("heun", diffrax.Heun),
+    ("sea", diffrax.SEA),  # the stochastic Runge-Kutta solvers for additive noise
+    ("shark", diffrax.ShARK),
+    ("sra1", diffrax.SRA1),
+):
+    SDE_SOLVERS.register(_name, _solver)
+SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
+
+# Where constant steps are placed: (sde, num_steps, t_end) -> the num_steps + 1 solver times
+# tau = T - t from 0 (t = T) to T - t_end (``tau_grid``).
+SCHEDULES: Registry[Callable[[SDE, int, float], Array]] = Registry("step schedule")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+@SCHEDULES.register("uniform")
+def uniform_steps(sde: SDE, num_steps: int, t_end: float) -> Array:
+    """Equal steps in t."""
+    return jnp.linspace(0.0, sde.T - t_end, num_steps + 1)
+
+
+def _noise_level_steps(sigmas: Callable[[Array, Array, Array], Array]):
+    """A schedule placing steps at noise levels sigma = ``sigmas(u, sigma(T), sigma(t_end))``
+    for u uniform on [0, 1], mapped back to t."""
+
+    def grid(sde: SDE, num_steps: int, t_end: float) -> Array:
+        s_max, s_min = sde.noise_level(jnp.float32(sde.T)), sde.noise_level(jnp.float32(t_end))
+        sigma = sigmas(jnp.linspace(0.0, 1.0, num_steps + 1), s_max, s_min)
+        tau = sde.T - sde.time_at_noise_level(sigma, t_min=t_end)
+        return tau.at[0].set(0.0).at[-1].set(sde.T - t_end)  # the ends exactly
+
+    return grid
+
+
+def _karras_sigmas(u: Array, s_max: Array, s_min: Array) -> Array:
+    inv = 1.0 / KARRAS_RHO
+    return (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
+
+
+def _log_uniform_sigmas(u: Array, s_max: Array, s_min: Array) -> Array:
+    return jnp.exp(jnp.log(s_max) + u * (jnp.log(s_min) - jnp.log(s_max)))
+
+
+SCHEDULES.register("karras", _noise_level_steps(_karras_sigmas))
+SCHEDULES.register("log_snr", _noise_level_steps(_log_uniform_sigmas))
+
+
+def tau_grid(sde: SDE, schedule: str, num_steps: int, t_end: float) -> Array:
+    """The ``num_steps + 1`` solver times tau = T - t, from 0 (t = T) to T - ``t_end``, that
+    constant steps visit:
+
+    * ``uniform``: equal steps in t;
+    * ``karras``: Karras et al.'s sigma schedule, sigma_i = (sigma_max^(1/rho) + i / N
+      (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with rho = 7 between the noise levels
+      sigma = std / alpha at T and at t_end, mapped back to t (steps shrink towards the data);
+    * ``log_snr``: equal steps in log sigma (in the log signal-to-noise ratio).
+
+    Raises:
+      ValueError: an unknown schedule (the valid ones listed).
+    """
+    return SCHEDULES.get(schedule)(sde, num_steps, t_end)
+
+
+def make_solver(method: str, name: str) -> diffrax.AbstractSolver:
+    """The Diffrax solver called ``name`` for ``method`` ("sde" or "ode").
+
+    Raises:
+      ValueError: an unknown method or solver (the message lists the valid ones).
+    """
+    check_choice("sampler method", method, METHODS)
+    return SOLVERS[method].get(name)()
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+    """How to integrate: a config's ``sampler`` section resolved and checked (see
+    ``configs/base.py`` for the fields). ``solver`` may be any Diffrax solver object."""
+
+    method: str
+    solver: diffrax.AbstractSolver
+    num_steps: int = 250
+    adaptive: bool = False
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int = 4096
+    t_end: float = 1e-3
+    schedule: str = "uniform"  # constant steps: where they lie (``tau_grid``)
+    denoise: bool = True
+    save_trajectory: int = 0
+    progress: bool = False
+
+    @classmethod
+    def from_config(cls, sampler_config, sde: SDE) -> SolverSpec:
+        c = sampler_config
+        spec = cls(
+            method=c.method,
+            solver=make_solver(c.method, c.solver),
+            num_steps=c.num_steps,
+            adaptive=c.adaptive,
+            rtol=c.rtol,
+            atol=c.atol,
+            max_steps=c.max_steps,
+            t_end=c.t_end,
+            schedule=c.get("schedule", "uniform"),
+            denoise=c.denoise,
+            save_trajectory=c.save_trajectory,
+            progress=c.progress,
+        )
+        spec.check(sde)
+        return spec
+
+    def check(self, sde: SDE) -> None:
+        """Raises ValueError naming the first invalid setting and what is valid."""
+        check_choice("sampler method", self.method, METHODS)
+        if not 0.0 < self.t_end < sde.T:
+            raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
+        if self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        SCHEDULES.check(self.schedule)
+        if self.adaptive and self.schedule != "uniform":
+            raise ValueError(
+                f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "
+                "placed by the controller: use sampler.adaptive=False or schedule='uniform'"
+            )
+        if self.adaptive:
+            if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
+                adaptive = sorted(
+                    name
+                    for name, make in SOLVERS[self.method].items()
+                    if isinstance(make(), diffrax.AbstractAdaptiveSolver)
+                )
+                raise ValueError(
+                    f"solver {type(self.solver).__name__} has no error estimate, so it cannot take "
+                    "adaptive steps; use constant steps (sampler.adaptive=False) or an adaptive "
+                    f"{self.method} solver: {adaptive}"
+                )
+            if not (self.rtol > 0 and self.atol > 0 and self.max_steps >= 1):
+                raise ValueError(
+                    f"adaptive steps need rtol > 0, atol > 0, max_steps >= 1; got {self.rtol}, "
+                    f"{self.atol}, {self.max_steps}"
+                )
+        if self.save_trajectory == 1 or self.save_trajectory < 0:
+            raise ValueError(
+                f"sampler.save_trajectory must be 0 (off) or >= 2 times, got {self.save_trajectory}"
+            )
+
+
+def noise_drives_state(aggregator: Aggregator, method: str) -> bool:
+    """Whether the aggregator's state or noise depends on the Brownian increments (then the
+    SDE is solved as one control term, and only Ito solvers are valid)."""
+    return method == "sde" and (aggregator.tendency is not None or aggregator.noise is not None)
+
+
+def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
+    """Refuses a Stratonovich solver where the aggregator's state is an Ito integral.
+
+    Raises:
+      ValueError: naming the solver and the valid (Ito) ones.
+    """
+    if noise_drives_state(aggregator, spec.method) and not isinstance(
+        spec.solver, diffrax.AbstractItoSolver
+    ):
+        ito = [n for n, m in SDE_SOLVERS.items() if issubclass(m, diffrax.AbstractItoSolver)]
+        raise ValueError(
+            "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
+            f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "
+            f"bias; use an Ito solver: {ito}"
+        )
+
+
+def stepping(
+    spec: SolverSpec, sde: SDE
+) -> tuple[diffrax.AbstractStepSizeController, float | None, int]:
+    """(step-size controller, dt0, max_steps) of a solve from tau = 0 to T - t_end: a
+    ``PIDController`` on the images' RMS error for adaptive steps (the aggregator's state rides
+    along: its divergence estimates are noisy by design and would force tiny steps), else
+    ``StepTo`` on the schedule's exact grid."""
+    tau1 = sde.T - spec.t_end
+    if spec.adaptive:
+        controller = diffrax.PIDController(
+            rtol=spec.rtol, atol=spec.atol, norm=lambda err: jnp.sqrt(jnp.mean(err.x**2))
+        )
+        return controller, tau1 / spec.num_steps, spec.max_steps
+    grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
+    return diffrax.StepTo(ts=grid), None, spec.num_steps
+
+
+def save_at(spec: SolverSpec, sde: SDE) -> diffrax.SaveAt:
+    """The end of the solve, or ``save_trajectory`` equally spaced times from T to t_end."""
+    if spec.save_trajectory:
+        return diffrax.SaveAt(ts=jnp.linspace(0.0, sde.T - spec.t_end, spec.save_trajectory))
+    return diffrax.SaveAt(t1=True)
