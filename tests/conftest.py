@@ -100,13 +100,6 @@ def mnist(mnist_dir) -> data.Mnist:
     return data.load_mnist_idx(mnist_dir)
 
 
-@pytest.fixture(scope="session")
-def tfds_data_dir(mnist_dir, tmp_path_factory) -> pathlib.Path:
-    """A TFDS data_dir with 'mnist' prepared by TFDS from the local IDX copy, offline (once per
-    session)."""
-    return pathlib.Path(data.prepare_tfds_mnist(mnist_dir, tmp_path_factory.mktemp("tfds")))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def mnist_env(mnist_dir):
     """Entry points run in subprocesses read the local copy through the environment."""
@@ -175,7 +168,26 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
 # The session's entry-point runs (fixtures of the same names). They run in subprocesses on a
 # background thread, started when the session starts, so that they overlap the in-process tests
 # (on 2 cores, XLA compiles here and there at once); the tests that read them run last.
-SESSION_RUNS = ("smoke_run", "sample_cli_run", "reproduced", "multidevice_run", "multiprocess_run")
+SESSION_RUNS = (
+    "smoke_run",
+    "sample_cli_run",
+    "reproduced",
+    "multidevice_run",
+    "multiprocess_run",
+    "tfds_data_dir",
+    "bad_input_runs",
+)
+# The entry points run with a bad setting: (arguments, the error line they must print).
+BAD_INPUTS = {
+    "train": (
+        ["train.py", "--config=configs/hetero.py:smoke", "--config.train.batch_size=0"],
+        "error: train.batch_size must be >= 1, got 0",
+    ),
+    "sample": (
+        ["sample.py", "--config=configs/hetero.py:smoke", "--config.aggregator.name=avg"],
+        "error: unknown aggregator 'avg'; valid: ['mean', 'weighted'",
+    ),
+}
 MULTIDEVICE_COUNT = 4
 _NEEDED = pytest.StashKey[set]()
 
@@ -195,6 +207,13 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     runs: dict[str, concurrent.futures.Future] = {}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     multidevice = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    small = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    if "tfds_data_dir" in needed:
+        outdir = tmp_path_factory.mktemp("tfds")
+        runs["tfds_data_dir"] = small.submit(_prepare_tfds, entry_points, outdir)
+    if "bad_input_runs" in needed:
+        outdir = tmp_path_factory.mktemp("bad_inputs")
+        runs["bad_input_runs"] = small.submit(_bad_inputs, entry_points, outdir)
     if "multidevice_run" in needed:
         runs["multidevice_run"] = multidevice.submit(_multidevice_checks, entry_points)
     if "multiprocess_run" in needed:
@@ -215,8 +234,29 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
         )
     yield runs
     entry_points.kill_running()  # an interrupted session
-    for pool in (executor, multidevice):
+    for pool in (executor, multidevice, small):
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare_tfds(entry_points, outdir) -> pathlib.Path:
+    """``python -m fedinf_jax.data``: TFDS's preparation of 'mnist' from the local IDX copy,
+    offline."""
+    entry_points.run(
+        ["-m", "fedinf_jax.data", f"--mnist_dir={MNIST_DIR}", f"--tfds_data_dir={outdir}"],
+        timeout=600,
+    )
+    return outdir
+
+
+def _bad_inputs(entry_points, outdir) -> dict:
+    """Each of ``BAD_INPUTS`` run: {name: (exit status, stderr, whether its workdir exists)}."""
+    results = {}
+    for name, (args, _) in BAD_INPUTS.items():
+        workdir = outdir / name
+        proc = entry_points.start([*args, f"--workdir={workdir}"])
+        _, stderr = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, stderr, workdir.exists())
+    return results
 
 
 def _train_smoke(entry_points, workdir) -> pathlib.Path:
@@ -293,6 +333,19 @@ def reproduced(session_runs) -> tuple[pathlib.Path, str]:
 def multidevice_run(session_runs) -> str:
     """``pytest tests/multidevice_checks.py`` on 4 virtual CPU devices: its output."""
     return session_runs["multidevice_run"].result()
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(session_runs) -> pathlib.Path:
+    """A TFDS data_dir with 'mnist' prepared by ``python -m fedinf_jax.data`` from the local IDX
+    copy, offline."""
+    return session_runs["tfds_data_dir"].result()
+
+
+@pytest.fixture(scope="session")
+def bad_input_runs(session_runs) -> dict:
+    """``BAD_INPUTS``' runs: {name: (exit status, stderr, whether its workdir exists)}."""
+    return session_runs["bad_input_runs"].result()
 
 
 @pytest.fixture(scope="session")

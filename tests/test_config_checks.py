@@ -8,6 +8,7 @@ import pytest
 from configs import control, hetero
 from configs import reproduce as reproduce_config
 from fedinf_jax import errors, pipeline, runtime, sample_lib, train_lib
+from tests.conftest import BAD_INPUTS
 
 
 def _set(path: str, value):
@@ -186,27 +187,10 @@ def test_user_errors_print_one_line_and_exit_2(capsys):
         runtime.exit_on_user_error(buggy)(["sample.py"])
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["train.py", "--config=configs/hetero.py:smoke", "--config.train.batch_size=0"],
-            "error: train.batch_size must be >= 1, got 0",
-        ),
-        (
-            ["sample.py", "--config=configs/hetero.py:smoke", "--config.aggregator.name=avg"],
-            "error: unknown aggregator 'avg'; valid: ['mean', 'weighted'",
-        ),
-    ],
-    ids=["train", "sample"],
-)
-def test_entry_points_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
-    from tests.conftest import EntryPoints
-
-    workdir = tmp_path / "run"
-    proc = EntryPoints().start([*args, f"--workdir={workdir}"])
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith(message), stderr[-3000:]
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_entry_points_exit_2_with_one_line_and_write_nothing(bad_input_runs, name):
+    returncode, stderr, wrote = bad_input_runs[name]
+    assert returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(BAD_INPUTS[name][1]), stderr[-3000:]
     assert "Traceback" not in stderr
-    assert not workdir.exists()
+    assert not wrote

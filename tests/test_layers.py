@@ -23,17 +23,21 @@ from fedinf_jax.models.unet import depth_to_space, make_unet, space_to_depth
 def test_group_norm_is_flax_group_norm(shape, groups):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(1.5, 3.0, size=shape), jnp.float32)
+    # Jitted, as the U-Net runs them: one compilation each instead of one per operation.
     ours, flax_gn = GroupNorm(groups, epsilon=1e-5), nn.GroupNorm(groups, epsilon=1e-5)
-    params = ours.init(jax.random.key(0), x)
-    assert jax.tree.structure(params) == jax.tree.structure(flax_gn.init(jax.random.key(0), x))
+    params = jax.jit(ours.init)(jax.random.key(0), x)
+    flax_params = jax.eval_shape(flax_gn.init, jax.random.key(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(flax_params)
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-    np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x), atol=2e-5)
+    np.testing.assert_allclose(
+        jax.jit(ours.apply)(params, x), jax.jit(flax_gn.apply)(params, x), atol=2e-5
+    )
 
     def loss(module):
         return lambda p, x: jnp.sum(module.apply(p, x) * jnp.cos(x))
 
-    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-    want = jax.grad(loss(flax_gn), argnums=(0, 1))(params, x)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(loss(flax_gn), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -108,8 +112,9 @@ def test_unet_patch_stem_keeps_the_image_shape():
     config.model.patch_size = 2
     model = make_unet(config.model)
     x, t, y = jnp.ones((2, 28, 28, 1)), jnp.ones((2,)), jnp.array([0, 1])
-    params = model.init(jax.random.key(0), x, t, y)
-    assert model.apply(params, x, t, y).shape == x.shape
+    # Shapes only: traced, not run (running the U-Net eagerly compiles every operation).
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+    assert jax.eval_shape(model.apply, params, x, t, y).shape == x.shape
     # The stem's input and output convolutions see the 2 x 2 patches as 4 channels.
     assert params["params"]["conv_in"]["kernel"].shape[-2] == 4
     assert params["params"]["conv_out"]["kernel"].shape[-1] == 4
