@@ -6,13 +6,17 @@
         --config.sampler.adaptive=True --config.aggregator.name=label_prior
     python sample.py --config=configs/hetero.py:cpu,paper_sampler --workdir=runs/hetero_cpu
     python sample.py --config=configs/hetero.py:cpu --workdir=runs/hetero_cpu \\
-        --config.aggregator.name=superdiff_or --config.sampler.save_trajectory=11
+        --config.aggregator.name=superdiff_or --config.aggregator.superdiff_or.temperature=0.5 \\
+        --config.sampler.save_trajectory=11
 
 --workdir is a train.py run: its checkpoint fixes the model, SDE and partition; the config's
 ``sampler`` and ``aggregator`` sections (configs/base.py documents every field) choose how to
 sample (aggregators: mean weighted label_prior schedule median trimmed_mean superdiff_or
-superdiff_and). Writes samples.npz (uint8 images, labels, solver statistics; the agents' weights
-for superdiff_or), samples.png (one row per digit), trajectory.png and weights.png when the
+superdiff_and; a member's settings are --config.aggregator.MEMBER.SETTING). A bad setting, or a
+trained-section flag that contradicts the run, stops with one line, "error: ...", exit status 2.
+
+Writes samples.npz (uint8 images, labels, solver statistics; the agents' weights for
+superdiff_or), samples.png (one row per digit), trajectory.png and weights.png when the
 trajectory is saved, and samples.json (resolved config and statistics) to --outdir, by default
 WORKDIR/samples/<method>_<solver>_<aggregator>.
 """
