@@ -149,6 +149,11 @@ def test_a_bad_setting_is_named_before_a_missing_run(tmp_path):
     assert not os.path.exists(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("preset", ["smoke", "demo", "cpu", "paper"])
+def test_every_presets_reproduction_passes_its_checks(preset):
+    pipeline.check_config(reproduce_config.get_config(preset))
+
+
 def test_reproduce_checks_every_regime_and_procedure_first(tmp_path):
     config = reproduce_config.get_config("smoke")
     pipeline.check_config(config)
