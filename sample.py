@@ -40,12 +40,7 @@ runtime.define_distributed_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
-    )
-    runtime.setup()
+    runtime.start_distributed_entry_point(argv)
     logging.info("sampler: %s\naggregator: %s", FLAGS.config.sampler, FLAGS.config.aggregator)
     overrides = config_flags.get_override_values(FLAGS["config"])
     sample_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir, overrides)

@@ -29,12 +29,7 @@ runtime.define_distributed_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
-    )
-    runtime.setup()
+    runtime.start_distributed_entry_point(argv)
     logging.info("config:\n%s", FLAGS.config)
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

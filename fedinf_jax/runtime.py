@@ -51,6 +51,18 @@ def define_distributed_flags() -> None:
     )
 
 
+def start_distributed_entry_point(argv) -> None:
+    """The start of ``train.py``'s and ``sample.py``'s ``main``: refuses stray arguments, joins a
+    multi-process run when ``define_distributed_flags``' flags ask for one, then ``setup``."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+    setup()
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
