@@ -49,6 +49,24 @@ def test_cli_writes_checkpoints_and_tensorboard(cli_workdir):
     assert meta["config"]["model"]["block_out_channels"] == [8, 16]
 
 
+def test_sampling_restores_the_parameters_alone(cli_workdir):
+    """``checkpoint.restore_params`` (what sampling reads, no optimizer state) gives exactly the
+    parameters and EMA parameters a full restore gives, and refuses another model."""
+    config = hetero.get_config("smoke")
+    state, _ = _restore(cli_workdir, config)
+    model = train_lib.resolve_score(config).model
+    abstract = train_lib.abstract_agent_params(model, 2)
+    for field in ("params", "ema_params"):
+        got = checkpoint.restore_params(cli_workdir, abstract, 30, field, num_agents=2)
+        want = getattr(state, field)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    config.model.block_out_channels = (8, 32)
+    other = train_lib.abstract_agent_params(train_lib.resolve_score(config).model, 2)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="arrays differ"):
+        checkpoint.restore_params(cli_workdir, other, 30, "ema_params", num_agents=2)
+
+
 def test_resumed_run_equals_uninterrupted(tmp_path):
     """Stopped at step 3 and resumed to 6, a run ends bitwise where a straight run ends."""
     config = micro_config()
