@@ -9,9 +9,8 @@ argument: ``--config=configs/hetero.py:cpu``. Presets:
   blobs, not digits: it shows the pipeline, not the result.
 * ``cpu``: the reproduction on a CPU (``make reproduce``): a three-level U-Net (attention at 7x7),
   2400 steps of batch 32 per agent (about 13 epochs of a 6,000-image shard, 1.3 epochs of the
-  control's 60,000), about 1.8 hours for the three regimes' 21 agents on 2 cores (the budget
-  chosen on the quality-per-minute curves, docs/quality.md); 100 Euler-Maruyama steps when
-  sampling.
+  control's 60,000), the budget chosen on the quality-per-minute curves (docs/quality.md, with
+  its cost on a 2-core CPU); 100 Euler-Maruyama steps when sampling.
 * ``paper``: the paper's UNet2DConditionModel (about 170M parameters) and training recipe (AdamW
   lr 1e-4, 500 warm-up steps, cosine decay, batch 16, 10 epochs, VE sigma = 25), for a GPU/TPU,
   with the score scaling done correctly.
