@@ -522,6 +522,10 @@ def from_config(
         elif p.default is inspect.Parameter.empty:
             if p.name == "counts":
                 _need_counts(agg_config.name, None)
-            what = {"sde": "the agents' SDE", "num_agents": "the number of agents"}[p.name]
+            what = {
+                "sde": "the agents' SDE",
+                "num_agents": "the number of agents",
+                "method": "the sampler's method",
+            }[p.name]
             raise ValueError(f"aggregator {agg_config.name!r} needs {what}")
     return factory(**kwargs)

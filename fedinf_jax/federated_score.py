@@ -51,6 +51,7 @@ class SolveMonitor:
         self.evaluations, self.nonfinite, self._counter = 0, None, itertools.count()
 
     def count(self) -> None:
+        # next() on a count is atomic under the GIL; host callbacks may arrive from XLA's threads.
         self.evaluations = next(self._counter) + 1
 
     def record_nonfinite(self, bad_agents, t) -> None:

@@ -279,7 +279,7 @@ def from_config(section, labels) -> Partition:
     """
     fn = PARTITIONS.get(section.name)
     params = inspect.signature(fn).parameters
-    kwargs = {k: section[k] for k in section if k in params and k not in ("labels", "name")}
+    kwargs = {k: section[k] for k in section if k in params}
     return fn(labels, **kwargs)
 
 

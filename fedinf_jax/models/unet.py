@@ -159,6 +159,38 @@ class UNet(nn.Module):
     conv_impl: str = "auto"  # how stride-1 convolutions run (models.layers.Conv)
     patch_size: int = 1  # > 1: a pixel-unshuffle stem (space_to_depth)
 
+    def __post_init__(self):
+        """Checks the fields' shapes at construction, before anything is traced.
+
+        Raises:
+          ValueError: no levels; attention levels not one per level; a count < 1;
+            ``norm_groups`` not dividing a level's width; ``num_heads`` not dividing an
+            attention level's width.
+        """
+        chans = tuple(self.block_out_channels)
+        if not chans or min(chans) < 1:
+            raise ValueError(f"block_out_channels must be positive widths, got {chans}")
+        down = tuple(self.attention_levels)
+        up = down if self.up_attention_levels is None else tuple(self.up_attention_levels)
+        for name, levels in (("attention_levels", down), ("up_attention_levels", up)):
+            if len(levels) != len(chans):
+                raise ValueError(
+                    f"{name} {levels} must have one entry per level of block_out_channels {chans}"
+                )
+        for name in ("layers_per_block", "norm_groups", "num_heads", "num_classes", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(c % self.norm_groups for c in chans):
+            raise ValueError(f"norm_groups = {self.norm_groups} must divide every width {chans}")
+        attended = [c for c, a, u in zip(chans, down, up, strict=True) if a or u]
+        if self.mid_attention:
+            attended.append(chans[-1])
+        if any(c % self.num_heads for c in attended):
+            raise ValueError(
+                f"num_heads = {self.num_heads} must divide the attention levels' widths {attended}"
+            )
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, t, y):
         p = self.patch_size
@@ -170,11 +202,6 @@ class UNet(nn.Module):
         chans = tuple(self.block_out_channels)
         down_attn = tuple(self.attention_levels)
         up_attn = down_attn if self.up_attention_levels is None else tuple(self.up_attention_levels)
-        for name, levels in (("attention_levels", down_attn), ("up_attention_levels", up_attn)):
-            if len(levels) != len(chans):
-                raise ValueError(
-                    f"{name} {levels} must have one entry per level of block_out_channels {chans}"
-                )
         groups, dtype, conv = self.norm_groups, self.dtype, self.conv_impl
         temb_dim = 4 * chans[0]
         temb = timestep_embedding(t, chans[0])
@@ -228,40 +255,14 @@ class UNet(nn.Module):
 
 
 def check_model_config(model_config, image_shape=(28, 28)) -> None:
-    """Checks the shapes a ``config.model`` section describes before anything is traced.
+    """Checks what the ``UNet`` cannot check at its construction (``UNet.__post_init__`` checks
+    its own fields): the section's dtype name and that ``patch_size`` divides the image.
 
     Raises:
-      ValueError: no levels; attention levels not one per level; a count < 1; ``norm_groups``
-        not dividing a level's channels; ``num_heads`` not dividing an attention level's
-        channels; ``patch_size`` not dividing the image; an unknown dtype.
+      ValueError: an unknown dtype, or ``patch_size`` not dividing the image.
     """
     m = model_config
-    chans = tuple(m.block_out_channels)
-    if not chans or min(chans) < 1:
-        raise ValueError(f"model.block_out_channels must be positive widths, got {chans}")
-    for name in ("attention_levels", "up_attention_levels"):
-        if len(m[name]) != len(chans):
-            raise ValueError(
-                f"model.{name} {tuple(m[name])} must have one entry per level of "
-                f"block_out_channels {chans}"
-            )
-    for name in ("layers_per_block", "norm_groups", "num_heads", "num_classes", "patch_size"):
-        if m[name] < 1:
-            raise ValueError(f"model.{name} must be >= 1, got {m[name]}")
-    if any(c % m.norm_groups for c in chans):
-        raise ValueError(f"model.norm_groups = {m.norm_groups} must divide every width {chans}")
-    attended = [
-        c
-        for c, a, u in zip(chans, m.attention_levels, m.up_attention_levels, strict=True)
-        if a or u
-    ]
-    if m.mid_attention:
-        attended.append(chans[-1])
-    if any(c % m.num_heads for c in attended):
-        raise ValueError(
-            f"model.num_heads = {m.num_heads} must divide the attention levels' widths {attended}"
-        )
-    if any(s % m.patch_size for s in image_shape):
+    if m.patch_size >= 1 and any(s % m.patch_size for s in image_shape):
         raise ValueError(
             f"model.patch_size {m.patch_size} must divide the image size {image_shape}"
         )
@@ -276,7 +277,7 @@ def make_unet(model_config, conv_impl: str = "auto") -> UNet:
 
     Raises:
       ValueError: an unknown ``conv_impl`` (the message lists the valid ones), or a section
-        ``check_model_config`` refuses.
+        ``check_model_config`` or ``UNet`` refuses.
     """
     conv_impl_for(conv_impl, in_channels=0)  # checks the name now rather than at the first trace
     check_model_config(model_config)
