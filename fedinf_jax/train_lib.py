@@ -81,19 +81,26 @@ def make_key(seed: int) -> Key:
 
 @functools.cache
 def _jitted_init(model, image_shape: tuple[int, ...]) -> Callable:
-    """One traced and compiled init per (model, image shape) and process."""
+    """One agent's init, traced and compiled once per (model, image shape) and process, whatever
+    the number of agents."""
 
-    def init(keys):
+    def init(key):
         x = jnp.zeros((1, *image_shape))
         t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-        return jax.lax.map(lambda k: model.init(k, x, t, y), keys)
+        return model.init(key, x, t, y)
 
     return jax.jit(init)
 
 
 def init_agents(model, num_agents: int, key: Key, image_shape=data.IMAGE_SHAPE) -> AgentParams:
-    """K independently initialised agents, stacked (``lax.map``: one compiled init)."""
-    return _jitted_init(model, tuple(image_shape))(jax.random.split(key, num_agents))
+    """K independently initialised agents, stacked: agent i is initialised from the i-th key of
+    ``jax.random.split(key, K)``, by one compiled single-agent init (a new K compiles nothing
+    but the stacking)."""
+    init = _jitted_init(model, tuple(image_shape))
+    keys = jax.random.split(key, num_agents)
+    if isinstance(keys, jax.core.Tracer):  # under eval_shape / jit: one traced init, mapped
+        return jax.lax.map(init, keys)
+    return jax.jit(agents.stack_agents)([init(k) for k in keys])
 
 
 def create_train_state(params: AgentParams, tx: optax.GradientTransformation) -> TrainState:
@@ -343,19 +350,32 @@ def build_train_step(config: ml_collections.ConfigDict) -> Callable:
 def _build_train_step(config_json: str) -> Callable:
     config = ml_collections.ConfigDict(json.loads(config_json))
     components = resolve(config)
+    return components_train_step(
+        config, components, components.train_strategy, training_mesh(config), donate_argnums=(0,)
+    )
+
+
+def components_train_step(
+    config: ml_collections.ConfigDict,
+    components: Components,
+    strategy: str,
+    agent_mesh: sharding.AgentMesh | None = None,
+    **jit_kwargs,
+) -> Callable:
+    """The jitted train step of resolved ``components`` lifted over agents by ``strategy`` (on
+    ``agent_mesh`` when given): what ``build_train_step`` compiles, for a chosen strategy."""
     loss_fn = make_loss_fn(
         components.model, components.sde, param=components.param, times=components.times
     )
-    agent_mesh = training_mesh(config)
     step = make_train_step(
         loss_fn,
         components.tx,
         config.train.ema_decay,
-        components.train_strategy,
+        strategy,
         agent_mesh,
         components.map_unroll,
     )
-    return jit_train_step(step, components.train_strategy, agent_mesh, donate_argnums=(0,))
+    return jit_train_step(step, strategy, agent_mesh, **jit_kwargs)
 
 
 def jit_train_step(
@@ -454,6 +474,10 @@ def train_and_evaluate(
         )
         if agent_mesh is not None:
             state = sharding.to_mesh(state, agent_mesh)
+    if agent_mesh is None:
+        # Committed to the device, as a restored state and every step's output are: one argument
+        # signature from the first step on, so a (resumed) run compiles its step once.
+        state = jax.device_put(state, jax.devices()[0])
 
     train_step = build_train_step(config)
     logging.info(
