@@ -45,16 +45,14 @@ def micro_config():
 
 @functools.cache
 def micro_train_step(strategy: str, agent_mesh=None):
-    """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given; cached,
-    so that one compilation serves every test of a process."""
+    """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given, as the
+    trainer builds it but without donating its input; cached, so that one compilation serves
+    every test of a process (``loop``'s per-agent program is also the one
+    ``train_lib.train_and_evaluate`` runs on ``micro_config()``)."""
     from fedinf_jax import train_lib
-    from fedinf_jax.score import make_loss_fn
 
     config = micro_config()
-    comp = train_lib.resolve(config)
-    loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
-    step = train_lib.make_train_step(loss_fn, comp.tx, config.train.ema_decay, strategy, agent_mesh)
-    return train_lib.jit_train_step(step, strategy, agent_mesh)
+    return train_lib.components_train_step(config, train_lib.resolve(config), strategy, agent_mesh)
 
 
 @contextlib.contextmanager
@@ -222,9 +220,9 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     if needed & {"smoke_run", "sample_cli_run", "reproduced"}:
         workdir = tmp_path_factory.mktemp("cli_run")
         runs["smoke_run"] = executor.submit(_train_smoke, entry_points, workdir)
-    if "sample_cli_run" in needed:
+    if "sample_cli_run" in needed:  # beside the pipeline, once the smoke run is trained
         outdir = tmp_path_factory.mktemp("sample_cli") / "out"
-        runs["sample_cli_run"] = executor.submit(
+        runs["sample_cli_run"] = small.submit(
             _sample_smoke, entry_points, runs["smoke_run"], outdir
         )
     if "reproduced" in needed:

@@ -68,18 +68,20 @@ def test_sampling_restores_the_parameters_alone(cli_workdir):
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
-    """Stopped at step 3 and resumed to 6, a run ends bitwise where a straight run ends."""
+    """Stopped at step 10 (after the warm-up, inside the cosine decay) and resumed to 30, a
+    run ends bitwise where a straight run ends. ``micro_config()``'s own schedule, so the
+    per-agent program is the one the other micro tests compiled."""
     config = micro_config()
-    config.train.update(num_steps=6, warmup_steps=2, checkpoint_every=3, log_every=3)
+    num_steps = config.train.num_steps
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_lib.train_and_evaluate(config, str(straight))
-    train_lib.train_and_evaluate(config, str(resumed), stop_at=3)
+    train_lib.train_and_evaluate(config, str(resumed), stop_at=10)
     state, _ = _restore(resumed, config)
-    assert int(state.step) == 3
+    assert int(state.step) == 10
     train_lib.train_and_evaluate(config, str(resumed))
     a, _ = _restore(resumed, config)
     b, _ = _restore(straight, config)
-    assert int(a.step) == 6
+    assert int(a.step) == num_steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
