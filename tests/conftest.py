@@ -56,22 +56,27 @@ def micro_train_step(strategy: str, agent_mesh=None):
 
 
 @contextlib.contextmanager
-def count_traces():
-    """Yields the list of JAX traces (each a compilation, or a persistent-cache lookup) made
-    inside the block, by ``jax.monitoring``'s trace-duration events."""
+def count_events(event: str):
+    """Yields the list of ``jax.monitoring`` duration events named ``event`` recorded inside the
+    block."""
     import jax
 
-    traces = []
+    events = []
 
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            traces.append(event)
+    def listen(name, duration, **kwargs):
+        if name == event:
+            events.append(name)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        yield traces
+        yield events
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# JAX traces (each a compilation or a persistent-cache lookup); XLA compilations.
+count_traces = functools.partial(count_events, "/jax/core/compile/jaxpr_trace_duration")
+count_compiles = functools.partial(count_events, "/jax/core/compile/backend_compile_duration")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ import pytest
 
 from configs import base, hetero
 from fedinf_jax import checkpoint, data, plots, train_lib
-from tests.conftest import micro_config
+from tests.conftest import count_compiles, micro_config
 
 
 def _abstract_state(config, num_agents):
@@ -69,8 +69,8 @@ def test_sampling_restores_the_parameters_alone(cli_workdir):
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
     """Stopped at step 10 (after the warm-up, inside the cosine decay) and resumed to 30, a
-    run ends bitwise where a straight run ends. ``micro_config()``'s own schedule, so the
-    per-agent program is the one the other micro tests compiled."""
+    run ends bitwise where a straight run ends; resuming in the same process compiles nothing
+    new (the restored state has a fresh state's signature)."""
     config = micro_config()
     num_steps = config.train.num_steps
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -78,7 +78,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     train_lib.train_and_evaluate(config, str(resumed), stop_at=10)
     state, _ = _restore(resumed, config)
     assert int(state.step) == 10
-    train_lib.train_and_evaluate(config, str(resumed))
+    with count_compiles() as compiles:
+        train_lib.train_and_evaluate(config, str(resumed))
+    assert compiles == []
     a, _ = _restore(resumed, config)
     b, _ = _restore(straight, config)
     assert int(a.step) == num_steps
