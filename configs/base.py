@@ -150,8 +150,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.max_steps = 4096  # adaptive: give up after this many steps
     config.sampler.t_end = 1e-3  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
-    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/sampling.py, tau_grid.
+    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/solvers.py, tau_grid.
     config.sampler.schedule = "uniform"
+    # The SDE's Brownian paths (fedinf_jax.solvers.BROWNIAN): "auto" (per-step draws for constant
+    # steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the steps).
+    config.sampler.brownian = "auto"
     config.sampler.denoise = True  # a final Tweedie step x0 = (x + std^2 s) / alpha at t_end
     config.sampler.num_per_class = 10  # samples per digit
     config.sampler.batch_size = 100  # samples per jitted solve (memory bound)

@@ -179,15 +179,16 @@ def reverse_drift(sde: SDE, method: str, x: Array, t, score: Array) -> Array:
 
 def brownian_paths(spec: SolverSpec, keys: Key, tau1: float, image_shape) -> PerSampleBrownianPath:
     """One Brownian path per sample (``keys``) on [0, tau1]: ``UnsafeBrownianPath`` for constant
-    steps (diffrax issue 489: far cheaper than a tree for fixed steps), a ``VirtualBrownianTree``
-    for adaptive ones; with space-time Levy area for the stochastic Runge-Kutta solvers."""
+    steps (diffrax issue 489: far cheaper than a tree for fixed steps) unless ``spec.brownian``
+    is "tree", else a ``VirtualBrownianTree`` resolved to tau1 / (4 max_steps), the same path
+    whatever the steps; with space-time Levy area for the stochastic Runge-Kutta solvers."""
     shape = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
     levy = (
         diffrax.SpaceTimeLevyArea
         if isinstance(spec.solver, diffrax.AbstractSRK)
         else diffrax.BrownianIncrement
     )
-    if spec.adaptive:
+    if spec.adaptive or spec.brownian == "tree":
         tol = tau1 / (4.0 * spec.max_steps)
         return PerSampleBrownianPath(
             lambda k: diffrax.VirtualBrownianTree(0.0, tau1, tol, shape, k, levy_area=levy),

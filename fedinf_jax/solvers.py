@@ -42,6 +42,11 @@ for _name, _solver in (
 ):
     SDE_SOLVERS.register(_name, _solver)
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
+# The SDE's Brownian paths: "auto", Diffrax's UnsafeBrownianPath for constant steps (cheapest;
+# its increments are drawn per step, so another step grid walks another path) and a
+# VirtualBrownianTree for adaptive ones; "tree", a VirtualBrownianTree always, so every step grid
+# (and every solver) integrates the same path of each sample: what a convergence study compares.
+BROWNIAN = ("auto", "tree")
 
 # Where constant steps are placed: (sde, num_steps, t_end) -> the num_steps + 1 solver times
 # tau = T - t from 0 (t = T) to T - t_end (``tau_grid``).
@@ -121,6 +126,7 @@ class SolverSpec:
     max_steps: int = 4096
     t_end: float = 1e-3
     schedule: str = "uniform"  # constant steps: where they lie (``tau_grid``)
+    brownian: str = "auto"  # the SDE's Brownian paths (``BROWNIAN``)
     denoise: bool = True
     save_trajectory: int = 0
     progress: bool = False
@@ -138,6 +144,7 @@ class SolverSpec:
             max_steps=c.max_steps,
             t_end=c.t_end,
             schedule=c.get("schedule", "uniform"),
+            brownian=c.get("brownian", "auto"),
             denoise=c.denoise,
             save_trajectory=c.save_trajectory,
             progress=c.progress,
@@ -153,6 +160,9 @@ class SolverSpec:
         if self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
         SCHEDULES.check(self.schedule)
+        check_choice("sampler.brownian", self.brownian, BROWNIAN)
+        if self.brownian == "tree" and self.max_steps < 1:
+            raise ValueError(f"sampler.max_steps must be >= 1, got {self.max_steps}")
         if self.adaptive and self.schedule != "uniform":
             raise ValueError(
                 f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "

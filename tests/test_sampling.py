@@ -142,6 +142,27 @@ def reverse_euler_maruyama(sampler, params, keys, labels):
     return x
 
 
+def test_euler_maruyama_converges_on_one_brownian_tree():
+    """With ``brownian="tree"`` every step grid integrates the same Brownian path of each sample,
+    so Euler-Maruyama's samples converge to the fine-step solve of those paths at strong order 1
+    (the noise is additive); with "auto" (per-step draws) another grid walks other paths."""
+    sde = VPSDE()
+
+    def solve(num_steps, brownian):
+        sampler = make_sampler(
+            sde, aggregators.mean(), "sde", "euler", num_steps, brownian=brownian, denoise=False
+        )
+        return np.asarray(draw(sampler, 200).images)
+
+    reference = solve(512, "tree")
+    steps = (16, 32, 64)
+    errors = np.array([np.sqrt(np.mean((solve(n, "tree") - reference) ** 2)) for n in steps])
+    order = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert 0.8 < order < 1.25, (errors, order)
+    other_paths = np.sqrt(np.mean((solve(64, "auto") - reference) ** 2))
+    assert other_paths > 10 * errors[-1], (other_paths, errors)
+
+
 def test_diffrax_euler_maruyama_equals_a_scan():
     sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 50, denoise=False)
     keys, labels = sampling.sample_keys(3, 64), jnp.zeros(64, jnp.int32)
