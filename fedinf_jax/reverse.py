@@ -181,11 +181,14 @@ def brownian_paths(spec: SolverSpec, keys: Key, tau1: float, image_shape) -> Per
     """One Brownian path per sample (``keys``) on [0, tau1]: ``UnsafeBrownianPath`` for constant
     steps (diffrax issue 489: far cheaper than a tree for fixed steps) unless ``spec.brownian``
     is "tree", else a ``VirtualBrownianTree`` resolved to tau1 / (4 max_steps), the same path
-    whatever the steps; with space-time Levy area for the stochastic Runge-Kutta solvers."""
+    whatever the steps; with space-time Levy area for the stochastic Runge-Kutta solvers, and
+    always with "tree" (the tree's increments depend on it), so that every solver and every
+    step grid integrates the same path."""
     shape = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
+    # The tree's path depends on what it carries: with "tree" every solver gets the same one.
     levy = (
         diffrax.SpaceTimeLevyArea
-        if isinstance(spec.solver, diffrax.AbstractSRK)
+        if isinstance(spec.solver, diffrax.AbstractSRK) or spec.brownian == "tree"
         else diffrax.BrownianIncrement
     )
     if spec.adaptive or spec.brownian == "tree":
