@@ -168,17 +168,19 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
     )
 
 
-# The session's entry-point runs (fixtures of the same names). They run in subprocesses on a
-# background thread, started when the session starts, so that they overlap the in-process tests
-# (on 2 cores, XLA compiles here and there at once); the tests that read them run last.
+# The session's entry-point runs (fixtures of the same names). They run in subprocesses on
+# background threads, started when the session starts, so that they overlap the in-process tests
+# (on 2 cores, XLA compiles here and there at once); the tests that read them run last, in the
+# order the runs finish on this machine (so that the readers of early runs work while later runs
+# still compile).
 SESSION_RUNS = (
-    "smoke_run",
-    "sample_cli_run",
-    "reproduced",
-    "multidevice_run",
-    "multiprocess_run",
     "tfds_data_dir",
     "bad_input_runs",
+    "smoke_run",
+    "multidevice_run",
+    "sample_cli_run",
+    "multiprocess_run",
+    "reproduced",
 )
 # The entry points run with a bad setting: (arguments, the error line they must print).
 BAD_INPUTS = {
@@ -195,11 +197,16 @@ MULTIDEVICE_COUNT = 4
 _NEEDED = pytest.StashKey[set]()
 
 
+def _run_order(fixture: str) -> int:
+    """0 for a fixture that is no session run, else 1 + its place in ``SESSION_RUNS``."""
+    return SESSION_RUNS.index(fixture) + 1 if fixture in SESSION_RUNS else 0
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
     needed = {name for item in items for name in item.fixturenames if name in SESSION_RUNS}
     config.stash[_NEEDED] = needed
-    items.sort(key=lambda item: any(name in SESSION_RUNS for name in item.fixturenames))
+    items.sort(key=lambda item: max(_run_order(name) for name in ("", *item.fixturenames)))
 
 
 @pytest.fixture(scope="session", autouse=True)
