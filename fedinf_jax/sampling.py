@@ -65,7 +65,8 @@ class Samples(NamedTuple):
     from ``FederatedSampler.__call__``, ``score_evaluations``); ``trajectory_t`` (S,),
     ``trajectory`` (S, N, H, W, C) and ``trajectory_state`` (the aggregator's state, each leaf
     with a leading S axis): the reverse process at S diffusion times from T to t_end, when
-    ``save_trajectory`` > 0 (else None); ``result``: Diffrax's ``RESULTS`` item for the solve.
+    ``save_trajectory`` > 0 (else None); ``result``: Diffrax's ``RESULTS`` item for the solve;
+    ``failure``: from ``FederatedSampler.run``, the first non-finite evaluation in words, or None.
     """
 
     images: Array
@@ -75,6 +76,7 @@ class Samples(NamedTuple):
     trajectory: Array | None
     trajectory_state: Any = None
     result: Any = None
+    failure: str | None = None
 
 
 class FederatedSampler:
@@ -165,7 +167,9 @@ class FederatedSampler:
             images, final.aggregator, stats, trajectory_t, trajectory, trajectory_state, sol.result
         )
 
-    def __call__(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
+    def run(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
+        """The solve with its statistics, failures recorded rather than raised: ``result`` is
+        Diffrax's outcome, ``failure`` names the first non-finite evaluation (None if none)."""
         if keys.shape != labels.shape or labels.ndim != 1:
             raise ValueError(
                 f"need one key per label: keys {keys.shape}, labels {labels.shape} (both (N,))"
@@ -174,9 +178,13 @@ class FederatedSampler:
         monitor.reset()
         samples = jax.block_until_ready(self.solve(params, keys, labels))
         jax.effects_barrier()  # every evaluation has reported to the monitor
-        failure = monitor.failure()
-        if failure is not None:
-            raise NonFiniteScoreError(f"sampling stopped: {failure}")
+        stats = dict(samples.stats, score_evaluations=monitor.evaluations)
+        return samples._replace(stats=stats, failure=monitor.failure())
+
+    def __call__(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
+        samples = self.run(params, keys, labels)
+        if samples.failure is not None:
+            raise NonFiniteScoreError(f"sampling stopped: {samples.failure}")
         if bool(samples.result == diffrax.RESULTS.max_steps_reached):
             raise MaxStepsError(
                 "the adaptive solve reached sampler.max_steps before t_end; raise "
@@ -184,8 +192,7 @@ class FederatedSampler:
             )
         if bool(samples.result != diffrax.RESULTS.successful):
             raise RuntimeError(f"the solve failed: {diffrax.RESULTS[samples.result]}")
-        stats = dict(samples.stats, score_evaluations=monitor.evaluations)
-        return samples._replace(stats=stats)
+        return samples
 
 
 def to_uint8(images: Array, centered: bool = True) -> np.ndarray:

@@ -1,0 +1,259 @@
+"""Solver stability studies: a grid of ways to integrate the reverse process, each cell measured
+against a reference solve on the same prior draws and Brownian paths.
+
+A cell is (method, solver, step budget, step schedule, aggregator): constant steps on a schedule,
+or adaptive steps at a tolerance (rtol = atol). Every cell solves the same samples (one key per
+sample: its prior draw and, for the SDE, its Brownian path on a ``VirtualBrownianTree``,
+``sampler.brownian = "tree"``, so every grid walks the same path). The reference of a method
+and aggregator is a tight solve: for the ODE a high-order adaptive solve, for the SDE a fine-step
+solve of the same paths.
+
+The study does not know where the agents come from: ``sampler_for(cell)`` builds the cell's
+``FederatedSampler`` (over trained agents, or the closed-form Gaussian agents of the tests).
+Finished cells are cached under the study's folder, one folder per cell, so a rerun computes
+nothing again and an extended grid computes only its new cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import diffrax
+import jax
+import numpy as np
+
+from fedinf_jax import files, solvers
+from fedinf_jax.sampling import FederatedSampler
+from fedinf_jax.types import AgentParams, Key, Labels
+
+# A sample whose largest pixel exceeds this many times the data's bound (1) has diverged.
+EXPLODED = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One way to integrate: ``num_steps`` constant steps on ``schedule``, or adaptive steps at
+    ``tol`` (rtol = atol = tol) when ``tol`` > 0."""
+
+    method: str
+    solver: str
+    aggregator: str
+    schedule: str = "uniform"
+    num_steps: int = 0
+    tol: float = 0.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tol > 0
+
+    @property
+    def name(self) -> str:
+        budget = f"tol{self.tol:.0e}" if self.adaptive else f"{self.schedule}{self.num_steps}"
+        return f"{self.method}-{self.solver}-{budget}-{self.aggregator}"
+
+    def spec(self, base: solvers.SolverSpec) -> solvers.SolverSpec:
+        """``base`` (t_end, denoising, max_steps, ...) with this cell's way to integrate, on the
+        shared Brownian tree."""
+        return dataclasses.replace(
+            base,
+            method=self.method,
+            solver=solvers.make_solver(self.method, self.solver),
+            num_steps=self.num_steps if not self.adaptive else base.num_steps,
+            adaptive=self.adaptive,
+            rtol=self.tol if self.adaptive else base.rtol,
+            atol=self.tol if self.adaptive else base.atol,
+            schedule=self.schedule,
+            brownian="tree",
+            save_trajectory=0,
+            progress=False,
+        )
+
+
+def grid(
+    methods: Sequence[str],
+    solvers_by_method: dict[str, Sequence[str]],
+    aggregators: Sequence[str],
+    num_steps: Sequence[int],
+    schedules: Sequence[str] = ("uniform",),
+    tolerances: Sequence[float] = (),
+) -> list[Cell]:
+    """Every cell of the grid: each solver of each method under each aggregator at each constant
+    budget on each schedule, and, for solvers with an error estimate, at each tolerance.
+
+    Raises:
+      ValueError: an unknown method, solver or schedule (the valid ones listed).
+    """
+    cells = []
+    for method in methods:
+        for name in solvers_by_method.get(method, ()):
+            adaptive = isinstance(solvers.make_solver(method, name), diffrax.AbstractAdaptiveSolver)
+            for aggregator in aggregators:
+                for schedule in schedules:
+                    solvers.SCHEDULES.check(schedule)
+                    cells += [Cell(method, name, aggregator, schedule, int(n)) for n in num_steps]
+                if adaptive:
+                    cells += [Cell(method, name, aggregator, tol=float(t)) for t in tolerances]
+    return cells
+
+
+def reference_cell(method: str, aggregator: str, ode_solver="dopri8", ode_tol=1e-6, sde_steps=1024):
+    """The tight solve a cell is measured against: adaptive ``ode_solver`` at ``ode_tol`` for
+    the ODE, ``sde_steps`` Euler-Maruyama steps of the same paths for the SDE."""
+    if method == "ode":
+        return Cell("ode", ode_solver, aggregator, tol=ode_tol)
+    return Cell("sde", "euler", aggregator, num_steps=sde_steps)
+
+
+class CellCache:
+    """Finished cells under ``directory``: ``<cell.name>/row.json`` and ``images.npy``, each
+    cell written whole or not at all."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+
+    def _folder(self, cell: Cell) -> str:
+        return os.path.join(self.directory, cell.name)
+
+    def load(self, cell: Cell) -> tuple[dict, np.ndarray | None] | None:
+        """(row, images) of a finished cell, or None."""
+        folder = self._folder(cell)
+        if not os.path.isfile(os.path.join(folder, "row.json")):
+            return None
+        with open(os.path.join(folder, "row.json")) as f:
+            row = json.load(f)
+        images_path = os.path.join(folder, "images.npy")
+        return row, (np.load(images_path) if os.path.isfile(images_path) else None)
+
+    def store(self, cell: Cell, row: dict, images: np.ndarray | None) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        with files.atomic_path(self._folder(cell), folder=True) as tmp:
+            if images is not None:
+                np.save(os.path.join(tmp, "images.npy"), images)
+            with open(os.path.join(tmp, "row.json"), "w") as f:
+                json.dump(row, f, indent=1)
+
+
+def _compile_seconds() -> tuple[Callable[[], float], Callable[[], None]]:
+    """(read, stop): the seconds JAX spent tracing and compiling since the call."""
+    spent = [0.0]
+    events = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+
+    def listen(event, duration, **kwargs):
+        if event in events:
+            spent[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return (lambda: spent[0]), (lambda: jax.monitoring.unregister_event_duration_listener(listen))
+
+
+def measure(
+    cell: Cell, sampler: FederatedSampler, params: AgentParams, keys: Key, labels: Labels
+) -> tuple[dict, np.ndarray]:
+    """One solve of ``cell``: (its row of measurements, its final images). Failures are measured,
+    not raised: the row says which share of samples diverged and where the first non-finite
+    evaluation was."""
+    read, stop = _compile_seconds()
+    start = time.perf_counter()
+    try:
+        out = sampler.run(params, keys, labels)
+    finally:
+        stop()
+    elapsed = time.perf_counter() - start
+    images = np.asarray(out.images, np.float32)
+    flat = images.reshape(len(images), -1)
+    diverged = ~np.isfinite(flat).all(axis=1) | (np.abs(np.nan_to_num(flat)).max(axis=1) > EXPLODED)
+    evaluations = int(out.stats["score_evaluations"])
+    row = {
+        **dataclasses.asdict(cell),
+        "name": cell.name,
+        "status": "ok" if out.failure is None and not diverged.any() else "diverged",
+        "result": str(diffrax.RESULTS[out.result]) if out.result is not None else "",
+        "failure": out.failure or "",
+        "diverged_share": float(diverged.mean()),
+        "score_evaluations": evaluations,
+        "network_evaluations": evaluations * sampler.agents_in(params),
+        "steps": int(out.stats["num_steps"]),
+        "accepted_steps": int(out.stats["num_accepted_steps"]),
+        "rejected_steps": int(out.stats["num_rejected_steps"]),
+        "compile_s": round(read(), 3),
+        "wall_s": round(max(elapsed - read(), 0.0), 3),
+    }
+    return row, images
+
+
+def rms_error(images: np.ndarray, reference: np.ndarray) -> float:
+    """RMS over every pixel of the samples that stayed finite in both (NaN if none did)."""
+    keep = np.isfinite(images).reshape(len(images), -1).all(1)
+    keep &= np.isfinite(reference).reshape(len(reference), -1).all(1)
+    if not keep.any():
+        return float("nan")
+    return float(np.sqrt(np.mean((images[keep] - reference[keep]) ** 2)))
+
+
+def run(
+    cells: Iterable[Cell],
+    sampler_for: Callable[[Cell], FederatedSampler],
+    params: AgentParams,
+    keys: Key,
+    labels: Labels,
+    cache: CellCache,
+    reference: Callable[[Cell], Cell] = lambda c: reference_cell(c.method, c.aggregator),
+    report: Callable[[int, int, Cell, bool], None] | None = None,
+) -> list[dict]:
+    """Every cell's row, in order, each with ``rms_error`` to its reference's images; computes
+    only cells (and references) the cache lacks. A cell ``sampler_for`` refuses (ValueError:
+    e.g. a Stratonovich solver for an aggregator whose state is an Ito integral) gets a
+    ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress."""
+    cells = list(cells)
+
+    def solved(cell: Cell) -> tuple[dict, np.ndarray | None, bool]:
+        cached = cache.load(cell)
+        if cached is not None:
+            return (*cached, False)
+        try:
+            sampler = sampler_for(cell)
+        except ValueError as err:
+            row = {**dataclasses.asdict(cell), "name": cell.name, "status": "refused"}
+            row["failure"] = str(err)
+            cache.store(cell, row, None)
+            return row, None, True
+        row, images = measure(cell, sampler, params, keys, labels)
+        cache.store(cell, row, images)
+        return row, images, True
+
+    rows = []
+    for i, cell in enumerate(cells):
+        row, images, computed = solved(cell)
+        ref_row, ref_images, _ = solved(reference(cell))
+        row = dict(row, reference=ref_row["name"])
+        row["rms_error"] = (
+            rms_error(images, ref_images)
+            if images is not None and ref_images is not None
+            else float("nan")
+        )
+        rows.append(row)
+        if report is not None:
+            report(i + 1, len(cells), cell, computed)
+    return rows
+
+
+def write_results(rows: list[dict], outdir: str | os.PathLike, record: dict) -> None:
+    """``results.json`` (``record``: the study's config and code version, and the rows) and
+    ``results.csv`` (one row per cell) under ``outdir``."""
+    os.makedirs(outdir, exist_ok=True)
+    files.write_json(os.path.join(outdir, "results.json"), {**record, "rows": rows})
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(os.path.join(outdir, "results.csv"), table.getvalue())

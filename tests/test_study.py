@@ -1,0 +1,97 @@
+"""Solver studies: the grid, the measurements against the reference, the cache."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fedinf_jax import aggregators, sampling, solvers, study
+from fedinf_jax.sde import VPSDE
+from tests.test_sampling import MUS, gaussian_agents
+
+SDE = VPSDE()
+BASE = solvers.SolverSpec(method="ode", solver=solvers.make_solver("ode", "euler"), denoise=False)
+REFERENCE = study.Cell("ode", "tsit5", "mean", tol=1e-6)
+
+
+def _sampler_for(cell):
+    return sampling.FederatedSampler(
+        gaussian_agents(SDE), SDE, aggregators.mean(), cell.spec(BASE), (2,)
+    )
+
+
+def _run(cells, cache):
+    computed = []
+    rows = study.run(
+        cells,
+        _sampler_for,
+        {"mu": MUS},
+        sampling.sample_keys(0, 64),
+        np.zeros(64, np.int32),
+        cache,
+        reference=lambda c: REFERENCE,
+        report=lambda done, total, cell, fresh: computed.append(cell.name) if fresh else None,
+    )
+    return rows, computed
+
+
+def test_grid_expands_budgets_schedules_and_tolerances():
+    cells = study.grid(
+        ("ode",), {"ode": ("euler", "tsit5")}, ("mean",), (10, 20), ("uniform", "karras"), (1e-3,)
+    )
+    names = [c.name for c in cells]
+    assert len(names) == len(set(names)) == 2 * 2 * 2 + 1  # euler has no error estimate
+    assert "ode-tsit5-tol1e-03-mean" in names and "ode-euler-karras20-mean" in names
+    with pytest.raises(ValueError, match="unknown ode solver 'rk4'"):
+        study.grid(("ode",), {"ode": ("rk4",)}, ("mean",), (10,))
+
+
+def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
+    """Errors to a tight tsit5 solve of the same prior draws: per doubling of the steps, Euler's
+    halves (first order) and Heun's quarters (second order); a rerun computes nothing, an
+    extended grid only its new cells; the results read back."""
+    cache = study.CellCache(tmp_path / "cells")
+    cells = study.grid(("ode",), {"ode": ("euler", "heun")}, ("mean",), (8, 16))
+    rows, computed = _run(cells, cache)
+    assert computed == [c.name for c in cells]
+    error = {row["name"]: row["rms_error"] for row in rows}
+    euler = error["ode-euler-uniform8-mean"] / error["ode-euler-uniform16-mean"]
+    heun = error["ode-heun-uniform8-mean"] / error["ode-heun-uniform16-mean"]
+    assert 1.5 < euler < 2.6 and 2.8 < heun < 5.5, error  # orders 1 and 2: ratios 2 and 4
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["ode-heun-uniform8-mean"]["score_evaluations"] == 2 * 8  # no denoising step
+    assert by_name["ode-euler-uniform8-mean"]["network_evaluations"] == 3 * 8  # K = 3
+    assert all(row["status"] == "ok" and row["diverged_share"] == 0 for row in rows)
+
+    again, computed = _run([*cells, study.Cell("ode", "euler", "mean", num_steps=32)], cache)
+    assert computed == ["ode-euler-uniform32-mean"]
+    assert again[: len(rows)] == rows
+
+    study.write_results(again, tmp_path / "out", {"config": {"name": "test"}})
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["config"] == {"name": "test"} and record["rows"] == again
+    with open(tmp_path / "out" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == [r["name"] for r in again]
+    assert float(table[0]["rms_error"]) == pytest.approx(again[0]["rms_error"])
+
+
+def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
+    """A Stratonovich solver for an aggregator whose state is an Ito integral is refused, and the
+    row says why; nothing is solved for it."""
+
+    def sampler_for(cell):
+        raise ValueError("this aggregator's state is driven by the SDE's noise")
+
+    rows = study.run(
+        [study.Cell("sde", "heun", "superdiff_or", num_steps=10)],
+        sampler_for,
+        {"mu": MUS},
+        sampling.sample_keys(0, 4),
+        np.zeros(4, np.int32),
+        study.CellCache(tmp_path),
+        reference=lambda c: c,
+    )
+    assert rows[0]["status"] == "refused" and "driven by the SDE's noise" in rows[0]["failure"]
+    assert np.isnan(rows[0]["rms_error"])
