@@ -141,3 +141,22 @@ def quiet_orbax() -> None:
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().addFilter(_DropBelowWarning("orbax"))
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout this package runs from, or "unknown"
+    outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -194,17 +194,24 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
     return merged
 
 
-def build_sampler(federation: Federation) -> sampling.FederatedSampler:
+def build_sampler(
+    federation: Federation,
+    spec: solvers.SolverSpec | None = None,
+    aggregator_name: str | None = None,
+) -> sampling.FederatedSampler:
     """The federation's sampler: its agents' scores through the configured agent-axis strategy,
-    the configured aggregator and solver.
+    the configured aggregator and solver (or ``spec`` and the aggregator ``aggregator_name``,
+    its settings from the config).
 
     Raises:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
     """
     config, comp, agent_mesh = federation.config, federation.components, federation.agent_mesh
-    spec = solvers.SolverSpec.from_config(config.sampler, comp.sde)
+    spec = spec or solvers.SolverSpec.from_config(config.sampler, comp.sde)
+    section = ml_collections.ConfigDict(config.aggregator.to_dict())
+    section.name = aggregator_name or section.name
     aggregator = aggregators.from_config(
-        config.aggregator, federation.counts, federation.num_agents, comp.sde, spec.method
+        section, federation.counts, federation.num_agents, comp.sde, spec.method
     )
     return sampling.FederatedSampler(
         agent_score_fn(comp, agent_mesh=agent_mesh),

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from fedinf_jax import files, solvers
-from fedinf_jax.sampling import FederatedSampler
+from fedinf_jax.registry import check_choice
+from fedinf_jax.sampling import FederatedSampler, sample_keys
 from fedinf_jax.types import AgentParams, Key, Labels
 
 # A sample whose largest pixel exceeds this many times the data's bound (1) has diverged.
@@ -257,3 +258,95 @@ def write_results(rows: list[dict], outdir: str | os.PathLike, record: dict) -> 
     writer.writeheader()
     writer.writerows(rows)
     files.write_text(os.path.join(outdir, "results.csv"), table.getvalue())
+
+
+def cells_of(study_config) -> list[Cell]:
+    """The grid a config's ``study`` section asks for (``configs/study.py``).
+
+    Raises:
+      ValueError: an unknown method, solver or schedule, or an empty grid.
+    """
+    s = study_config
+    for method in s.methods:
+        check_choice("study method", method, solvers.METHODS)
+        if method not in s.solvers:
+            raise ValueError(f"study.solvers has no {method!r} entry: give study.solvers.{method}")
+    cells = grid(
+        tuple(s.methods),
+        {method: tuple(s.solvers[method]) for method in s.methods},
+        tuple(s.aggregators),
+        tuple(s.num_steps),
+        tuple(s.schedules),
+        tuple(s.tolerances),
+    )
+    if not cells:
+        raise ValueError("the study's grid is empty: give methods, solvers and budgets")
+    if s.num_per_class < 1:
+        raise ValueError(f"study.num_per_class must be >= 1, got {s.num_per_class}")
+    return cells
+
+
+def run_study(config, workdir: str, overrides: dict | None = None) -> str:
+    """The config's study on the agents of the train.py run ``workdir``: every cell measured
+    against its reference, written to ``workdir/study/<study.name>/`` (results.json and .csv,
+    ``cells/`` the cache). Returns that folder.
+
+    Raises:
+      ConfigError: an invalid study or sampler setting (before any checkpoint is read).
+      MissingInputError: ``workdir`` holds no checkpoint.
+    """
+    from absl import logging
+
+    from fedinf_jax import errors, runtime, sample_lib
+
+    s = config.study
+    with errors.as_config_error():
+        cells = cells_of(s)
+    federation = sample_lib.load_federation(config, workdir, overrides)
+    sde = federation.components.sde
+    with errors.as_config_error():
+        base = solvers.SolverSpec.from_config(federation.config.sampler, sde)
+    outdir = os.path.join(workdir, "study", s.name)
+    labels = sample_lib.class_labels(s.num_per_class)
+    keys = sample_keys(s.seed, len(labels))
+    ref = s.reference
+
+    def reference(cell: Cell) -> Cell:
+        return reference_cell(
+            cell.method, cell.aggregator, ref.ode_solver, ref.ode_tol, ref.sde_steps
+        )
+
+    start = time.perf_counter()
+
+    def report(done: int, total: int, cell: Cell, computed: bool) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done)
+        logging.info(
+            "cell %d/%d %s: %s; %.0f s elapsed, ETA %.0f s",
+            done,
+            total,
+            cell.name,
+            "computed" if computed else "cached",
+            elapsed,
+            eta,
+        )
+
+    rows = run(
+        cells,
+        lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),
+        federation.params,
+        keys,
+        labels,
+        CellCache(os.path.join(outdir, "cells")),
+        reference,
+        report,
+    )
+    record = {
+        "config": json.loads(config.to_json_best_effort()),
+        "workdir": os.path.abspath(workdir),
+        "checkpoint_step": federation.step,
+        "code_version": runtime.code_version(),
+    }
+    write_results(rows, outdir, record)
+    logging.info("%d cells: %s", len(rows), outdir)
+    return outdir

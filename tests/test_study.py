@@ -2,11 +2,13 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from fedinf_jax import aggregators, sampling, solvers, study
+from configs import study as study_config
+from fedinf_jax import aggregators, errors, sampling, solvers, study
 from fedinf_jax.sde import VPSDE
 from tests.test_sampling import MUS, gaussian_agents
 
@@ -95,3 +97,30 @@ def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
     )
     assert rows[0]["status"] == "refused" and "driven by the SDE's noise" in rows[0]["failure"]
     assert np.isnan(rows[0]["rms_error"])
+
+
+def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatch):
+    """``study.run_study`` on the session's smoke training run (copied): its files read back,
+    a rerun computes nothing; a bad grid is named before any checkpoint is read."""
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run, workdir)
+    config = study_config.get_config("smoke")
+    config.study.num_steps = (4,)
+    config.study.solvers.ode = ("euler",)
+    outdir = study.run_study(config, str(workdir))
+    record = json.loads((tmp_path / "run" / "study" / "default" / "results.json").read_text())
+    assert outdir == str(workdir / "study" / "default")
+    assert record["checkpoint_step"] == 30 and record["code_version"]
+    (row,) = record["rows"]
+    assert row["name"] == "ode-euler-uniform4-mean" and row["status"] == "ok"
+    assert row["reference"] == "ode-tsit5-tol1e-04-mean" and 0 < row["rms_error"] < 10
+    assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
+
+    def no_solving(*args, **kwargs):
+        raise AssertionError("a cached cell was solved again")
+
+    monkeypatch.setattr(study, "measure", no_solving)
+    study.run_study(config, str(workdir))
+    config.study.solvers.ode = ("rk4",)
+    with pytest.raises(errors.ConfigError, match="unknown ode solver 'rk4'"):
+        study.run_study(config, str(tmp_path / "nothing"))

@@ -1,0 +1,35 @@
+"""Solver stability study: a grid of solvers, step budgets, schedules and aggregators on a
+trained federation, each cell against a tight reference solve of the same draws.
+
+    python study.py --config=configs/study.py:cpu --workdir=runs/hetero_cpu
+    python study.py --config=configs/study.py:cpu --workdir=runs/hetero_cpu \\
+        --config.study.name=ode_only --config.study.methods='("ode",)'
+
+--workdir is a train.py run. Writes WORKDIR/study/<study.name>/results.json (the config, the
+code version and a row per cell) and results.csv; finished cells are kept under cells/, so a
+rerun computes nothing again and an extended grid only its new cells. A bad setting stops with
+one line, "error: ...", exit status 2, before any checkpoint is read.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fedinf_jax import runtime, study
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file with a preset, e.g. configs/study.py:cpu.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "A train.py run directory (its agents are studied).")
+flags.mark_flags_as_required(["config", "workdir"])
+runtime.define_distributed_flags()
+
+
+def main(argv):
+    runtime.start_distributed_entry_point(argv)
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    study.run_study(FLAGS.config, FLAGS.workdir, overrides)
+
+
+if __name__ == "__main__":
+    app.run(runtime.exit_on_user_error(main))
