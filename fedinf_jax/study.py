@@ -28,7 +28,7 @@ import diffrax
 import jax
 import numpy as np
 
-from fedinf_jax import files, solvers
+from fedinf_jax import files, plots, solvers
 from fedinf_jax.registry import check_choice
 from fedinf_jax.sampling import FederatedSampler, sample_keys
 from fedinf_jax.types import AgentParams, Key, Labels
@@ -247,6 +247,29 @@ def run(
     return rows
 
 
+def series_name(row: dict) -> str:
+    """The convergence series a row belongs to: its cell without the budget."""
+    budget = "adaptive" if row.get("tol", 0) > 0 else row.get("schedule", "uniform")
+    return f"{row['method']}-{row['solver']}-{budget}-{row['aggregator']}"
+
+
+def fitted_orders(rows: Iterable[dict]) -> dict[str, float]:
+    """Per series of finished cells with at least two budgets, the order p of a least-squares
+    fit error ~ evaluations^(-p) on log-log axes (the solver's order, counted per evaluation,
+    where its evaluations per step are fixed)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        error, evaluations = row.get("rms_error", float("nan")), row.get("score_evaluations", 0)
+        if row.get("status") == "ok" and np.isfinite(error) and error > 0 and evaluations > 0:
+            points.setdefault(series_name(row), []).append((evaluations, error))
+    orders = {}
+    for name, pts in points.items():
+        x, y = np.log(np.array(pts)).T
+        if len(set(x)) >= 2:
+            orders[name] = float(-np.polyfit(x, y, 1)[0])
+    return orders
+
+
 def write_results(rows: list[dict], outdir: str | os.PathLike, record: dict) -> None:
     """``results.json`` (``record``: the study's config and code version, and the rows) and
     ``results.csv`` (one row per cell) under ``outdir``."""
@@ -348,5 +371,6 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
         "code_version": runtime.code_version(),
     }
     write_results(rows, outdir, record)
+    plots.plot_study_errors(rows, fitted_orders(rows), os.path.join(outdir, "errors.png"))
     logging.info("%d cells: %s", len(rows), outdir)
     return outdir
