@@ -145,13 +145,16 @@ def over_agents(
             out = allocate(args)
             # into_slot's output is committed to a device when any input is: the slots start
             # committed like the inputs, so that every call has one signature (one compile).
-            committed = [
-                leaf
-                for leaf in jax.tree.leaves(args)
-                if isinstance(leaf, jax.Array) and leaf.committed
-            ]
-            if committed:
-                out = jax.device_put(out, committed[0].sharding)
+            committed = next(
+                (
+                    leaf
+                    for leaf in jax.tree.leaves(args)
+                    if isinstance(leaf, jax.Array) and leaf.committed
+                ),
+                None,
+            )
+            if committed is not None:
+                out = jax.device_put(out, committed.sharding)
             for i in range(k):
                 out = into_slot(i, args, out)
             return out

@@ -157,28 +157,27 @@ def plot_weights(
     return _save(fig, path, rect=(0, 0, 0.9, 1))
 
 
-def plot_study_errors(rows: list[dict], orders: dict[str, float], path: str) -> str:
+def plot_study_errors(
+    series: dict[str, list[tuple[int, float]]], orders: dict[str, float], path: str
+) -> str:
     """A solver study's error to the reference against score evaluations, log-log, one panel
-    per method and one line per series (solver, schedule or adaptive, aggregator), each
-    labelled with its fitted order; saved as a PNG. Returns ``path``."""
-    from fedinf_jax.study import series_name
-
+    per method and one line per series (``study.series_points``: "method-solver-schedule or
+    adaptive-aggregator"), each labelled with its fitted order; saved as a PNG. Returns
+    ``path``."""
     plt = _pyplot()
-    methods = sorted({row["method"] for row in rows})
+    methods = sorted({name.split("-", 1)[0] for name in series}) or ["no finished cells"]
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
-        series = collections.defaultdict(list)
-        for row in rows:
-            error = row.get("rms_error", float("nan"))
-            if row["method"] == method and row.get("status") == "ok" and np.isfinite(error):
-                series[series_name(row)].append((row["score_evaluations"], error))
         for name, points in sorted(series.items()):
-            x, y = np.array(sorted(points)).T
+            if name.split("-", 1)[0] != method:
+                continue
+            x, y = np.array(points, dtype=float).T
             order = f" (order {orders[name]:.2f})" if name in orders else ""
             ax.plot(x, y, "o-", ms=3, lw=1, label=name.split("-", 1)[1] + order)
         ax.set(xscale="log", yscale="log", xlabel="score evaluations", title=method)
         ax.set_ylabel("RMS error to the reference")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -208,8 +208,9 @@ def build_sampler(
     """
     config, comp, agent_mesh = federation.config, federation.components, federation.agent_mesh
     spec = spec or solvers.SolverSpec.from_config(config.sampler, comp.sde)
-    section = ml_collections.ConfigDict(config.aggregator.to_dict())
-    section.name = aggregator_name or section.name
+    section = config.aggregator
+    if aggregator_name is not None:
+        section = ml_collections.ConfigDict({**section.to_dict(), "name": aggregator_name})
     aggregator = aggregators.from_config(
         section, federation.counts, federation.num_agents, comp.sde, spec.method
     )

@@ -90,13 +90,14 @@ def grid(
     Raises:
       ValueError: an unknown method, solver or schedule (the valid ones listed).
     """
+    for schedule in schedules:
+        solvers.SCHEDULES.check(schedule)
     cells = []
     for method in methods:
         for name in solvers_by_method.get(method, ()):
             adaptive = isinstance(solvers.make_solver(method, name), diffrax.AbstractAdaptiveSolver)
             for aggregator in aggregators:
                 for schedule in schedules:
-                    solvers.SCHEDULES.check(schedule)
                     cells += [Cell(method, name, aggregator, schedule, int(n)) for n in num_steps]
                 if adaptive:
                     cells += [Cell(method, name, aggregator, tol=float(t)) for t in tolerances]
@@ -215,6 +216,7 @@ def run(
     e.g. a Stratonovich solver for an aggregator whose state is an Ito integral) gets a
     ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress."""
     cells = list(cells)
+    references: dict[str, tuple[dict, np.ndarray | None, bool]] = {}
 
     def solved(cell: Cell) -> tuple[dict, np.ndarray | None, bool]:
         cached = cache.load(cell)
@@ -234,7 +236,10 @@ def run(
     rows = []
     for i, cell in enumerate(cells):
         row, images, computed = solved(cell)
-        ref_row, ref_images, _ = solved(reference(cell))
+        ref = reference(cell)
+        if ref.name not in references:  # each reference read or solved once per run
+            references[ref.name] = solved(ref)
+        ref_row, ref_images, _ = references[ref.name]
         row = dict(row, reference=ref_row["name"])
         row["rms_error"] = (
             rms_error(images, ref_images)
@@ -253,18 +258,24 @@ def series_name(row: dict) -> str:
     return f"{row['method']}-{row['solver']}-{budget}-{row['aggregator']}"
 
 
-def fitted_orders(rows: Iterable[dict]) -> dict[str, float]:
-    """Per series of finished cells with at least two budgets, the order p of a least-squares
-    fit error ~ evaluations^(-p) on log-log axes (the solver's order, counted per evaluation,
-    where its evaluations per step are fixed)."""
-    points: dict[str, list[tuple[float, float]]] = {}
+def series_points(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per series, the (score evaluations, RMS error) of its finished cells with a finite,
+    positive error, by increasing evaluations."""
+    points: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         error, evaluations = row.get("rms_error", float("nan")), row.get("score_evaluations", 0)
         if row.get("status") == "ok" and np.isfinite(error) and error > 0 and evaluations > 0:
             points.setdefault(series_name(row), []).append((evaluations, error))
+    return {name: sorted(pts) for name, pts in points.items()}
+
+
+def fitted_orders(series: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """Per series (``series_points``) with at least two budgets, the order p of a least-squares
+    fit error ~ evaluations^(-p) on log-log axes (the solver's order, counted per evaluation,
+    where its evaluations per step are fixed)."""
     orders = {}
-    for name, pts in points.items():
-        x, y = np.log(np.array(pts)).T
+    for name, pts in series.items():
+        x, y = np.log(np.array(pts, dtype=float)).T
         if len(set(x)) >= 2:
             orders[name] = float(-np.polyfit(x, y, 1)[0])
     return orders
@@ -371,6 +382,7 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
         "code_version": runtime.code_version(),
     }
     write_results(rows, outdir, record)
-    plots.plot_study_errors(rows, fitted_orders(rows), os.path.join(outdir, "errors.png"))
+    series = series_points(rows)
+    plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
     logging.info("%d cells: %s", len(rows), outdir)
     return outdir

@@ -46,9 +46,8 @@ def micro_config():
 @functools.cache
 def micro_train_step(strategy: str, agent_mesh=None):
     """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given, as the
-    trainer builds it but without donating its input; cached, so that one compilation serves
-    every test of a process (``loop``'s per-agent program is also the one
-    ``train_lib.train_and_evaluate`` runs on ``micro_config()``)."""
+    trainer builds it (``train_lib.components_train_step``) but without donating its input;
+    cached, so that one compilation serves every test of a process."""
     from fedinf_jax import train_lib
 
     config = micro_config()

@@ -57,7 +57,7 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
     cells = study.grid(("ode",), {"ode": ("euler", "heun")}, ("mean",), (8, 16))
     rows, computed = _run(cells, cache)
     assert computed == [c.name for c in cells]
-    orders = study.fitted_orders(rows)
+    orders = study.fitted_orders(study.series_points(rows))
     assert 0.6 < orders["ode-euler-uniform-mean"] < 1.4, orders  # theory: 1
     assert 1.5 < orders["ode-heun-uniform-mean"] < 2.5, orders  # theory: 2
     by_name = {row["name"]: row for row in rows}
