@@ -106,13 +106,14 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatc
     config = study_config.get_config("smoke")
     config.study.num_steps = (4,)
     config.study.solvers.ode = ("euler",)
+    config.study.reference.ode_tol = 1e-2  # the plumbing, not the error: a cheap reference
     outdir = study.run_study(config, str(workdir))
     record = json.loads((tmp_path / "run" / "study" / "default" / "results.json").read_text())
     assert outdir == str(workdir / "study" / "default")
     assert record["checkpoint_step"] == 30 and record["code_version"]
     (row,) = record["rows"]
     assert row["name"] == "ode-euler-uniform4-mean" and row["status"] == "ok"
-    assert row["reference"] == "ode-tsit5-tol1e-04-mean" and 0 < row["rms_error"] < 10
+    assert row["reference"] == "ode-tsit5-tol1e-02-mean" and 0 < row["rms_error"] < 10
     assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
     assert (workdir / "study" / "default" / "errors.png").stat().st_size > 1000
 
