@@ -141,7 +141,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler = ml_collections.ConfigDict()
     config.sampler.method = "sde"  # "sde": reverse SDE; "ode": probability-flow ODE
     # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8;
-    # sde: euler (Euler-Maruyama) heun sea shark sra1.
+    # sde: euler (Euler-Maruyama, the Ito solver) heun euler_heun milstein reversible_heun sea
+    # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive).
     config.sampler.solver = "euler"
     config.sampler.num_steps = 100  # constant steps (adaptive = False)
     config.sampler.adaptive = False  # PIDController(rtol, atol) instead of constant steps

@@ -66,7 +66,9 @@ class Samples(NamedTuple):
     ``trajectory`` (S, N, H, W, C) and ``trajectory_state`` (the aggregator's state, each leaf
     with a leading S axis): the reverse process at S diffusion times from T to t_end, when
     ``save_trajectory`` > 0 (else None); ``result``: Diffrax's ``RESULTS`` item for the solve;
-    ``failure``: from ``FederatedSampler.run``, the first non-finite evaluation in words, or None.
+    ``failure``: from ``FederatedSampler.run``, the first non-finite evaluation in words, or None;
+    ``step_t`` (max_steps,): with ``save_steps``, the diffusion time each accepted step ended at,
+    from T towards t_end, NaN after the last step (else None).
     """
 
     images: Array
@@ -77,6 +79,7 @@ class Samples(NamedTuple):
     trajectory_state: Any = None
     result: Any = None
     failure: str | None = None
+    step_t: Array | None = None
 
 
 class FederatedSampler:
@@ -154,17 +157,27 @@ class FederatedSampler:
                 diffrax.TqdmProgressMeter() if spec.progress else diffrax.NoProgressMeter()
             ),
         )
-        final = jax.tree.map(lambda leaf: leaf[-1], sol.ys)
+        ts, ys = (sol.ts[0], sol.ys[0]) if spec.save_steps else (sol.ts, sol.ys)
+        final = jax.tree.map(lambda leaf: leaf[-1], ys)
         images = final.x
         if spec.denoise:
             ev = self.score(*args, images, spec.t_end, final.aggregator)
             images = tweedie_denoise(sde, images, ev.score, spec.t_end)
         stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
-        trajectory_t = trajectory = trajectory_state = None
+        trajectory_t = trajectory = trajectory_state = step_t = None
         if spec.save_trajectory:
-            trajectory_t, trajectory, trajectory_state = sde.T - sol.ts, sol.ys.x, sol.ys.aggregator
+            trajectory_t, trajectory, trajectory_state = sde.T - ts, ys.x, ys.aggregator
+        if spec.save_steps:  # Diffrax pads the unused steps with inf
+            step_t = jnp.where(jnp.isfinite(sol.ys[1]), sde.T - sol.ys[1], jnp.nan)
         return Samples(
-            images, final.aggregator, stats, trajectory_t, trajectory, trajectory_state, sol.result
+            images,
+            final.aggregator,
+            stats,
+            trajectory_t,
+            trajectory,
+            trajectory_state,
+            sol.result,
+            step_t=step_t,
         )
 
     def run(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:

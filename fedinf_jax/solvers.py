@@ -32,16 +32,44 @@ for _name, _solver in (
     ("dopri8", diffrax.Dopri8),
 ):
     ODE_SOLVERS.register(_name, _solver)
+# The reverse SDE's noise is additive (it does not depend on x), so the Ito and Stratonovich
+# readings agree and every solver below converges to the same process; only Euler-Maruyama is an
+# Ito solver, which the aggregators whose state the noise drives require (``check_solver_for``).
+# Not registered: ItoMilstein (its Levy-area term materialises the diffusion's Jacobian over the
+# whole batched state: hundreds of GB for a batch of images) and the implicit solvers
+# (ImplicitEuler, Kvaerno3/4/5), whose Newton iterations need the drift's Jacobian over the
+# batched state: one network evaluation per state dimension.
 SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solver")
 for _name, _solver in (
     ("euler", diffrax.Euler),  # Euler-Maruyama
     ("heun", diffrax.Heun),
+    ("euler_heun", diffrax.EulerHeun),
+    ("milstein", diffrax.StratonovichMilstein),  # = Heun-like for additive noise
+    ("reversible_heun", diffrax.ReversibleHeun),
     ("sea", diffrax.SEA),  # the stochastic Runge-Kutta solvers for additive noise
     ("shark", diffrax.ShARK),
     ("sra1", diffrax.SRA1),
+    ("spark", diffrax.SPaRK),
+    ("general_shark", diffrax.GeneralShARK),
+    ("slow_rk", diffrax.SlowRK),
 ):
     SDE_SOLVERS.register(_name, _solver)
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
+
+
+def solver_nature(method: str, solver: diffrax.AbstractSolver) -> dict[str, str | bool]:
+    """What a study records of a solver: the stochastic calculus it integrates ("ito" or
+    "stratonovich"; "" for the ODE) and whether it has an error estimate (so that it can take
+    adaptive steps)."""
+    calculus = ""
+    if method == "sde":
+        calculus = "ito" if isinstance(solver, diffrax.AbstractItoSolver) else "stratonovich"
+    return {
+        "calculus": calculus,
+        "error_estimate": isinstance(solver, diffrax.AbstractAdaptiveSolver),
+    }
+
+
 # The SDE's Brownian paths: "auto", Diffrax's UnsafeBrownianPath for constant steps (cheapest;
 # its increments are drawn per step, so another step grid walks another path) and a
 # VirtualBrownianTree for adaptive ones; "tree", a VirtualBrownianTree always, so every step grid
@@ -129,6 +157,7 @@ class SolverSpec:
     brownian: str = "auto"  # the SDE's Brownian paths (``BROWNIAN``)
     denoise: bool = True
     save_trajectory: int = 0
+    save_steps: bool = False  # keep each accepted step's time (``Samples.step_t``)
     progress: bool = False
 
     @classmethod
@@ -232,7 +261,13 @@ def stepping(
 
 
 def save_at(spec: SolverSpec, sde: SDE) -> diffrax.SaveAt:
-    """The end of the solve, or ``save_trajectory`` equally spaced times from T to t_end."""
+    """The end of the solve, or ``save_trajectory`` equally spaced times from T to t_end; with
+    ``save_steps``, a second ``SubSaveAt`` that keeps the solver time of every accepted step
+    (nothing of the state: ``max_steps`` scalars)."""
     if spec.save_trajectory:
-        return diffrax.SaveAt(ts=jnp.linspace(0.0, sde.T - spec.t_end, spec.save_trajectory))
-    return diffrax.SaveAt(t1=True)
+        main = diffrax.SubSaveAt(ts=jnp.linspace(0.0, sde.T - spec.t_end, spec.save_trajectory))
+    else:
+        main = diffrax.SubSaveAt(t1=True)
+    if not spec.save_steps:
+        return diffrax.SaveAt(subs=main)
+    return diffrax.SaveAt(subs=[main, diffrax.SubSaveAt(steps=True, fn=lambda t, y, args: t)])

@@ -72,6 +72,7 @@ class Cell:
             schedule=self.schedule,
             brownian="tree",
             save_trajectory=0,
+            save_steps=self.adaptive,  # where the controller puts its steps
             progress=False,
         )
 
@@ -157,6 +158,13 @@ def _compile_seconds() -> tuple[Callable[[], float], Callable[[], None]]:
     return (lambda: spent[0]), (lambda: jax.monitoring.unregister_event_duration_listener(listen))
 
 
+def cell_fields(cell: Cell) -> dict:
+    """A row's description of its cell: the cell's fields, its name, and its solver's nature
+    (``solvers.solver_nature``: Ito or Stratonovich, error estimate or not)."""
+    nature = solvers.solver_nature(cell.method, solvers.make_solver(cell.method, cell.solver))
+    return {**dataclasses.asdict(cell), "name": cell.name, **nature}
+
+
 def measure(
     cell: Cell, sampler: FederatedSampler, params: AgentParams, keys: Key, labels: Labels
 ) -> tuple[dict, np.ndarray]:
@@ -175,8 +183,7 @@ def measure(
     diverged = ~np.isfinite(flat).all(axis=1) | (np.abs(np.nan_to_num(flat)).max(axis=1) > EXPLODED)
     evaluations = int(out.stats["score_evaluations"])
     row = {
-        **dataclasses.asdict(cell),
-        "name": cell.name,
+        **cell_fields(cell),
         "status": "ok" if out.failure is None and not diverged.any() else "diverged",
         "result": str(diffrax.RESULTS[out.result]) if out.result is not None else "",
         "failure": out.failure or "",
@@ -189,7 +196,27 @@ def measure(
         "compile_s": round(read(), 3),
         "wall_s": round(max(elapsed - read(), 0.0), 3),
     }
+    if out.step_t is not None:
+        row.update(step_sizes(np.asarray(out.step_t, np.float64), sampler.sde.T))
     return row, images
+
+
+def step_sizes(step_t: np.ndarray, T: float) -> dict:
+    """An adaptive solve's steps from its accepted steps' end times ``step_t`` (NaN-padded):
+    ``step_t`` (the times, from T towards t_end) and where the controller took its smallest step
+    (``min_step``, ``t_min_step``: its stiffness, in one number each), the first step (the
+    initial guess) and the last (cut to end at t_end) left out when there are others."""
+    ends = step_t[np.isfinite(step_t)]
+    sizes = -np.diff(np.concatenate([[T], ends]))
+    if not len(sizes):
+        return {"step_t": [], "min_step": float("nan"), "t_min_step": float("nan")}
+    inner = slice(1, -1) if len(sizes) > 2 else slice(None)
+    i = int(np.argmin(sizes[inner])) + (inner.start or 0)
+    return {
+        "step_t": [round(float(t), 7) for t in ends],
+        "min_step": float(sizes[i]),
+        "t_min_step": float(ends[i]),
+    }
 
 
 def rms_error(images: np.ndarray, reference: np.ndarray) -> float:
@@ -225,7 +252,7 @@ def run(
         try:
             sampler = sampler_for(cell)
         except ValueError as err:
-            row = {**dataclasses.asdict(cell), "name": cell.name, "status": "refused"}
+            row = {**cell_fields(cell), "status": "refused"}
             row["failure"] = str(err)
             cache.store(cell, row, None)
             return row, None, True
@@ -281,14 +308,139 @@ def fitted_orders(series: dict[str, list[tuple[int, float]]]) -> dict[str, float
     return orders
 
 
+def adaptive_steps(rows: Iterable[dict]) -> dict[str, list[float]]:
+    """Per finished adaptive cell, its accepted steps' end times (``step_sizes``)."""
+    return {
+        row["name"]: row["step_t"]
+        for row in rows
+        if row.get("status") == "ok" and row.get("step_t")
+    }
+
+
+# The error levels study.md finds the cheapest cell for (RMS over pixels in [-1, 1]).
+ERROR_LEVELS = (0.3, 0.1, 0.03, 0.01, 0.003)
+
+
+def cheapest_cells(
+    rows: Iterable[dict], levels: Sequence[float] = ERROR_LEVELS
+) -> list[tuple[str, str, float, dict | None]]:
+    """Per (method, aggregator) and error level, the finished cell with the fewest score
+    evaluations whose error to the reference is at most the level (ties: the smaller error), or
+    None where no cell reaches it."""
+    rows = list(rows)
+    out = []
+    for method, aggregator in sorted({(r["method"], r["aggregator"]) for r in rows}):
+        ok = [
+            r
+            for r in rows
+            if (r["method"], r["aggregator"]) == (method, aggregator)
+            and r.get("status") == "ok"
+            and np.isfinite(r.get("rms_error", float("nan")))
+        ]
+        for level in levels:
+            reaching = [r for r in ok if r["rms_error"] <= level]
+            best = min(
+                reaching, key=lambda r: (r["score_evaluations"], r["rms_error"]), default=None
+            )
+            out.append((method, aggregator, level, best))
+    return out
+
+
+def render_summary(rows: list[dict], record: dict) -> str:
+    """study.md: per method and aggregator, the cheapest cell (fewest score evaluations) that
+    reaches each of ``ERROR_LEVELS``; each series' fitted order and best error; where cells
+    failed (diverged or refused, with the reason); the plots."""
+    from fedinf_jax.evaluation.report import markdown_table
+
+    series = series_points(rows)
+    orders = fitted_orders(series)
+    lines = [
+        "# Solver study",
+        "",
+        f"{len(rows)} cells on the agents of `{record.get('workdir', '?')}` (checkpoint step "
+        f"{record.get('checkpoint_step', '?')}, code {record.get('code_version', '?')}); every "
+        "cell solves the same prior draws and Brownian paths and is measured against its "
+        "reference (RMS over pixels in [-1, 1]).",
+        "",
+        "![errors](errors.png)",
+        "",
+        "## The cheapest cell for each error",
+        "",
+    ]
+    table = [
+        [method, aggregator, f"{level:g}"]
+        + (
+            [f"`{best['name']}`", str(best["score_evaluations"]), f"{best['rms_error']:.3g}"]
+            if best
+            else ["none reaches it", "-", "-"]
+        )
+        for method, aggregator, level, best in cheapest_cells(rows)
+    ]
+    lines += markdown_table(
+        ["method", "aggregator", "error <=", "cheapest cell", "score evals", "its error"], table
+    )
+    lines += ["", "## Convergence per series", ""]
+    series_rows = []
+    for name, points in sorted(series.items()):
+        evaluations, error = min(points, key=lambda p: p[1])
+        order = f"{orders[name]:.2f}" if name in orders else "-"
+        series_rows.append([f"`{name}`", order, f"{error:.3g}", str(evaluations)])
+    lines += markdown_table(["series", "fitted order", "best error", "at evals"], series_rows)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    lines += ["", "## Where cells failed", ""]
+    if failed:
+        lines += markdown_table(
+            ["cell", "status", "diverged share", "reason"],
+            [
+                [
+                    f"`{r['name']}`",
+                    r["status"],
+                    f"{r.get('diverged_share', float('nan')):.2f}",
+                    (r.get("failure") or r.get("result") or "").replace("|", "/"),
+                ]
+                for r in failed
+            ],
+        )
+    else:
+        lines.append("Every cell finished with finite samples.")
+    lines += [
+        "",
+        "## Where the adaptive controllers stepped",
+        "",
+        "![steps](steps.png)",
+        "",
+        "Smallest accepted step per adaptive cell (where the reverse process is stiffest):",
+        "",
+    ]
+    adaptive = [r for r in rows if r.get("status") == "ok" and r.get("step_t")]
+    if not adaptive:
+        return "\n".join([*lines, "No finished adaptive cells."]) + "\n"
+    lines += markdown_table(
+        ["cell", "accepted / rejected steps", "smallest step", "at t"],
+        [
+            [
+                f"`{r['name']}`",
+                f"{r['accepted_steps']} / {r['rejected_steps']}",
+                f"{r['min_step']:.3g}",
+                f"{r['t_min_step']:.3g}",
+            ]
+            for r in adaptive
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
 def write_results(rows: list[dict], outdir: str | os.PathLike, record: dict) -> None:
     """``results.json`` (``record``: the study's config and code version, and the rows) and
-    ``results.csv`` (one row per cell) under ``outdir``."""
+    ``results.csv`` (one row per cell, its scalar fields: an adaptive cell's ``step_t`` list is
+    in the JSON) under ``outdir``."""
     os.makedirs(outdir, exist_ok=True)
     files.write_json(os.path.join(outdir, "results.json"), {**record, "rows": rows})
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(
+        dict.fromkeys(key for row in rows for key, v in row.items() if not isinstance(v, list))
+    )
     table = io.StringIO()
-    writer = csv.DictWriter(table, columns, lineterminator="\n")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     files.write_text(os.path.join(outdir, "results.csv"), table.getvalue())
@@ -384,5 +536,7 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     write_results(rows, outdir, record)
     series = series_points(rows)
     plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
+    plots.plot_study_steps(adaptive_steps(rows), sde.T, os.path.join(outdir, "steps.png"))
+    files.write_text(os.path.join(outdir, "study.md"), render_summary(rows, record))
     logging.info("%d cells: %s", len(rows), outdir)
     return outdir

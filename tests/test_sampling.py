@@ -90,6 +90,21 @@ def _assert_closed_form(x, sde, w, t_end, denoise):
     np.testing.assert_allclose(x.std(axis=0), want_std, atol=0.025)
 
 
+_CLOSED_FORM_SDE_SOLVERS = {c[2] for c in CLOSED_FORM_CASES if c[1] == "sde"}
+
+
+@pytest.mark.parametrize(
+    "solver", [n for n in solvers.SDE_SOLVERS.names() if n not in _CLOSED_FORM_SDE_SOLVERS]
+)
+def test_every_sde_solver_reaches_the_closed_form(solver):
+    """Each registered SDE solver the cases above leave out, on 200 constant steps of the
+    reverse VP SDE with the uniform mean: the closed form (the noise is additive, so Ito and
+    Stratonovich solvers converge to the same process)."""
+    sde = VPSDE()
+    sampler = make_sampler(sde, aggregators.mean(), "sde", solver, 200)
+    _assert_closed_form(np.asarray(draw(sampler, 4000).images), sde, np.full(3, 1 / 3), 1e-3, True)
+
+
 @pytest.mark.parametrize("schedule", ["karras", "log_snr"])
 def test_second_order_ode_on_a_sigma_schedule_matches_closed_form(schedule):
     """Heun on the probability-flow ODE with 18 steps (36 evaluations) placed by a sigma
@@ -304,7 +319,8 @@ def test_bad_settings_are_clear_errors():
         with pytest.raises(ValueError, match=r"t_end must lie in \(0, T = 1.0\)"):
             make_sampler(sde, aggregators.mean(), t_end=t_end)
     with pytest.raises(
-        ValueError, match=r"Euler has no error estimate.*adaptive sde solver: \['heun'\]"
+        ValueError,
+        match=r"Euler has no error estimate.*adaptive sde solver: \['heun', 'reversible_heun'",
     ):
         make_sampler(sde, aggregators.mean(), "sde", "euler", adaptive=True)
     with pytest.raises(ValueError, match="save_trajectory must be 0"):

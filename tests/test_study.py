@@ -64,6 +64,16 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
     assert by_name["ode-heun-uniform8-mean"]["score_evaluations"] == 2 * 8  # no denoising step
     assert by_name["ode-euler-uniform8-mean"]["network_evaluations"] == 3 * 8  # K = 3
     assert all(row["status"] == "ok" and row["diverged_share"] == 0 for row in rows)
+    assert {(row["solver"], row["calculus"], row["error_estimate"]) for row in rows} == {
+        ("euler", "", False),
+        ("heun", "", True),
+    }
+
+    reference, _ = cache.load(REFERENCE)  # adaptive: where its controller stepped
+    step_t = np.array(reference["step_t"])
+    assert len(step_t) == reference["accepted_steps"] and np.all(np.diff(step_t) < 0)
+    assert step_t[-1] == pytest.approx(BASE.t_end) and 0 < reference["min_step"] < 1
+    assert "step_t" not in rows[0]  # constant steps: the grid is the schedule's
 
     again, computed = _run([*cells, study.Cell("ode", "euler", "mean", num_steps=32)], cache)
     assert computed == ["ode-euler-uniform32-mean"]
@@ -76,6 +86,42 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["name"] for r in table] == [r["name"] for r in again]
     assert float(table[0]["rms_error"]) == pytest.approx(again[0]["rms_error"])
+
+
+def test_cheapest_cells_take_the_fewest_evaluations_that_reach_each_error():
+    def row(name, evaluations, error, status="ok", aggregator="mean"):
+        return {
+            "name": name,
+            "method": "ode",
+            "aggregator": aggregator,
+            "status": status,
+            "score_evaluations": evaluations,
+            "rms_error": error,
+        }
+
+    rows = [
+        row("a", 10, 0.2),
+        row("b", 20, 0.05),
+        row("c", 40, 0.06),
+        row("d", 5, 0.001, status="diverged"),
+        row("e", 80, 0.004),
+        row("f", 10, 0.15),  # ties a's evaluations with a smaller error
+        row("g", 1, 0.01, aggregator="label_prior"),
+    ]
+    chosen = {
+        (agg, level): best and best["name"]
+        for _, agg, level, best in study.cheapest_cells(rows, (0.3, 0.1, 0.01, 0.003))
+    }
+    assert chosen == {
+        ("label_prior", 0.3): "g",
+        ("label_prior", 0.1): "g",
+        ("label_prior", 0.01): "g",
+        ("label_prior", 0.003): None,
+        ("mean", 0.3): "f",
+        ("mean", 0.1): "b",
+        ("mean", 0.01): "e",
+        ("mean", 0.003): None,
+    }
 
 
 def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
@@ -96,6 +142,7 @@ def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
     )
     assert rows[0]["status"] == "refused" and "driven by the SDE's noise" in rows[0]["failure"]
     assert np.isnan(rows[0]["rms_error"])
+    assert rows[0]["calculus"] == "stratonovich" and rows[0]["error_estimate"]  # Diffrax's Heun
 
 
 def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatch):
@@ -115,7 +162,11 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatc
     assert row["name"] == "ode-euler-uniform4-mean" and row["status"] == "ok"
     assert row["reference"] == "ode-tsit5-tol1e-02-mean" and 0 < row["rms_error"] < 10
     assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
-    assert (workdir / "study" / "default" / "errors.png").stat().st_size > 1000
+    for plot in ("errors.png", "steps.png"):
+        assert (workdir / "study" / "default" / plot).stat().st_size > 1000
+    summary = (workdir / "study" / "default" / "study.md").read_text()
+    assert "| `ode-euler-uniform-mean` | - |" in summary  # one budget: no fitted order
+    assert "Every cell finished" in summary and "No finished adaptive cells." in summary
 
     def no_solving(*args, **kwargs):
         raise AssertionError("a cached cell was solved again")

@@ -140,6 +140,12 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
     return lines
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, the rule, a line per row."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
