@@ -60,13 +60,20 @@ def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == c)[:n] for c in np.unique(labels)])
 
 
-def plot_sample_grid(images: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> str:
+def plot_sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    path: str,
+    title: str = "",
+    row_names: dict[int, str] | None = None,
+) -> str:
     """One row per class, its samples side by side (the paper's Figure 2 layout).
 
     Args:
       images: uint8 (N, H, W).
       labels: (N,) class of each image; rows are the classes in increasing order, each holding
         that class's images in their order.
+      row_names: a row's label by class (default: the class).
 
     Returns:
       ``path``.
@@ -81,9 +88,11 @@ def plot_sample_grid(images: np.ndarray, labels: np.ndarray, path: str, title: s
             grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, j * (w + 2) + 1 : j * (w + 2) + 1 + w] = (
                 image
             )
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * cols, 0.3 + 0.45 * len(classes)))
+    names = [(row_names or {}).get(int(c), str(c)) for c in classes]
+    margin = 0.07 * max(len(n) for n in names) if row_names else 0.0
+    fig, ax = plt.subplots(figsize=(1.0 + margin + 0.45 * cols, 0.3 + 0.45 * len(classes)))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_yticks([r * (h + 2) + 1 + h / 2 for r in range(len(classes))], [str(c) for c in classes])
+    ax.set_yticks([r * (h + 2) + 1 + h / 2 for r in range(len(classes))], names)
     ax.set_xticks([])
     ax.tick_params(length=0)
     for side in ax.spines.values():

@@ -54,9 +54,17 @@ class Cell:
         return self.tol > 0
 
     @property
+    def budget(self) -> str:
+        return f"tol{self.tol:.0e}" if self.adaptive else f"{self.schedule}{self.num_steps}"
+
+    @property
     def name(self) -> str:
-        budget = f"tol{self.tol:.0e}" if self.adaptive else f"{self.schedule}{self.num_steps}"
-        return f"{self.method}-{self.solver}-{budget}-{self.aggregator}"
+        return f"{self.method}-{self.solver}-{self.budget}-{self.aggregator}"
+
+    @classmethod
+    def of_row(cls, row: dict) -> Cell:
+        """The cell a result row describes."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
 
     def spec(self, base: solvers.SolverSpec) -> solvers.SolverSpec:
         """``base`` (t_end, denoising, max_steps, ...) with this cell's way to integrate, on the
@@ -120,22 +128,26 @@ class CellCache:
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
 
-    def _folder(self, cell: Cell) -> str:
-        return os.path.join(self.directory, cell.name)
+    def _folder(self, name: str) -> str:
+        return os.path.join(self.directory, name)
 
     def load(self, cell: Cell) -> tuple[dict, np.ndarray | None] | None:
         """(row, images) of a finished cell, or None."""
-        folder = self._folder(cell)
-        if not os.path.isfile(os.path.join(folder, "row.json")):
+        row_path = os.path.join(self._folder(cell.name), "row.json")
+        if not os.path.isfile(row_path):
             return None
-        with open(os.path.join(folder, "row.json")) as f:
+        with open(row_path) as f:
             row = json.load(f)
-        images_path = os.path.join(folder, "images.npy")
-        return row, (np.load(images_path) if os.path.isfile(images_path) else None)
+        return row, self.load_images(cell.name)
+
+    def load_images(self, name: str) -> np.ndarray | None:
+        """The images of the cell called ``name`` (None: unfinished, or refused)."""
+        path = os.path.join(self._folder(name), "images.npy")
+        return np.load(path) if os.path.isfile(path) else None
 
     def store(self, cell: Cell, row: dict, images: np.ndarray | None) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        with files.atomic_path(self._folder(cell), folder=True) as tmp:
+        with files.atomic_path(self._folder(cell.name), folder=True) as tmp:
             if images is not None:
                 np.save(os.path.join(tmp, "images.npy"), images)
             with open(os.path.join(tmp, "row.json"), "w") as f:
@@ -319,6 +331,29 @@ def adaptive_steps(rows: Iterable[dict]) -> dict[str, list[float]]:
 
 # The error levels study.md finds the cheapest cell for (RMS over pixels in [-1, 1]).
 ERROR_LEVELS = (0.3, 0.1, 0.03, 0.01, 0.003)
+
+
+def budgets(rows: Iterable[dict]) -> dict[str, list[Cell]]:
+    """The finished cells of each budget and aggregator, to compare solvers at equal steps (or
+    tolerance): {"<schedule><steps> or tol<tol>-<aggregator>": cells, in row order}."""
+    out: dict[str, list[Cell]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            cell = Cell.of_row(row)
+            out.setdefault(f"{cell.budget}-{cell.aggregator}", []).append(cell)
+    return out
+
+
+def plot_solver_samples(
+    images: dict[str, np.ndarray], labels: np.ndarray, path: str, title: str
+) -> str:
+    """A row per solver ({"method-solver": images}), the first sample of each digit."""
+    from fedinf_jax.sampling import to_uint8
+
+    first = np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels)])
+    pixels = np.concatenate([to_uint8(x[first]) for x in images.values()])
+    rows = np.repeat(np.arange(len(images)), len(first))
+    return plots.plot_sample_grid(pixels, rows, path, title, dict(enumerate(images)))
 
 
 def cheapest_cells(
@@ -517,13 +552,14 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
             eta,
         )
 
+    cache = CellCache(os.path.join(outdir, "cells"))
     rows = run(
         cells,
         lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),
         federation.params,
         keys,
         labels,
-        CellCache(os.path.join(outdir, "cells")),
+        cache,
         reference,
         report,
     )
@@ -537,6 +573,10 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     series = series_points(rows)
     plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
     plots.plot_study_steps(adaptive_steps(rows), sde.T, os.path.join(outdir, "steps.png"))
+    for budget, cells_at in budgets(rows).items():
+        images = {f"{c.method}-{c.solver}": cache.load_images(c.name) for c in cells_at}
+        path = os.path.join(outdir, f"samples_{budget}.png")
+        plot_solver_samples(images, labels, path, f"solvers at {budget}")
     files.write_text(os.path.join(outdir, "study.md"), render_summary(rows, record))
     logging.info("%d cells: %s", len(rows), outdir)
     return outdir

@@ -162,7 +162,7 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatc
     assert row["name"] == "ode-euler-uniform4-mean" and row["status"] == "ok"
     assert row["reference"] == "ode-tsit5-tol1e-02-mean" and 0 < row["rms_error"] < 10
     assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
-    for plot in ("errors.png", "steps.png"):
+    for plot in ("errors.png", "steps.png", "samples_uniform4-mean.png"):
         assert (workdir / "study" / "default" / plot).stat().st_size > 1000
     summary = (workdir / "study" / "default" / "study.md").read_text()
     assert "| `ode-euler-uniform-mean` | - |" in summary  # one budget: no fitted order
