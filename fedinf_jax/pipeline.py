@@ -200,7 +200,7 @@ def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
     """The classifier checkpointed in ``classifier_dir``; an error when there is none."""
     clf = classifier.load_classifier(classifier_dir)
     if clf is None:
-        raise FileNotFoundError(
+        raise errors.MissingInputError(
             f"no classifier checkpoint in {classifier_dir!r}: give the classifier/ folder of a "
             "reproduce.py run (it trains one)"
         )

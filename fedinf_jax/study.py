@@ -333,6 +333,28 @@ def adaptive_steps(rows: Iterable[dict]) -> dict[str, list[float]]:
 ERROR_LEVELS = (0.3, 0.1, 0.03, 0.01, 0.003)
 
 
+def sample_quality(row: dict, cache: CellCache, labels: np.ndarray, clf, real_features) -> dict:
+    """A finished cell's samples through a reproduction's classifier (``pipeline``'s metrics):
+    accuracy, noise rate and FID against the MNIST test set's features, and
+    ``feature_rms_error``, the RMS distance to its reference's samples in the classifier's
+    feature space (per sample, the same draws). Empty for a cell without images."""
+    from fedinf_jax import pipeline
+    from fedinf_jax.sampling import to_uint8
+
+    images = cache.load_images(row["name"])
+    reference = cache.load_images(row["reference"])
+    if images is None or not np.isfinite(images).all():
+        return {}
+    pixels = to_uint8(images)
+    quality = pipeline.evaluate_sample_set(clf, real_features, pixels, labels)
+    out = {k: quality[k] for k in ("accuracy", "noise_rate", "fid")}
+    if reference is not None and np.isfinite(reference).all():
+        features = clf.features_and_probs(pixels)[0]
+        ref_features = clf.features_and_probs(to_uint8(reference))[0]
+        out["feature_rms_error"] = float(np.sqrt(np.mean((features - ref_features) ** 2)))
+    return out
+
+
 def budgets(rows: Iterable[dict]) -> dict[str, list[Cell]]:
     """The finished cells of each budget and aggregator, to compare solvers at equal steps (or
     tolerance): {"<schedule><steps> or tol<tol>-<aggregator>": cells, in row order}."""
@@ -421,6 +443,23 @@ def render_summary(rows: list[dict], record: dict) -> str:
         order = f"{orders[name]:.2f}" if name in orders else "-"
         series_rows.append([f"`{name}`", order, f"{error:.3g}", str(evaluations)])
     lines += markdown_table(["series", "fitted order", "best error", "at evals"], series_rows)
+    scored = [r for r in rows if "accuracy" in r]
+    if scored:
+        lines += ["", "## Sample quality (the reproduction's classifier)", ""]
+        lines += markdown_table(
+            ["cell", "score evals", "accuracy", "noise rate", "FID", "feature error"],
+            [
+                [
+                    f"`{r['name']}`",
+                    str(r["score_evaluations"]),
+                    f"{r['accuracy']:.3f}",
+                    f"{r['noise_rate']:.3f}",
+                    f"{r['fid']:.2f}",
+                    f"{r.get('feature_rms_error', float('nan')):.3g}",
+                ]
+                for r in scored
+            ],
+        )
     failed = [r for r in rows if r.get("status") != "ok"]
     lines += ["", "## Where cells failed", ""]
     if failed:
@@ -510,11 +549,12 @@ def cells_of(study_config) -> list[Cell]:
 def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     """The config's study on the agents of the train.py run ``workdir``: every cell measured
     against its reference, written to ``workdir/study/<study.name>/`` (results.json and .csv,
-    ``cells/`` the cache). Returns that folder.
+    the plots, study.md, ``cells/`` the cache); with ``study.classifier``, each row also gets its
+    samples' quality (``sample_quality``). Returns that folder.
 
     Raises:
       ConfigError: an invalid study or sampler setting (before any checkpoint is read).
-      MissingInputError: ``workdir`` holds no checkpoint.
+      MissingInputError: ``workdir`` holds no checkpoint, or ``study.classifier`` no classifier.
     """
     from absl import logging
 
@@ -523,7 +563,18 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     s = config.study
     with errors.as_config_error():
         cells = cells_of(s)
+    clf = None
+    if s.get("classifier"):
+        from fedinf_jax import pipeline
+
+        clf = pipeline.require_classifier(s.classifier)
     federation = sample_lib.load_federation(config, workdir, overrides)
+    evaluator = None
+    if clf is not None:  # FID's reference: the MNIST test set in the classifier's features
+        from fedinf_jax import data
+
+        mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
+        evaluator = (clf, clf.features_and_probs(mnist.test_images)[0])
     sde = federation.components.sde
     with errors.as_config_error():
         base = solvers.SolverSpec.from_config(federation.config.sampler, sde)
@@ -563,6 +614,8 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
         reference,
         report,
     )
+    if evaluator is not None:
+        rows = [dict(row, **sample_quality(row, cache, labels, *evaluator)) for row in rows]
     record = {
         "config": json.loads(config.to_json_best_effort()),
         "workdir": os.path.abspath(workdir),

@@ -145,15 +145,17 @@ def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
     assert rows[0]["calculus"] == "stratonovich" and rows[0]["error_estimate"]  # Diffrax's Heun
 
 
-def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatch):
-    """``study.run_study`` on the session's smoke training run (copied): its files read back,
-    a rerun computes nothing; a bad grid is named before any checkpoint is read."""
+def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path, monkeypatch):
+    """``study.run_study`` on the session's smoke training run (copied), its samples scored by
+    the smoke pipeline's classifier: its files read back, a rerun computes nothing; a bad grid is
+    named before any checkpoint is read."""
     workdir = tmp_path / "run"
     shutil.copytree(smoke_run, workdir)
     config = study_config.get_config("smoke")
     config.study.num_steps = (4,)
     config.study.solvers.ode = ("euler",)
     config.study.reference.ode_tol = 1e-2  # the plumbing, not the error: a cheap reference
+    config.study.classifier = str(reproduced[0] / "classifier")
     outdir = study.run_study(config, str(workdir))
     record = json.loads((tmp_path / "run" / "study" / "default" / "results.json").read_text())
     assert outdir == str(workdir / "study" / "default")
@@ -162,11 +164,14 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatc
     assert row["name"] == "ode-euler-uniform4-mean" and row["status"] == "ok"
     assert row["reference"] == "ode-tsit5-tol1e-02-mean" and 0 < row["rms_error"] < 10
     assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["noise_rate"] <= 1 and row["fid"] > 0
+    assert row["feature_rms_error"] > 0  # 4 Euler steps are not the reference
     for plot in ("errors.png", "steps.png", "samples_uniform4-mean.png"):
         assert (workdir / "study" / "default" / plot).stat().st_size > 1000
     summary = (workdir / "study" / "default" / "study.md").read_text()
     assert "| `ode-euler-uniform-mean` | - |" in summary  # one budget: no fitted order
     assert "Every cell finished" in summary and "No finished adaptive cells." in summary
+    assert "## Sample quality" in summary
 
     def no_solving(*args, **kwargs):
         raise AssertionError("a cached cell was solved again")
@@ -176,3 +181,7 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, tmp_path, monkeypatc
     config.study.solvers.ode = ("rk4",)
     with pytest.raises(errors.ConfigError, match="unknown ode solver 'rk4'"):
         study.run_study(config, str(tmp_path / "nothing"))
+    config.study.solvers.ode = ("euler",)
+    config.study.classifier = str(tmp_path / "no_classifier")
+    with pytest.raises(errors.MissingInputError, match="no classifier checkpoint"):
+        study.run_study(config, str(workdir))
