@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from fedinf_jax import files, plots, solvers
+from fedinf_jax.aggregators import DensityState
 from fedinf_jax.registry import check_choice
 from fedinf_jax.sampling import FederatedSampler, sample_keys
 from fedinf_jax.types import AgentParams, Key, Labels
@@ -122,8 +123,9 @@ def reference_cell(method: str, aggregator: str, ode_solver="dopri8", ode_tol=1e
 
 
 class CellCache:
-    """Finished cells under ``directory``: ``<cell.name>/row.json`` and ``images.npy``, each
-    cell written whole or not at all."""
+    """Finished cells under ``directory``: ``<cell.name>/row.json`` and its arrays
+    (``images.npy``; for the density-weighted members ``log_q.npy``), each cell written whole or
+    not at all."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
@@ -138,18 +140,19 @@ class CellCache:
             return None
         with open(row_path) as f:
             row = json.load(f)
-        return row, self.load_images(cell.name)
+        return row, self.load_array(cell.name)
 
-    def load_images(self, name: str) -> np.ndarray | None:
-        """The images of the cell called ``name`` (None: unfinished, or refused)."""
-        path = os.path.join(self._folder(name), "images.npy")
+    def load_array(self, name: str, array: str = "images") -> np.ndarray | None:
+        """An array (default: the images) of the cell called ``name`` (None: unfinished,
+        refused, or an array the cell has not)."""
+        path = os.path.join(self._folder(name), f"{array}.npy")
         return np.load(path) if os.path.isfile(path) else None
 
-    def store(self, cell: Cell, row: dict, images: np.ndarray | None) -> None:
+    def store(self, cell: Cell, row: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
         os.makedirs(self.directory, exist_ok=True)
         with files.atomic_path(self._folder(cell.name), folder=True) as tmp:
-            if images is not None:
-                np.save(os.path.join(tmp, "images.npy"), images)
+            for key, value in (arrays or {}).items():
+                np.save(os.path.join(tmp, f"{key}.npy"), value)
             with open(os.path.join(tmp, "row.json"), "w") as f:
                 json.dump(row, f, indent=1)
 
@@ -180,9 +183,10 @@ def cell_fields(cell: Cell) -> dict:
 def measure(
     cell: Cell, sampler: FederatedSampler, params: AgentParams, keys: Key, labels: Labels
 ) -> tuple[dict, np.ndarray]:
-    """One solve of ``cell``: (its row of measurements, its final images). Failures are measured,
-    not raised: the row says which share of samples diverged and where the first non-finite
-    evaluation was."""
+    """One solve of ``cell``: (its row of measurements, its arrays: the final ``images`` and,
+    for a density-weighted aggregator, each agent's tracked ``log_q`` at t_end, (agents, N)).
+    Failures are measured, not raised: the row says which share of samples diverged and where
+    the first non-finite evaluation was."""
     read, stop = _compile_seconds()
     start = time.perf_counter()
     try:
@@ -210,7 +214,10 @@ def measure(
     }
     if out.step_t is not None:
         row.update(step_sizes(np.asarray(out.step_t, np.float64), sampler.sde.T))
-    return row, images
+    arrays = {"images": images}
+    if isinstance(out.aggregator_state, DensityState):  # each agent's tracked log-density
+        arrays["log_q"] = np.asarray(out.aggregator_state.log_q, np.float32)
+    return row, arrays
 
 
 def step_sizes(step_t: np.ndarray, T: float) -> dict:
@@ -266,11 +273,11 @@ def run(
         except ValueError as err:
             row = {**cell_fields(cell), "status": "refused"}
             row["failure"] = str(err)
-            cache.store(cell, row, None)
+            cache.store(cell, row)
             return row, None, True
-        row, images = measure(cell, sampler, params, keys, labels)
-        cache.store(cell, row, images)
-        return row, images, True
+        row, arrays = measure(cell, sampler, params, keys, labels)
+        cache.store(cell, row, arrays)
+        return row, arrays["images"], True
 
     rows = []
     for i, cell in enumerate(cells):
@@ -285,6 +292,10 @@ def run(
             if images is not None and ref_images is not None
             else float("nan")
         )
+        log_q = cache.load_array(cell.name, "log_q")
+        ref_log_q = cache.load_array(ref.name, "log_q")
+        if log_q is not None and ref_log_q is not None:
+            row["log_density_drift"] = rms_error(log_q.T, ref_log_q.T)  # per sample
         rows.append(row)
         if report is not None:
             report(i + 1, len(cells), cell, computed)
@@ -341,8 +352,8 @@ def sample_quality(row: dict, cache: CellCache, labels: np.ndarray, clf, real_fe
     from fedinf_jax import pipeline
     from fedinf_jax.sampling import to_uint8
 
-    images = cache.load_images(row["name"])
-    reference = cache.load_images(row["reference"])
+    images = cache.load_array(row["name"])
+    reference = cache.load_array(row["reference"])
     if images is None or not np.isfinite(images).all():
         return {}
     pixels = to_uint8(images)
@@ -627,7 +638,7 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
     plots.plot_study_steps(adaptive_steps(rows), sde.T, os.path.join(outdir, "steps.png"))
     for budget, cells_at in budgets(rows).items():
-        images = {f"{c.method}-{c.solver}": cache.load_images(c.name) for c in cells_at}
+        images = {f"{c.method}-{c.solver}": cache.load_array(c.name) for c in cells_at}
         path = os.path.join(outdir, f"samples_{budget}.png")
         plot_solver_samples(images, labels, path, f"solvers at {budget}")
     files.write_text(os.path.join(outdir, "study.md"), render_summary(rows, record))

@@ -1,6 +1,7 @@
 """Solver studies: the grid, the measurements against the reference, the cache."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -74,6 +75,7 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
     assert len(step_t) == reference["accepted_steps"] and np.all(np.diff(step_t) < 0)
     assert step_t[-1] == pytest.approx(BASE.t_end) and 0 < reference["min_step"] < 1
     assert "step_t" not in rows[0]  # constant steps: the grid is the schedule's
+    assert not any("log_density_drift" in row for row in rows)  # the mean tracks no density
 
     again, computed = _run([*cells, study.Cell("ode", "euler", "mean", num_steps=32)], cache)
     assert computed == ["ode-euler-uniform32-mean"]
@@ -86,6 +88,32 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["name"] for r in table] == [r["name"] for r in again]
     assert float(table[0]["rms_error"]) == pytest.approx(again[0]["rms_error"])
+
+
+def test_tracked_log_densities_converge_to_the_reference_path(tmp_path):
+    """``superdiff_or`` on the reverse SDE (its log-densities an Ito integral of the same
+    Brownian paths): each agent's tracked log q at t_end drifts from the fine reference's by
+    less as the steps shrink."""
+    sde_base = dataclasses.replace(BASE, method="sde", solver=solvers.make_solver("sde", "euler"))
+
+    def sampler_for(cell):
+        agg = aggregators.superdiff_or(SDE, "sde", prior="uniform")
+        return sampling.FederatedSampler(gaussian_agents(SDE), SDE, agg, cell.spec(sde_base), (2,))
+
+    cells = [study.Cell("sde", "euler", "superdiff_or", num_steps=n) for n in (8, 32)]
+    reference = study.Cell("sde", "euler", "superdiff_or", num_steps=256)
+    rows = study.run(
+        cells,
+        sampler_for,
+        {"mu": MUS},
+        sampling.sample_keys(0, 64),
+        np.zeros(64, np.int32),
+        study.CellCache(tmp_path),
+        reference=lambda c: reference,
+    )
+    coarse, fine = (row["log_density_drift"] for row in rows)
+    assert 0 < fine < 0.5 * coarse, (coarse, fine)
+    assert study.CellCache(tmp_path).load_array(reference.name, "log_q").shape == (3, 64)
 
 
 def test_cheapest_cells_take_the_fewest_evaluations_that_reach_each_error():
