@@ -133,8 +133,14 @@ def evaluate_sample_set(
     labels: np.ndarray,
 ) -> dict:
     """Every metric of one sample set (uint8 images) against the real test features."""
-    feats, probs = clf.features_and_probs(images)
-    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(images)))
+    return sample_set_metrics(*clf.features_and_probs(images), labels, real_features)
+
+
+def sample_set_metrics(
+    feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, real_features: np.ndarray
+) -> dict:
+    """``evaluate_sample_set``'s metrics from a set's classifier features and softmax."""
+    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
     accuracy, per_class = metrics.label_accuracy(probs, labels)
     rng = np.random.default_rng(0)
     real = real_features[
@@ -142,7 +148,7 @@ def evaluate_sample_set(
     ]
     precision, recall = metrics.precision_recall(real, feats, k=3)
     return {
-        "num_samples": len(images),
+        "num_samples": len(probs),
         "inception_score": is_mean,
         "inception_score_std": is_std,
         "fid": metrics.fid(feats, real_features),

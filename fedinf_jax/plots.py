@@ -190,21 +190,19 @@ def plot_study_errors(
     return _save(fig, path)
 
 
-def plot_study_steps(step_t: dict[str, list[float]], T: float, path: str) -> str:
+def plot_study_steps(steps: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> str:
     """A solver study's stiffness map: the step size each adaptive cell's controller took
-    against the diffusion time it ended at (``study.adaptive_steps``), log-log, one line per
-    cell; saved as a PNG. Returns ``path``."""
+    against the diffusion time it ended at (``study.adaptive_steps``: {cell: (end times,
+    lengths)}), log-log, one line per cell; saved as a PNG. Returns ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, ends in sorted(step_t.items()):
-        ends = np.asarray(ends, dtype=float)
-        sizes = -np.diff(np.concatenate([[T], ends]))
+    for name, (ends, sizes) in sorted(steps.items()):
         ax.plot(ends, sizes, ".-", ms=2, lw=0.8, label=name)
     ax.set(xscale="log", yscale="log", xlabel="diffusion time t (the solve runs from T to t_end)")
     ax.set_ylabel("accepted step size")
-    ax.set_title("adaptive steps" if step_t else "no finished adaptive cells")
+    ax.set_title("adaptive steps" if steps else "no finished adaptive cells")
     ax.invert_xaxis()
-    if step_t:
+    if steps:
         ax.legend(fontsize=6)
     return _save(fig, path)
 

@@ -202,7 +202,7 @@ class SolverSpec:
                 adaptive = sorted(
                     name
                     for name, make in SOLVERS[self.method].items()
-                    if isinstance(make(), diffrax.AbstractAdaptiveSolver)
+                    if solver_nature(self.method, make())["error_estimate"]
                 )
                 raise ValueError(
                     f"solver {type(self.solver).__name__} has no error estimate, so it cannot take "
@@ -235,7 +235,7 @@ def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
     if noise_drives_state(aggregator, spec.method) and not isinstance(
         spec.solver, diffrax.AbstractItoSolver
     ):
-        ito = [n for n, m in SDE_SOLVERS.items() if issubclass(m, diffrax.AbstractItoSolver)]
+        ito = [n for n, m in SDE_SOLVERS.items() if solver_nature("sde", m())["calculus"] == "ito"]
         raise ValueError(
             "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
             f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -31,7 +32,7 @@ import numpy as np
 from fedinf_jax import files, plots, solvers
 from fedinf_jax.aggregators import DensityState
 from fedinf_jax.registry import check_choice
-from fedinf_jax.sampling import FederatedSampler, sample_keys
+from fedinf_jax.sampling import FederatedSampler, sample_keys, to_uint8
 from fedinf_jax.types import AgentParams, Key, Labels
 
 # A sample whose largest pixel exceeds this many times the data's bound (1) has diverged.
@@ -105,7 +106,9 @@ def grid(
     cells = []
     for method in methods:
         for name in solvers_by_method.get(method, ()):
-            adaptive = isinstance(solvers.make_solver(method, name), diffrax.AbstractAdaptiveSolver)
+            adaptive = solvers.solver_nature(method, solvers.make_solver(method, name))[
+                "error_estimate"
+            ]
             for aggregator in aggregators:
                 for schedule in schedules:
                     cells += [Cell(method, name, aggregator, schedule, int(n)) for n in num_steps]
@@ -133,14 +136,19 @@ class CellCache:
     def _folder(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def load(self, cell: Cell) -> tuple[dict, np.ndarray | None] | None:
-        """(row, images) of a finished cell, or None."""
-        row_path = os.path.join(self._folder(cell.name), "row.json")
-        if not os.path.isfile(row_path):
+    def load(self, cell: Cell) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(row, arrays by name) of a finished cell, or None; a refused cell has no arrays."""
+        folder = self._folder(cell.name)
+        if not os.path.isfile(os.path.join(folder, "row.json")):
             return None
-        with open(row_path) as f:
+        with open(os.path.join(folder, "row.json")) as f:
             row = json.load(f)
-        return row, self.load_array(cell.name)
+        arrays = {
+            name[: -len(".npy")]: np.load(os.path.join(folder, name))
+            for name in sorted(os.listdir(folder))
+            if name.endswith(".npy")
+        }
+        return row, arrays
 
     def load_array(self, name: str, array: str = "images") -> np.ndarray | None:
         """An array (default: the images) of the cell called ``name`` (None: unfinished,
@@ -182,7 +190,7 @@ def cell_fields(cell: Cell) -> dict:
 
 def measure(
     cell: Cell, sampler: FederatedSampler, params: AgentParams, keys: Key, labels: Labels
-) -> tuple[dict, np.ndarray]:
+) -> tuple[dict, dict[str, np.ndarray]]:
     """One solve of ``cell``: (its row of measurements, its arrays: the final ``images`` and,
     for a density-weighted aggregator, each agent's tracked ``log_q`` at t_end, (agents, N)).
     Failures are measured, not raised: the row says which share of samples diverged and where
@@ -226,7 +234,7 @@ def step_sizes(step_t: np.ndarray, T: float) -> dict:
     (``min_step``, ``t_min_step``: its stiffness, in one number each), the first step (the
     initial guess) and the last (cut to end at t_end) left out when there are others."""
     ends = step_t[np.isfinite(step_t)]
-    sizes = -np.diff(np.concatenate([[T], ends]))
+    sizes = step_lengths(ends, T)
     if not len(sizes):
         return {"step_t": [], "min_step": float("nan"), "t_min_step": float("nan")}
     inner = slice(1, -1) if len(sizes) > 2 else slice(None)
@@ -236,6 +244,11 @@ def step_sizes(step_t: np.ndarray, T: float) -> dict:
         "min_step": float(sizes[i]),
         "t_min_step": float(ends[i]),
     }
+
+
+def step_lengths(ends: np.ndarray, T: float) -> np.ndarray:
+    """The length of each step of a solve from T whose steps ended at ``ends``."""
+    return -np.diff(np.concatenate([[T], np.asarray(ends, dtype=float)]))
 
 
 def rms_error(images: np.ndarray, reference: np.ndarray) -> float:
@@ -262,9 +275,9 @@ def run(
     e.g. a Stratonovich solver for an aggregator whose state is an Ito integral) gets a
     ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress."""
     cells = list(cells)
-    references: dict[str, tuple[dict, np.ndarray | None, bool]] = {}
+    references: dict[str, tuple[dict, dict[str, np.ndarray], bool]] = {}
 
-    def solved(cell: Cell) -> tuple[dict, np.ndarray | None, bool]:
+    def solved(cell: Cell) -> tuple[dict, dict[str, np.ndarray], bool]:
         cached = cache.load(cell)
         if cached is not None:
             return (*cached, False)
@@ -274,28 +287,26 @@ def run(
             row = {**cell_fields(cell), "status": "refused"}
             row["failure"] = str(err)
             cache.store(cell, row)
-            return row, None, True
+            return row, {}, True
         row, arrays = measure(cell, sampler, params, keys, labels)
         cache.store(cell, row, arrays)
-        return row, arrays["images"], True
+        return row, arrays, True
 
     rows = []
     for i, cell in enumerate(cells):
-        row, images, computed = solved(cell)
+        row, arrays, computed = solved(cell)
         ref = reference(cell)
         if ref.name not in references:  # each reference read or solved once per run
             references[ref.name] = solved(ref)
-        ref_row, ref_images, _ = references[ref.name]
+        ref_row, ref_arrays, _ = references[ref.name]
         row = dict(row, reference=ref_row["name"])
         row["rms_error"] = (
-            rms_error(images, ref_images)
-            if images is not None and ref_images is not None
+            rms_error(arrays["images"], ref_arrays["images"])
+            if "images" in arrays and "images" in ref_arrays
             else float("nan")
         )
-        log_q = cache.load_array(cell.name, "log_q")
-        ref_log_q = cache.load_array(ref.name, "log_q")
-        if log_q is not None and ref_log_q is not None:
-            row["log_density_drift"] = rms_error(log_q.T, ref_log_q.T)  # per sample
+        if "log_q" in arrays and "log_q" in ref_arrays:  # (agents, N): the error per sample
+            row["log_density_drift"] = rms_error(arrays["log_q"].T, ref_arrays["log_q"].T)
         rows.append(row)
         if report is not None:
             report(i + 1, len(cells), cell, computed)
@@ -304,8 +315,9 @@ def run(
 
 def series_name(row: dict) -> str:
     """The convergence series a row belongs to: its cell without the budget."""
-    budget = "adaptive" if row.get("tol", 0) > 0 else row.get("schedule", "uniform")
-    return f"{row['method']}-{row['solver']}-{budget}-{row['aggregator']}"
+    cell = Cell.of_row(row)
+    steps = "adaptive" if cell.adaptive else cell.schedule
+    return f"{cell.method}-{cell.solver}-{steps}-{cell.aggregator}"
 
 
 def series_points(rows: Iterable[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -331,10 +343,10 @@ def fitted_orders(series: dict[str, list[tuple[int, float]]]) -> dict[str, float
     return orders
 
 
-def adaptive_steps(rows: Iterable[dict]) -> dict[str, list[float]]:
-    """Per finished adaptive cell, its accepted steps' end times (``step_sizes``)."""
+def adaptive_steps(rows: Iterable[dict], T: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per finished adaptive cell, (its accepted steps' end times, their lengths)."""
     return {
-        row["name"]: row["step_t"]
+        row["name"]: (np.asarray(row["step_t"]), step_lengths(row["step_t"], T))
         for row in rows
         if row.get("status") == "ok" and row.get("step_t")
     }
@@ -344,25 +356,27 @@ def adaptive_steps(rows: Iterable[dict]) -> dict[str, list[float]]:
 ERROR_LEVELS = (0.3, 0.1, 0.03, 0.01, 0.003)
 
 
-def sample_quality(row: dict, cache: CellCache, labels: np.ndarray, clf, real_features) -> dict:
+def sample_quality(
+    row: dict,
+    labels: np.ndarray,
+    features_of: Callable[[str], tuple[np.ndarray, np.ndarray] | None],
+    real_features: np.ndarray,
+) -> dict:
     """A finished cell's samples through a reproduction's classifier (``pipeline``'s metrics):
     accuracy, noise rate and FID against the MNIST test set's features, and
     ``feature_rms_error``, the RMS distance to its reference's samples in the classifier's
-    feature space (per sample, the same draws). Empty for a cell without images."""
+    feature space (per sample, the same draws). ``features_of(cell name)``: that cell's
+    (features, softmax), None for a cell without finite images (then the row gets nothing)."""
     from fedinf_jax import pipeline
-    from fedinf_jax.sampling import to_uint8
 
-    images = cache.load_array(row["name"])
-    reference = cache.load_array(row["reference"])
-    if images is None or not np.isfinite(images).all():
+    own = features_of(row["name"])
+    if own is None:
         return {}
-    pixels = to_uint8(images)
-    quality = pipeline.evaluate_sample_set(clf, real_features, pixels, labels)
+    quality = pipeline.sample_set_metrics(*own, labels, real_features)
     out = {k: quality[k] for k in ("accuracy", "noise_rate", "fid")}
-    if reference is not None and np.isfinite(reference).all():
-        features = clf.features_and_probs(pixels)[0]
-        ref_features = clf.features_and_probs(to_uint8(reference))[0]
-        out["feature_rms_error"] = float(np.sqrt(np.mean((features - ref_features) ** 2)))
+    reference = features_of(row["reference"])
+    if reference is not None:
+        out["feature_rms_error"] = float(np.sqrt(np.mean((own[0] - reference[0]) ** 2)))
     return out
 
 
@@ -381,9 +395,7 @@ def plot_solver_samples(
     images: dict[str, np.ndarray], labels: np.ndarray, path: str, title: str
 ) -> str:
     """A row per solver ({"method-solver": images}), the first sample of each digit."""
-    from fedinf_jax.sampling import to_uint8
-
-    first = np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels)])
+    first = plots.first_per_class(labels, 1)
     pixels = np.concatenate([to_uint8(x[first]) for x in images.values()])
     rows = np.repeat(np.arange(len(images)), len(first))
     return plots.plot_sample_grid(pixels, rows, path, title, dict(enumerate(images)))
@@ -626,7 +638,18 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
         report,
     )
     if evaluator is not None:
-        rows = [dict(row, **sample_quality(row, cache, labels, *evaluator)) for row in rows]
+        clf, real_features = evaluator
+
+        @functools.cache  # a reference serves many cells: its features once
+        def features_of(name: str):
+            images = cache.load_array(name)
+            if images is None or not np.isfinite(images).all():
+                return None
+            return clf.features_and_probs(to_uint8(images))
+
+        rows = [
+            dict(row, **sample_quality(row, labels, features_of, real_features)) for row in rows
+        ]
     record = {
         "config": json.loads(config.to_json_best_effort()),
         "workdir": os.path.abspath(workdir),
@@ -636,7 +659,7 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     write_results(rows, outdir, record)
     series = series_points(rows)
     plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
-    plots.plot_study_steps(adaptive_steps(rows), sde.T, os.path.join(outdir, "steps.png"))
+    plots.plot_study_steps(adaptive_steps(rows, sde.T), os.path.join(outdir, "steps.png"))
     for budget, cells_at in budgets(rows).items():
         images = {f"{c.method}-{c.solver}": cache.load_array(c.name) for c in cells_at}
         path = os.path.join(outdir, f"samples_{budget}.png")

@@ -320,7 +320,8 @@ def test_bad_settings_are_clear_errors():
             make_sampler(sde, aggregators.mean(), t_end=t_end)
     with pytest.raises(
         ValueError,
-        match=r"Euler has no error estimate.*adaptive sde solver: \['heun', 'reversible_heun'",
+        match=r"Euler has no error estimate.*adaptive sde solver: "
+        r"\['heun', 'reversible_heun', 'spark'\]",
     ):
         make_sampler(sde, aggregators.mean(), "sde", "euler", adaptive=True)
     with pytest.raises(ValueError, match="save_trajectory must be 0"):

@@ -24,16 +24,18 @@ def _sampler_for(cell):
     )
 
 
-def _run(cells, cache):
+def _run(cells, cache, sampler_for=_sampler_for, reference=REFERENCE, num=64):
+    """``study.run`` on the Gaussian federation, every cell against ``reference``: (rows, the
+    names of the cells it computed)."""
     computed = []
     rows = study.run(
         cells,
-        _sampler_for,
+        sampler_for,
         {"mu": MUS},
-        sampling.sample_keys(0, 64),
-        np.zeros(64, np.int32),
+        sampling.sample_keys(0, num),
+        np.zeros(num, np.int32),
         cache,
-        reference=lambda c: REFERENCE,
+        reference=lambda c: reference,
         report=lambda done, total, cell, fresh: computed.append(cell.name) if fresh else None,
     )
     return rows, computed
@@ -102,15 +104,7 @@ def test_tracked_log_densities_converge_to_the_reference_path(tmp_path):
 
     cells = [study.Cell("sde", "euler", "superdiff_or", num_steps=n) for n in (8, 32)]
     reference = study.Cell("sde", "euler", "superdiff_or", num_steps=256)
-    rows = study.run(
-        cells,
-        sampler_for,
-        {"mu": MUS},
-        sampling.sample_keys(0, 64),
-        np.zeros(64, np.int32),
-        study.CellCache(tmp_path),
-        reference=lambda c: reference,
-    )
+    rows, _ = _run(cells, study.CellCache(tmp_path), sampler_for, reference)
     coarse, fine = (row["log_density_drift"] for row in rows)
     assert 0 < fine < 0.5 * coarse, (coarse, fine)
     assert study.CellCache(tmp_path).load_array(reference.name, "log_q").shape == (3, 64)
@@ -159,15 +153,8 @@ def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
     def sampler_for(cell):
         raise ValueError("this aggregator's state is driven by the SDE's noise")
 
-    rows = study.run(
-        [study.Cell("sde", "heun", "superdiff_or", num_steps=10)],
-        sampler_for,
-        {"mu": MUS},
-        sampling.sample_keys(0, 4),
-        np.zeros(4, np.int32),
-        study.CellCache(tmp_path),
-        reference=lambda c: c,
-    )
+    cell = study.Cell("sde", "heun", "superdiff_or", num_steps=10)
+    rows, _ = _run([cell], study.CellCache(tmp_path), sampler_for, reference=cell, num=4)
     assert rows[0]["status"] == "refused" and "driven by the SDE's noise" in rows[0]["failure"]
     assert np.isnan(rows[0]["rms_error"])
     assert rows[0]["calculus"] == "stratonovich" and rows[0]["error_estimate"]  # Diffrax's Heun
