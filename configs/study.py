@@ -34,6 +34,13 @@ def get_config(preset: str | None = None):
     s.reference = ml_collections.ConfigDict(
         {"ode_solver": "dopri8", "ode_tol": 1e-6, "sde_steps": 1024}
     )
+    if config.preset == "cpu":  # the worked study of docs/study_cpu.md, about 2 h here
+        s.name = "cpu"
+        s.num_steps = (8, 16, 32, 64)
+        s.schedules = ("uniform",)
+        s.num_per_class = 5
+        s.classifier = "runs/reproduce_cpu/classifier"
+        s.reference.ode_tol = 1e-5
     if config.preset == "smoke":
         s.methods = ("ode",)
         s.solvers = ml_collections.ConfigDict({"ode": ("euler", "heun"), "sde": ("euler",)})

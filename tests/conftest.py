@@ -17,6 +17,20 @@ from fedinf_jax import data, runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# The suite checks this project's equations, equivalences and invariants, not XLA's code
+# generation: its programs, in-process and in the entry-point runs it starts, compile with LLVM's
+# optimisation off, a quarter to a third less compile time (docs/performance.md). Users' runs and
+# the benchmarks compile at XLA's defaults.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def suite_xla_flags(*flags: str) -> str:
+    """``XLA_FLAGS`` for a process of the suite: ``flags`` and the suite's own."""
+    return " ".join((*flags, SUITE_XLA_FLAGS))
+
+
+os.environ["XLA_FLAGS"] = suite_xla_flags(*filter(None, [os.environ.get("XLA_FLAGS")]))
+
 
 def _mnist_dir() -> pathlib.Path | None:
     for candidate in (
@@ -301,7 +315,11 @@ def _multidevice_checks(entry_points) -> str:
     return entry_points.run(
         ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice_checks.py"],
         timeout=900,
-        extra_env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={MULTIDEVICE_COUNT}"},
+        extra_env={
+            "XLA_FLAGS": suite_xla_flags(
+                f"--xla_force_host_platform_device_count={MULTIDEVICE_COUNT}"
+            )
+        },
     )
 
 

@@ -36,7 +36,11 @@ def case():
 
 
 def main(process_id: int, port: int, outdir: str) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+    from tests.conftest import suite_xla_flags
+
+    os.environ["XLA_FLAGS"] = suite_xla_flags(
+        f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+    )
     from fedinf_jax import runtime
 
     runtime.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id)
