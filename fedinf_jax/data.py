@@ -198,7 +198,7 @@ def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
       MnistError: it is not prepared in ``data_dir`` and TFDS's download host cannot be reached
         (within ``DOWNLOAD_PROBE_TIMEOUT_S``); the message lists the ways to provide MNIST.
     """
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     builder = tfds.builder("mnist", data_dir=data_dir)
     if not builder.is_prepared():
@@ -218,6 +218,16 @@ def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
             images, labels = images[to_idx_order], labels[to_idx_order]
         splits[split] = (images, labels)
     return Mnist(*splits["train"], *splits["test"])
+
+
+def _tfds():
+    """TFDS, TensorFlow kept off any accelerator first (``runtime.tensorflow``)."""
+    from fedinf_jax import runtime
+
+    runtime.tensorflow()
+    import tensorflow_datasets as tfds
+
+    return tfds
 
 
 def _tfds_to_idx_order(split: str, num_examples: int) -> np.ndarray:
@@ -253,7 +263,7 @@ def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike
     Raises:
       MnistError: a file is missing, not gzip, or its IDX content is not canonical MNIST.
     """
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     mnist_dir = pathlib.Path(mnist_dir)
     for name, fname in IDX_FILES.items():

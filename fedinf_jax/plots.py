@@ -17,8 +17,9 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     Later events win where a resumed run rewrote a step.
     """
-    import tensorflow as tf
+    from fedinf_jax import runtime
 
+    tf = runtime.tensorflow()
     series: dict[str, dict[int, float]] = collections.defaultdict(dict)
     for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
         for event in tf.compat.v1.train.summary_iterator(path):

@@ -97,20 +97,31 @@ def initialize_distributed(
 
 
 def setup() -> None:
-    """Keeps TensorFlow (used only for TFDS and summaries) off any accelerator, so JAX owns it,
-    makes ``kill`` (SIGTERM) save a checkpoint like Ctrl-C does, and turns on JAX's persistent
+    """Makes ``kill`` (SIGTERM) save a checkpoint like Ctrl-C does, turns on JAX's persistent
     compilation cache (``$FEDINF_JAX_CACHE``, default ``~/.cache/fedinf_jax/xla``; ``none``
-    disables it): a resumed or repeated run skips the minutes of XLA:CPU compilation a K-agent
-    step can take.
+    disables it: a resumed or repeated run skips the minutes of XLA:CPU compilation a K-agent
+    step can take), and keeps TensorFlow off any accelerator if it is already imported (the
+    library imports it through ``tensorflow()`` only where it is used, so that a run refused for
+    a bad setting never pays for its import).
     """
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    if "tensorflow" in sys.modules:
+        tensorflow()
     quiet_orbax()
     signal.signal(signal.SIGTERM, _interrupt)
     cache = os.environ.get(CACHE_ENV, os.path.expanduser("~/.cache/fedinf_jax/xla"))
     if cache.lower() != "none":
         enable_compilation_cache(cache)
+
+
+@functools.cache
+def tensorflow():
+    """TensorFlow (used only for TFDS and summaries), imported on first use and kept off any
+    accelerator, so that JAX owns it. Called before any TensorFlow op runs: TFDS's readers and
+    writers, clu's summary writer."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
 
 
 def _interrupt(signum, frame):

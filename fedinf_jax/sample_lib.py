@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from fedinf_jax import (
     agents,
@@ -294,6 +293,8 @@ def sample_in_batches(
     images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
     trajectory_t = None
     weights_of = sampler.aggregator.weights
+    from clu import periodic_actions  # imports TensorFlow: not for a run refused at its config
+
     progress = periodic_actions.ReportProgress(num_train_steps=num_batches, every_steps=1)
     progress(0)
     for b in range(num_batches):

@@ -422,9 +422,12 @@ def train_and_evaluate(
       CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model or partition.
       FloatingPointError: a non-finite loss (names the agents and the step).
     """
-    from clu import metric_writers, periodic_actions
-
     components, _ = check_config(config)
+    from clu import metric_writers, periodic_actions  # TensorFlow's import: a valid config only
+
+    from fedinf_jax import runtime
+
+    runtime.tensorflow()  # clu's summary writer runs TensorFlow ops
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     partition = make_partition(config, mnist.train_labels)
     batcher = AgentBatcher(

@@ -278,11 +278,12 @@ def _prepare_tfds(entry_points, outdir) -> pathlib.Path:
 
 
 def _bad_inputs(entry_points, outdir) -> dict:
-    """Each of ``BAD_INPUTS`` run: {name: (exit status, stderr, whether its workdir exists)}."""
+    """Each of ``BAD_INPUTS`` run: {name: (exit status, stderr with Python's import times,
+    whether its workdir exists)}."""
     results = {}
     for name, (args, _) in BAD_INPUTS.items():
         workdir = outdir / name
-        proc = entry_points.start([*args, f"--workdir={workdir}"])
+        proc = entry_points.start(["-X", "importtime", *args, f"--workdir={workdir}"])
         _, stderr = proc.communicate(timeout=300)
         results[name] = (proc.returncode, stderr, workdir.exists())
     return results

@@ -2,6 +2,7 @@
 a user's error is one line, ``error: ...``, with exit status 2 and nothing written."""
 
 import os
+import re
 
 import pytest
 
@@ -200,3 +201,5 @@ def test_entry_points_exit_2_with_one_line_and_write_nothing(bad_input_runs, nam
     assert stderr.strip().splitlines()[-1].startswith(BAD_INPUTS[name][1]), stderr[-3000:]
     assert "Traceback" not in stderr
     assert not wrote
+    # Refused before the library imports TensorFlow (seconds of start-up) for TFDS or summaries.
+    assert not re.search(r"\|\s+tensorflow$", stderr, re.MULTILINE)
