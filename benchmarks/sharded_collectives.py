@@ -85,7 +85,7 @@ def main(argv):
         agg = aggregators.from_config(config.aggregator, counts, k, comp.sde, "sde")
 
         def evaluate(params, x, t, y, agg=agg):
-            state = agg.init(k, x, y)
+            state = agg.init(k, x, y, None)
             scores = score_fn(params, x, t, y)
             score, state = agg.aggregate(scores, t, x, y, state)
             if agg.tendency is not None:

@@ -2,13 +2,15 @@
 
 An ``Aggregator`` is a pair of pure functions, plus optional parts for members with state:
 
-    state = init(num_agents, x, y)
+    state = init(num_agents, x, y, keys)
     score, state = aggregate(agent_scores, t, x, y, state)
     dstate = tendency(agent_scores, t, x, y, state, dx, dt[, divergence=...])  # optional
     dx_noise = noise(agent_scores, t, x, y, state, g_dw)                      # optional
 
 with ``agent_scores`` of shape (agents, batch, ...), ``t`` a scalar or (batch,) diffusion time,
-``x`` (batch, ...) the current state of the reverse process and ``y`` (batch,) labels.
+``x`` (batch, ...) the current state of the reverse process, ``y`` (batch,) labels and ``keys``
+(batch,) one PRNG key per sample for a member whose initial state is drawn at random (``route``
+draws each sample's agent; the others ignore it, and it may be None for them).
 
 The state is a pytree carried inside the sampler's Diffrax solve, as part of the solution
 ``(x, state)``, so a member can accumulate quantities along a trajectory (the density-weighted
@@ -56,9 +58,9 @@ class EmptyState(NamedTuple):
 
 
 class Aggregator(NamedTuple):
-    """``init(num_agents, x, y) -> state``; ``aggregate(scores, t, x, y, state) -> (score,
-    state)``; optionally ``tendency``, ``noise``, ``weights`` and ``divergence_probes`` (see the
-    module docstring)."""
+    """``init(num_agents, x, y, keys=None) -> state``; ``aggregate(scores, t, x, y, state) ->
+    (score, state)``; optionally ``tendency``, ``noise``, ``weights`` and ``divergence_probes``
+    (see the module docstring)."""
 
     init: Callable[..., Any]
     aggregate: Callable[..., tuple[Array, Any]]
@@ -99,8 +101,8 @@ def settings_of(name: str) -> dict[str, Any]:
 
 
 def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggregator:
-    def init(num_agents, x, y):
-        del num_agents, x, y
+    def init(num_agents, x, y, keys=None):
+        del num_agents, x, y, keys
         return EmptyState()
 
     def aggregate(agent_scores, t, x, y, state):
@@ -150,23 +152,48 @@ def weighted(weights=(), counts=None) -> Aggregator:
 
 
 @member("label_prior")
-def label_prior(counts) -> Aggregator:
+def label_prior(counts, top_k: int = 0) -> Aggregator:
     """Label-prior weights rho_i(y) = n_{i,y} / n_y from the count matrix n[agent, class].
 
     In the heterogeneous regime with equal shard sizes the owner of digit y gets 1/2 and each
     other agent 1/18 (RESEARCH.md section 2); with ``partitions.heterogeneous``' sizes, which use
     every class up, the owner gets (9/8)(1 - N / (18 n_y)) (0.51 for digit 3). This is the
-    mixture weight without its density term.
+    mixture weight without its density term. ``top_k`` > 0 keeps each class's k largest weights,
+    renormalised (ties to the lower agent index): a router with nothing to train, whose other
+    agents need not be asked.
 
     Raises:
-      ValueError: a class that no agent holds (its weights would be 0/0).
+      ValueError: a class that no agent holds (its weights would be 0/0), or top_k outside
+        [0, K].
     """
     n = _count_matrix(counts)
     totals = n.sum(axis=0)
     if np.any(totals == 0):
         raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} are held by no agent")
-    rho = jnp.asarray(n / totals, jnp.float32)  # (agents, classes)
+    rho = n / totals  # (agents, classes)
+    if _check_top_k(top_k, len(n)):
+        drop = np.argsort(-rho, axis=0, kind="stable")[top_k:]  # (K - k, classes)
+        np.put_along_axis(rho, drop, 0.0, axis=0)
+        rho = rho / rho.sum(axis=0)
+    rho = jnp.asarray(rho, jnp.float32)
     return _stateless(lambda scores, t, x, y: _weighted_sum(scores, rho[:, y]))
+
+
+def _check_top_k(top_k: int, num_agents: int | None) -> bool:
+    """Whether ``top_k`` restricts the weights (0: all agents); refuses one outside [0, K]."""
+    if top_k < 0 or (num_agents is not None and top_k > num_agents):
+        limit = f"[0, {num_agents}]" if num_agents is not None else ">= 0"
+        raise ValueError(f"top_k must be in {limit} (0: every agent), got {top_k}")
+    return top_k > 0 and top_k != num_agents
+
+
+def _top_k_softmax(logits: Array, top_k: int) -> Array:
+    """softmax over axis 0 of (agents, batch) logits, restricted to each column's ``top_k``
+    largest (renormalised); 0 keeps every agent."""
+    if top_k <= 0 or top_k >= logits.shape[0]:
+        return jax.nn.softmax(logits, axis=0)
+    kth = jax.lax.top_k(logits.T, top_k)[0][:, -1]  # (batch,): the k-th largest logit
+    return jax.nn.softmax(jnp.where(logits >= kth, logits, -jnp.inf), axis=0)
 
 
 def schedule(weight_fn: Callable[[Array, Array], Array]) -> Aggregator:
@@ -292,8 +319,8 @@ def log_prior_table(counts, prior: str = "label") -> np.ndarray:
 
 
 def _density_init(sde: SDE):
-    def init(num_agents, x, y):
-        del y
+    def init(num_agents, x, y, keys=None):
+        del y, keys
         return DensityState(jnp.broadcast_to(sde.prior_logp(x), (num_agents, x.shape[0])))
 
     return init
@@ -320,9 +347,11 @@ def superdiff_or(
     sde: SDE,
     method: str,
     counts=None,
+    num_agents=None,
     prior="label",
     temperature: float = 1.0,
     probes: int = 1,
+    top_k: int = 0,
 ) -> Aggregator:
     """The mixture (SuperDiff's OR): s = sum_i w_i s_i, w = softmax_i(T log q_i + log pi_i(y)).
 
@@ -340,14 +369,17 @@ def superdiff_or(
         table; ``uniform`` (or None) adds nothing.
       temperature: T > 0.
       probes: Rademacher probes per ODE step (ignored on the SDE).
+      top_k: k > 0 keeps each sample's k largest weights at each step, renormalised (a sparse
+        posterior router; every agent's log-density is still tracked); 0: every agent.
 
     Raises:
-      ValueError: an unknown method or prior, no probe for the ODE, T <= 0, or a named prior
-        other than ``uniform`` without counts.
+      ValueError: an unknown method or prior, no probe for the ODE, T <= 0, a named prior
+        other than ``uniform`` without counts, or top_k outside [0, K].
     """
     probes = _check_method(method, probes)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_top_k(top_k, num_agents)
     if isinstance(prior, str):
         check_choice("prior", prior, PRIORS)
         prior = (
@@ -361,7 +393,7 @@ def superdiff_or(
         logits = temperature * state.log_q
         if table is not None:
             logits = logits + table[:, y]
-        return jax.nn.softmax(logits, axis=0)
+        return _top_k_softmax(logits, top_k)
 
     def aggregate(scores, t, x, y, state, divergence=None):
         del divergence
@@ -374,6 +406,61 @@ def superdiff_or(
         weights=weights,
         divergence_probes=probes,
     )
+
+
+class RouteState(NamedTuple):
+    """``route``'s state: each sample's agent, (batch,), drawn once at the start; held as a
+    float (the sampler's Diffrax solve carries its state as floats, and with no tendency it stays
+    exactly the drawn integer)."""
+
+    agent: Array
+
+
+@member("route")
+def route(counts=None, num_agents=None, prior="label") -> Aggregator:
+    """Ancestral mixture sampling: each sample draws one agent k ~ pi_k(y) when its solve
+    starts (from its own key) and the reverse process follows that agent's score alone.
+
+    Drawing the component, then sampling it, samples the mixture sum_k pi_k(y) p_k(x | y) of the
+    agents' models exactly, with no per-step aggregation; with the ``label`` prior that is the
+    pooled data's class-conditional model (RESEARCH.md section 2), the target ``superdiff_or``
+    reaches through its tracked densities. The sampler still evaluates every agent (stacked, in
+    one call) and picks each sample's; one agent per sample is what would cross a network.
+
+    Args:
+      counts: the partition's count matrix (the ``label`` and ``shares`` priors).
+      num_agents: K (the ``uniform`` prior needs only this).
+      prior: pi_k(y): a name of ``PRIORS`` (``log_prior_table``) or an (agents, classes) table
+        of log-probabilities.
+
+    Raises:
+      ValueError: an unknown prior, or a named prior without the counts (or K) it needs.
+    """
+    if isinstance(prior, str):
+        check_choice("prior", prior, PRIORS)
+        if prior == "uniform" and counts is None:
+            if num_agents is None:
+                raise ValueError("aggregator 'route' with the uniform prior needs K")
+            prior = np.zeros((num_agents, 1))
+        else:
+            prior = log_prior_table(_need_counts("route", counts), prior)
+    table = jnp.asarray(prior, jnp.float32)  # (agents, classes) log pi_k(y)
+
+    def init(num_agents, x, y, keys=None):
+        del x
+        if keys is None:
+            raise ValueError("aggregator 'route' draws each sample's agent: init needs keys")
+        logits = (table[:, y] if table.shape[1] > 1 else table[:, jnp.zeros_like(y)]).T
+        return RouteState(jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.float32))
+
+    def weights(state, y):
+        return jax.nn.one_hot(state.agent.astype(jnp.int32), table.shape[0], axis=0)
+
+    def aggregate(scores, t, x, y, state):
+        index = state.agent.astype(jnp.int32).reshape((1, -1) + (1,) * (scores.ndim - 2))
+        return jnp.take_along_axis(scores, index, axis=0)[0], state
+
+    return Aggregator(init, aggregate, weights=weights)
 
 
 def _equal_density_system(sde, method, scores, t, x, divergence, ridge):

@@ -134,7 +134,8 @@ class FederatedSampler:
     def _solve(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
         spec, sde = self.spec, self.sde
         x, path_keys = self.prior(keys)
-        state = SolveState(x, self.aggregator.init(self.agents_in(params), x, labels))
+        init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(path_keys)  # route's draws
+        state = SolveState(x, self.aggregator.init(self.agents_in(params), x, labels, init_keys))
         probe_keys = None
         if self.aggregator.divergence_probes:
             probe_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(path_keys)

@@ -33,7 +33,7 @@ def _inputs(k=K, seed=0):
 
 
 def _apply(agg, scores, t, x, y):
-    state = agg.init(scores.shape[0], x, y)
+    state = agg.init(scores.shape[0], x, y, jax.random.split(jax.random.key(1), len(y)))
     return jax.jit(agg.aggregate)(scores, t, x, y, state)
 
 
@@ -57,6 +57,9 @@ def test_jittable_shape_finite(name):
     assert np.all(np.isfinite(out))
     if name.startswith("superdiff"):  # every agent starts at the prior's log-density
         assert state.log_q.shape == (K, B) and np.all(state.log_q == state.log_q[0])
+    elif name == "route":  # each sample's agent
+        assert state.agent.shape == (B,) and set(np.asarray(state.agent)) <= set(range(K))
+        np.testing.assert_array_equal(out, scores[np.asarray(state.agent, int), np.arange(B)])
     else:
         assert state == A.EmptyState()
 
@@ -125,6 +128,59 @@ def test_weighted_and_schedule_values():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_top_k_keeps_the_largest_weights_renormalised():
+    """label_prior's top-k: per class the k largest n_{i,y} / n_y (ties to the lower agent),
+    renormalised; k = 1 is the owner alone, k = K the plain member. superdiff_or's: the
+    softmax over each sample's k largest logits."""
+    scores, t, x, y = _inputs()
+    rows = np.arange(B)
+    owner = np.array([0, 2])[np.asarray(y)]  # COUNTS' largest entry per class
+    out, _ = _apply(A.label_prior(COUNTS, top_k=1), scores, t, x, y)
+    np.testing.assert_array_equal(out, scores[owner, rows])
+    # class 0: 30 (agent 0) and the tie 10 / 10 (agents 1, 4) to agent 1; class 1: 20 (agent 2),
+    # then 10 / 10 (agents 3, 4) to agent 3.
+    w = {0: {0: 0.75, 1: 0.25}, 1: {2: 2 / 3, 3: 1 / 3}}
+    expected = np.stack([sum(v * scores[i, b] for i, v in w[int(y[b])].items()) for b in range(B)])
+    out, _ = _apply(A.label_prior(COUNTS, top_k=2), scores, t, x, y)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    full, _ = _apply(A.label_prior(COUNTS), scores, t, x, y)
+    np.testing.assert_array_equal(_apply(A.label_prior(COUNTS, top_k=K), scores, t, x, y)[0], full)
+
+    log_q = jax.random.normal(jax.random.key(3), (K, B))
+    member = A.superdiff_or(VPSDE(), "sde", COUNTS, K, temperature=0.7, top_k=2)
+    weights = np.asarray(member.weights(A.DensityState(log_q), y))
+    logits = 0.7 * np.asarray(log_q) + A.log_prior_table(COUNTS)[:, np.asarray(y)]
+    kept = np.argsort(-logits, axis=0)[:2]
+    expected = np.zeros_like(logits)
+    for b in range(B):
+        e = np.exp(logits[kept[:, b], b] - logits[kept[0, b], b])
+        expected[kept[:, b], b] = e / e.sum()
+    np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-7)
+    out, _ = member.aggregate(scores, t, x, y, A.DensityState(log_q))
+    np.testing.assert_allclose(out, np.einsum("kb,kb...->b...", expected, scores), atol=1e-5)
+
+
+def test_route_draws_each_samples_agent_from_the_prior():
+    """Each sample's agent ~ n_{k,y} / n_y (the label prior) or n_k / N (shares), one draw per
+    sample key (the same key, the same agent); the aggregate is that agent's score."""
+    n = 20_000
+    y = jnp.arange(n) % 2
+    keys = jax.random.split(jax.random.key(5), n)
+    for prior, table in [("label", COUNTS / COUNTS.sum(0)), ("shares", None)]:
+        state = A.route(COUNTS, K, prior=prior).init(K, None, y, keys)
+        agent = np.asarray(state.agent, int)
+        for label in (0, 1):
+            freq = np.bincount(agent[np.asarray(y) == label], minlength=K) / (n / 2)
+            want = table[:, label] if table is not None else COUNTS.sum(1) / COUNTS.sum()
+            np.testing.assert_allclose(freq, want, atol=0.015)  # 3 binomial standard errors
+    again = A.route(COUNTS, K).init(K, None, y[:10], keys[:10])
+    np.testing.assert_array_equal(again.agent, A.route(COUNTS, K).init(K, None, y, keys).agent[:10])
+    uniform = A.route(None, 4, prior="uniform").init(4, None, y, keys).agent
+    np.testing.assert_allclose(np.bincount(uniform.astype(int), minlength=4) / n, 0.25, atol=0.01)
+    with pytest.raises(ValueError, match="init needs keys"):
+        A.route(COUNTS, K).init(K, None, y)
+
+
 def test_robust_members_ignore_one_faulty_agent():
     scores, t, x, y = _inputs()
     honest = jnp.broadcast_to(scores[:1], scores.shape)
@@ -166,6 +222,9 @@ def test_from_config():
         ("superdiff_or", "temperature", -1.0, "temperature must be > 0"),
         ("superdiff_or", "prior", "flat", r"unknown prior 'flat'; valid: \['label'"),
         ("superdiff_and", "ridge", -1.0, "ridge must be >= 0"),
+        ("label_prior", "top_k", 6, r"top_k must be in \[0, 5\] \(0: every agent\), got 6"),
+        ("superdiff_or", "top_k", -1, r"top_k must be in \[0, 5\]"),
+        ("route", "prior", "flat", r"unknown prior 'flat'; valid: \['label'"),
         ("schedule", "early_agents", (5,), r"non-empty subset of 0\.\.4"),
         ("schedule", "t_switch", -0.5, "t_switch must be >= 0"),
     ],

@@ -143,7 +143,7 @@ def reverse_euler_maruyama(sampler, params, keys, labels):
     taus = jnp.linspace(0.0, tau1, spec.num_steps + 1)
     x, path_keys = sampler.prior(keys)
     path = reverse.brownian_paths(spec, path_keys, tau1, sampler.image_shape)
-    agg = sampler.aggregator.init(sampler.agents_in(params), x, labels)
+    agg = sampler.aggregator.init(sampler.agents_in(params), x, labels, None)
 
     def step(x, tau_pair):
         tau0, tau_next = tau_pair
@@ -210,7 +210,7 @@ def test_score_evaluations_are_counted(solver, per_step):
 def test_one_agent_under_each_aggregator_path_is_that_agent():
     sde = VPSDE()
     alone = aggregators.Aggregator(
-        lambda k, x, y: aggregators.EmptyState(), lambda s, t, x, y, st: (s[0], st)
+        lambda k, x, y, keys: aggregators.EmptyState(), lambda s, t, x, y, st: (s[0], st)
     )
     ref = draw(make_sampler(sde, alone), 16, mus=MUS[:1]).images
     cfg = base.get_config("smoke").aggregator
@@ -248,7 +248,7 @@ def _tracking_aggregator():
     """A toy stateful member: its state integrates d(state) = sum(dx) + dt, so at t_end it
     must equal sum(x_end - x_T) + (T - t_end) exactly, whichever solver."""
 
-    def init(k, x, y):
+    def init(k, x, y, keys):
         return jnp.zeros(x.shape[0])
 
     def aggregate(scores, t, x, y, state):

@@ -180,6 +180,20 @@ def test_superdiff_or_samples_the_mixture(method, solver, steps, share):
     assert np.mean(np.abs(np.asarray(out.images)[:, 0]) > 1.5) < 0.01
 
 
+def test_route_samples_the_prior_mixture():
+    """``route`` on the two agents N(+-3 e_1, S0^2 I) with prior (0.3, 0.7): each sample follows
+    one agent's flow, so the samples split between the modes in the prior's proportions; a
+    sample whose agent is 0 ends at agent 0's mode."""
+    sde, n, share = VPSDE(), 2000, 0.3
+    prior = np.log([[share], [1.0 - share]])
+    _, out = solve(sde, A.route(prior=prior), "ode", "heun", 100, n, MUS[:2])
+    x, agent = np.asarray(out.images), np.asarray(out.aggregator_state.agent)
+    assert abs(np.mean(agent == 0) - share) < 0.04  # about 4 standard errors
+    np.testing.assert_array_equal(x[:, 0] > 0, agent == 0)
+    assert np.mean(np.abs(x[:, 0] - np.where(agent == 0, 3.0, -3.0)) < 1.5) > 0.99
+    np.testing.assert_allclose(x[:, 1].std(), S0, rtol=0.1)
+
+
 @pytest.mark.parametrize(
     "method,solver,steps,k", [("sde", "euler", 300, 3), ("ode", "heun", 100, 2)]
 )

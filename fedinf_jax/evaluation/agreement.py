@@ -49,9 +49,10 @@ def make_agreement_fn(agent_score_fn: Callable, aggregators: Mapping[str, Aggreg
         t_batch = jnp.full((x.shape[0],), t, x.dtype)
         y = jnp.full((x.shape[0],), label, jnp.int32)
         scores = agent_score_fn(params, x, t_batch, y)
+        keys = jax.random.split(jax.random.key(0), x.shape[0])  # route's draw per input
         out = {}
         for name, aggregator in aggregators.items():
-            state = aggregator.init(num_agents_of(params), x, y)
+            state = aggregator.init(num_agents_of(params), x, y, keys)
             aggregate, _ = aggregator.aggregate(scores, t_batch, x, y, state)
             out[name] = agreement(scores, aggregate)
         return out
