@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from fedinf_jax import aggregators, checkpoint, data, errors, files, sample_lib, train_lib
-from fedinf_jax.evaluation import agreement, classifier, metrics, report
+from fedinf_jax.evaluation import agreement, classifier, communication, metrics, report
 from fedinf_jax.registry import check_choice
 
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
@@ -365,8 +365,31 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         png = os.path.join(_sample_dir(outdir, r["regime"], r["procedure"]), "weights.png")
         if os.path.exists(png):
             weights.append(os.path.relpath(png, outdir))
+    params_per_agent = {
+        regime: train_lib.count_params(
+            train_lib.abstract_train_state(
+                train_lib.resolve(regime_config(config, regime)), 1
+            ).params
+        )
+        for regime in config.regimes
+    }
+    traffic = {
+        key: communication.of_sample_dir(
+            _sample_dir(outdir, r["regime"], r["procedure"]), params_per_agent[r["regime"]]
+        )
+        for key, r in results.items()
+    }
     text = report.render(
-        config, agents, clf.test_accuracy, results, rows, timings.record, reference, claims, weights
+        config,
+        agents,
+        clf.test_accuracy,
+        results,
+        rows,
+        timings.record,
+        reference,
+        claims,
+        weights,
+        traffic,
     )
     path = os.path.join(outdir, "report.md")
     files.write_text(path, text)

@@ -51,6 +51,12 @@ def test_report_tables_parse(reproduced):
     for row in table1[1:]:
         assert int(row[8]) > 0 and float(row[9]) >= 0.0
 
+    # Both sets ask both agents at every evaluation; a FedAvg round moves 2 x 2 x P x 4 bytes.
+    traffic = _table_rows(_section(report, "Communication"))
+    assert [(r[0], r[1], r[2]) for r in traffic] == [("heterogeneous", p, "2") for p in PROCEDURES]
+    for row in traffic:
+        assert int(row[3]) > 0 and float(row[4]) > 0 and float(row[5]) > 0
+
     grids = re.findall(r"!\[[^]]*\]\(([^)]+)\)", "\n".join(_section(report, "Figure 2")))
     assert len(grids) == len(PROCEDURES)
     assert all(os.path.getsize(outdir / g) > 1000 for g in grids)

@@ -14,12 +14,23 @@ from fedinf_jax.evaluation.metrics import PRECISION_RECALL_REAL
 
 
 def render(
-    config, agents, clf_accuracy, results, rows, timings, reference, claims=None, weights=()
+    config,
+    agents,
+    clf_accuracy,
+    results,
+    rows,
+    timings,
+    reference,
+    claims=None,
+    weights=(),
+    traffic=None,
 ) -> str:
     """``report.md``'s Markdown: the agents (``agents``: one dict per regime, ``agents_row``),
     Table 1 (with ``reference``, real images measured the same way), the claim sets, the ratios
-    to control beside the paper's, the grids, the agents' weights (``weights``: image paths
-    relative to the report), Tables 3/4 (``rows``, ``agreement_rows``) and the wall times.
+    to control beside the paper's, the communication a deployment would need (``traffic``: per
+    set of ``results``, ``communication.of_sample_dir``), the grids, the agents' weights
+    (``weights``: image paths relative to the report), Tables 3/4 (``rows``,
+    ``agreement_rows``) and the wall times.
 
     ``config`` is the reproduction's (``configs/reproduce.py``): its preset, samples per digit
     and seed are quoted.
@@ -65,6 +76,8 @@ def render(
             ),
         ]
     lines += _ratio_table(results)
+    if traffic:
+        lines += ["", "## Communication per generated sample", "", *_traffic_table(traffic)]
     lines += ["", "## Figure 2: samples (first 10 per digit)", ""]
     for r in results.values():
         rel = os.path.join(r["regime"], "samples", r["procedure"], "samples.png")
@@ -138,6 +151,35 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
             f"{r.get('score_evaluations', '-')} | {_seconds(r.get('sampling_wall_time_s'))} |"
         )
     return lines
+
+
+def _traffic_table(traffic: dict) -> list[str]:
+    """What each set would move between the server and its agents, per sample
+    (``fedinf_jax.evaluation.communication``), against one FedAvg round of the same agents."""
+    rows = []
+    for key, t in traffic.items():
+        regime, procedure = key.split("/", 1)
+        rows.append(
+            [
+                regime,
+                procedure,
+                str(t["agents_asked"]),
+                f"{t['round_trips']:.0f}",
+                f"{t['bytes'] / 1e6:.2f}",
+                f"{t['fedavg_round_bytes'] / 1e6:.1f}",
+                f"{t['samples_per_fedavg_round']:.2f}",
+            ]
+        )
+    head = ["regime", "procedure", "agents asked", "round trips", "MB per sample"]
+    head += ["FedAvg round MB", "samples per FedAvg round"]
+    return [
+        "Had the agents been on other machines: each score evaluation is a round trip, the "
+        "server sending (x, t, y) to each agent it asks and receiving its score (fp32); the "
+        "aggregate and any aggregator state stay on the server. A FedAvg round of the same agents "
+        "moves every agent's weights down and up once.",
+        "",
+        *markdown_table(head, rows),
+    ]
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
