@@ -122,19 +122,18 @@ def mnist_env(mnist_dir):
     os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)
 
 
-# Session runs yield the CPU to the in-process tests, whose single thread is the suite's critical
-# path (their CPU-seconds exceed the runs'); the runs take the other core. Plain priority where
-# there is no ``nice``.
-_NICE = [nice, "-n", "10"] if (nice := shutil.which("nice")) else []
+_NICE = shutil.which("nice")
 
 
 class EntryPoints:
-    """Runs ``python ENTRY_POINT ARGS`` in the repository root, at a lower priority
-    (``_NICE``), in subprocesses that ``kill_running`` can stop, with the environment as it was
-    when this was made (tests that run meanwhile may change ``os.environ`` through monkeypatch)."""
+    """Runs ``python ENTRY_POINT ARGS`` in the repository root, at niceness ``nice`` (plain
+    priority where there is no ``nice``), in subprocesses that ``kill_running`` can stop, with the
+    environment as it was when this was made (tests that run meanwhile may change
+    ``os.environ`` through monkeypatch)."""
 
-    def __init__(self):
+    def __init__(self, nice: int = 0):
         self.env = dict(os.environ)
+        self.nice = [_NICE, "-n", str(nice)] if _NICE and nice else []
         self.processes: list[subprocess.Popen] = []
 
     def run(self, args: list[str], timeout: float, extra_env: dict | None = None) -> str:
@@ -143,7 +142,7 @@ class EntryPoints:
 
     def start(self, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [*_NICE, sys.executable, *args],
+            [*self.nice, sys.executable, *args],
             cwd=ROOT,
             env={**self.env, **(extra_env or {})},
             stdout=subprocess.PIPE,
@@ -232,7 +231,10 @@ def pytest_collection_modifyitems(config, items):
 def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     """Starts the entry-point runs the collected tests need; returns {name: Future}."""
     needed = request.config.stash.get(_NEEDED, set())
-    entry_points = EntryPoints()
+    # The smoke training and the pipeline after it are the longest chain (their readers run
+    # last) and keep plain priority; the other runs yield the CPU to the in-process tests and
+    # to that chain.
+    chain, entry_points = EntryPoints(), EntryPoints(nice=10)
     runs: dict[str, concurrent.futures.Future] = {}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     multidevice = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -250,7 +252,7 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
         runs["multiprocess_run"] = multidevice.submit(_two_processes, entry_points, outdir)
     if needed & {"smoke_run", "sample_cli_run", "reproduced"}:
         workdir = tmp_path_factory.mktemp("cli_run")
-        runs["smoke_run"] = executor.submit(_train_smoke, entry_points, workdir)
+        runs["smoke_run"] = executor.submit(_train_smoke, chain, workdir)
     if "sample_cli_run" in needed:  # beside the pipeline, once the smoke run is trained
         outdir = tmp_path_factory.mktemp("sample_cli") / "out"
         runs["sample_cli_run"] = small.submit(
@@ -258,11 +260,10 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
         )
     if "reproduced" in needed:
         outdir = tmp_path_factory.mktemp("reproduce")
-        runs["reproduced"] = executor.submit(
-            _reproduce_smoke, entry_points, runs["smoke_run"], outdir
-        )
+        runs["reproduced"] = executor.submit(_reproduce_smoke, chain, runs["smoke_run"], outdir)
     yield runs
-    entry_points.kill_running()  # an interrupted session
+    for runner in (chain, entry_points):  # an interrupted session
+        runner.kill_running()
     for pool in (executor, multidevice, small):
         pool.shutdown(wait=True, cancel_futures=True)
 
