@@ -269,7 +269,7 @@ def main(argv):
         clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
         clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
         mnist = data.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
-        real_features = clf.features_and_probs(mnist.test_images)[0]
+        real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
     rows = []
     cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]
     total_steps, done_steps, start = sum(s for _, s in cells), 0, time.perf_counter()

@@ -216,7 +216,7 @@ def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
 def load_evaluator(classifier_dir: str, mnist: data.Mnist):
     """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
     clf = require_classifier(classifier_dir)
-    return clf, clf.features_and_probs(mnist.test_images)[0]
+    return clf, classifier.test_set_features(clf, classifier_dir, mnist.test_images)
 
 
 def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list[dict]:
@@ -287,7 +287,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     else:
         timings.reuse("classifier", clf_dir)
         classifier.check_accuracy(clf.test_accuracy, clf_cfg, clf_dir)
-    real_features, _ = clf.features_and_probs(mnist.test_images)
+    real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
 
     for regime in config.regimes:
         cfg = regime_config(config, regime)

@@ -595,9 +595,10 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
     evaluator = None
     if clf is not None:  # FID's reference: the MNIST test set in the classifier's features
         from fedinf_jax import data
+        from fedinf_jax.evaluation import classifier
 
         mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
-        evaluator = (clf, clf.features_and_probs(mnist.test_images)[0])
+        evaluator = (clf, classifier.test_set_features(clf, s.classifier, mnist.test_images))
     sde = federation.components.sde
     with errors.as_config_error():
         base = solvers.SolverSpec.from_config(federation.config.sampler, sde)

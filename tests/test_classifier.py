@@ -34,3 +34,25 @@ def test_shift_augmentation_moves_pixels_within_bounds():
     assert set(ys) <= set(range(12, 17)) and set(xs) <= set(range(12, 17))
     assert np.all(shifted.reshape(50, -1).sum(axis=1) == 255)
     assert len({tuple(np.argwhere(s)[0]) for s in shifted}) > 5
+
+
+def test_test_set_features_are_computed_once(reproduced, mnist, tmp_path, monkeypatch):
+    """The pipeline kept the test set's features beside its classifier; a cache is read back
+    only for the same images (and parameters), else recomputed."""
+    trained = classifier.load_classifier(str(reproduced[0] / "classifier"))
+    with np.load(reproduced[0] / "classifier" / classifier.TEST_FEATURES) as f:
+        assert f["features"].shape == (10_000, 16)
+    images = mnist.test_images[:50]
+    features = classifier.test_set_features(trained, str(tmp_path), images)
+    np.testing.assert_array_equal(features, trained.features_and_probs(images)[0])
+    monkeypatch.setattr(
+        classifier.TrainedClassifier,
+        "features_and_probs",
+        lambda *a, **k: pytest.fail("recomputed"),
+    )
+    np.testing.assert_array_equal(
+        classifier.test_set_features(trained, str(tmp_path), images), features
+    )
+    monkeypatch.undo()
+    other = classifier.test_set_features(trained, str(tmp_path), mnist.test_images[50:60])
+    np.testing.assert_array_equal(other, trained.features_and_probs(mnist.test_images[50:60])[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from fedinf_jax import checkpoint, data, train_lib
+from fedinf_jax import checkpoint, data, files, train_lib
 from fedinf_jax.models.layers import GroupNorm
 
 
@@ -130,6 +131,32 @@ def load_classifier(workdir: str) -> TrainedClassifier | None:
     finally:
         manager.close()
     return TrainedClassifier(model, params, meta["test_accuracy"], config.data.centered)
+
+
+TEST_FEATURES = "test_features.npz"
+
+
+def test_set_features(clf: TrainedClassifier, workdir: str, images: np.ndarray) -> np.ndarray:
+    """``clf``'s features of ``images`` (the MNIST test set: FID's reference), kept in
+    ``workdir/test_features.npz`` once computed, with a digest of the images and the parameters,
+    so that every later evaluation against the classifier in ``workdir`` reads them. A folder
+    that cannot be written only costs the cache."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    for leaf in jax.tree.leaves(clf.params):
+        digest.update(np.asarray(leaf).tobytes())
+    digest = digest.hexdigest()
+    path = os.path.join(workdir, TEST_FEATURES)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if str(f["digest"]) == digest:
+                return f["features"]
+    features = clf.features_and_probs(images)[0]
+    try:
+        with files.atomic_path(path) as tmp:
+            np.savez(tmp, features=features, digest=digest)
+    except OSError as err:
+        logging.warning("test-set features not kept in %s: %s", path, err)
+    return features
 
 
 def evaluate_accuracy(
