@@ -68,16 +68,17 @@ def test_sampling_restores_the_parameters_alone(cli_workdir):
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
-    """Stopped at step 10 (after the warm-up, inside the cosine decay) and resumed to 30, a
-    run ends bitwise where a straight run ends; resuming in the same process compiles nothing
+    """Stopped at step 8 (after the 5 warm-up steps, inside the cosine decay) and resumed to 12,
+    a run ends bitwise where a straight run ends; resuming in the same process compiles nothing
     new (the restored state has a fresh state's signature)."""
     config = micro_config()
-    num_steps = config.train.num_steps
+    config.train.num_steps = num_steps = 12
+    config.train.checkpoint_every = config.train.log_every = 4
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_lib.train_and_evaluate(config, str(straight))
-    train_lib.train_and_evaluate(config, str(resumed), stop_at=10)
+    train_lib.train_and_evaluate(config, str(resumed), stop_at=8)
     state, _ = _restore(resumed, config)
-    assert int(state.step) == 10
+    assert int(state.step) == 8
     with count_compiles() as compiles:
         train_lib.train_and_evaluate(config, str(resumed))
     assert compiles == []
