@@ -29,8 +29,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.data.mnist_dir = ""
     config.data.tfds_data_dir = ""
     # "paper": the paper's procedure (configs/base.py, paper_sampler); the others: the corrected
-    # sampler with that aggregator. With one agent every aggregator is the agent, so the control
-    # regime runs only "paper" and "mean".
+    # sampler with that aggregator, at its defaults or with settings after a colon
+    # ("label_prior:top_k=1"; fedinf_jax.pipeline.parse_procedure). With one agent every
+    # aggregator is the agent, so the control regime runs only "paper" and "mean".
     config.procedures = (
         "paper",
         "mean",
@@ -41,6 +42,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "weighted",
         "median",
         "trimmed_mean",
+        # The baselines routing gives: one agent per sample, and the top-k sparse routers.
+        "route",
+        "label_prior:top_k=1",
+        "label_prior:top_k=2",
+        "superdiff_or:top_k=1",
+        "superdiff_or:top_k=2",
     )
     if preset == "demo":  # minutes: the paper's procedure, the corrected mean, the mixture
         config.procedures = ("paper", "mean", "superdiff_or")

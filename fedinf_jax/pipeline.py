@@ -22,6 +22,7 @@ Stages, each skipped when its output exists (a rerun redoes only what is missing
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import time
@@ -45,10 +46,39 @@ def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list
     return list(procedures)
 
 
+def parse_procedure(procedure: str) -> tuple[str, dict]:
+    """A procedure's aggregator and settings: ``paper`` or a member's name alone (its defaults),
+    or with settings after a colon, ``label_prior:top_k=1``,
+    ``superdiff_or:top_k=2,temperature=0.5`` (values as Python literals; a bare word is a
+    string).
+
+    Raises:
+      ValueError: an unknown member or setting (the valid ones listed), or an item that is not
+        ``name=value``.
+    """
+    name, _, rest = procedure.partition(":")
+    check_choice("procedure", name, ("paper", *aggregators.AGGREGATORS))
+    if not rest:
+        return name, {}
+    valid = aggregators.settings_of(name) if name != "paper" else {}
+    settings = {}
+    for item in rest.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"procedure {procedure!r}: settings are name=value, got {item!r}")
+        check_choice(f"setting of {name}", key, valid)
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return name, settings
+
+
 def regime_config(config, regime: str, procedure: str | None = None) -> ml_collections.ConfigDict:
     """The regime's run config (``config.runs.<regime>``); with a procedure, its sampler and
     aggregator set: ``paper``, the paper's sampler (``config.paper_sampler``) with the uniform
-    mean; an aggregator's name, the corrected sampler (``config.sampler``) with it."""
+    mean; an aggregator's name (with settings, ``parse_procedure``), the corrected sampler
+    (``config.sampler``) with it."""
     check_choice("regime", regime, config.runs)
     paper = procedure == "paper"
     cfg = ml_collections.ConfigDict(config.runs[regime].to_dict())
@@ -58,9 +88,11 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
         cfg.sampler.update(config.paper_sampler.to_dict())
         cfg.aggregator.name = "mean"
     elif procedure is not None:
-        check_choice("procedure", procedure, ("paper", *aggregators.AGGREGATORS))
+        name, settings = parse_procedure(procedure)
         cfg.sampler.update(config.sampler.to_dict())
-        cfg.aggregator.name = procedure
+        cfg.aggregator.name = name
+        for key, value in settings.items():
+            cfg.aggregator[name][key] = value
         if procedure in config.get("trajectory_procedures", ()):
             cfg.sampler.save_trajectory = config.trajectory_times
     cfg.sampler.num_per_class = config.eval_per_class

@@ -10,7 +10,7 @@ import pytest
 
 import evaluate
 from configs import homo, reproduce
-from fedinf_jax import pipeline
+from fedinf_jax import errors, pipeline
 from fedinf_jax.evaluation import report
 from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
 
@@ -218,6 +218,28 @@ def test_procedures_and_regime_configs():
     assert paper.to_dict() == expected.to_dict()
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         reproduce.get_config("huge")
+
+
+def test_a_procedure_can_set_its_members_settings():
+    config = reproduce.get_config("cpu")
+    top1 = pipeline.regime_config(config, "heterogeneous", "label_prior:top_k=1")
+    assert top1.aggregator.name == "label_prior" and top1.aggregator.label_prior.top_k == 1
+    both = pipeline.regime_config(
+        config, "heterogeneous", "superdiff_or:top_k=2, temperature=0.5, prior=shares"
+    )
+    assert dict(both.aggregator.superdiff_or) == dict(
+        probes=1, top_k=2, temperature=0.5, prior="shares"
+    )
+    assert pipeline.parse_procedure("route") == ("route", {})
+    with pytest.raises(ValueError, match=r"unknown setting of label_prior 'k'; valid: \['top_k'\]"):
+        pipeline.parse_procedure("label_prior:k=1")
+    with pytest.raises(ValueError, match="settings are name=value, got 'top_k'"):
+        pipeline.parse_procedure("label_prior:top_k")
+    config.procedures = ("mean", "label_prior:top_k=11")
+    with pytest.raises(
+        errors.ConfigError, match=r"homogeneous/label_prior:top_k=11: .* top_k must"
+    ):
+        pipeline.check_config(config)
 
 
 def test_ratios_to_control_and_the_papers():
