@@ -16,10 +16,26 @@ _CLASSIFIER_PRESET = {"smoke": "smoke", "demo": "demo", "cpu": "cpu", "paper": "
 _REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 
 
+# The heterogeneity sweep's partitions (the Flower and NIID-Bench conventions: Dirichlet label
+# skew, and pathological shards of 1 or 2 classes per agent), from near-IID to one digit each,
+# with the pooled control; reproduce.py:PRESET,sweep turns it on.
+SWEEP_PARTITIONS = (
+    "control",
+    "dirichlet:alpha=10.0",
+    "dirichlet:alpha=1.0",
+    "dirichlet:alpha=0.3",
+    "dirichlet:alpha=0.1",
+    "pathological:classes_per_agent=2",
+    "pathological:classes_per_agent=1",
+)
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    preset = preset or base.DEFAULT_PRESET
+    preset, _, modifier = (preset or base.DEFAULT_PRESET).partition(",")
     if preset not in base.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {list(base.PRESETS)}")
+    if modifier not in ("", "sweep"):
+        raise ValueError(f"unknown modifier {modifier!r}; valid: ['sweep']")
     config = ml_collections.ConfigDict()
     config.preset = preset
     config.regimes = ("control", "homogeneous", "heterogeneous")
@@ -73,4 +89,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agreement_aggregators = ("label_prior", "superdiff_and")
     config.agreement_times = (1.0, 0.5, 0.1, 0.01)
     config.seed = 0
+    # The heterogeneity sweep (off unless partitions are given; PRESET,sweep gives
+    # SWEEP_PARTITIONS): for each partition and seed, K agents trained at the preset (the
+    # heterogeneous regime's run config with that partition; one agent for "control"), sampled
+    # under each of its procedures; mean and standard error over the seeds in report.md,
+    # sweep.json and sweep.png. Each seed draws the partition and the training anew.
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.partitions = SWEEP_PARTITIONS if modifier == "sweep" else ()
+    config.sweep.seeds = (0, 1, 2)
+    config.sweep.num_agents = 10
+    config.sweep.procedures = ("mean", "label_prior", "superdiff_or", "route")
     return config

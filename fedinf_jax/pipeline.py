@@ -16,8 +16,14 @@ Stages, each skipped when its output exists (a rerun redoes only what is missing
    classifier's feature space;
 6. ``agreement.json``: the paper's Tables 3/4 (magnitude and cosine agreement of the agents'
    scores) per regime;
-7. ``report.md``: Table 1, the claim sets, the Figure 2 grids, Tables 3/4 and the wall times
-   (``timings.json``).
+7. ``report.md``: Table 1, the claim sets, the communication each set would need
+   (``evaluation/communication.py``), the Figure 2 grids, Tables 3/4, the heterogeneity sweep and
+   the wall times (``timings.json``).
+
+With ``sweep.partitions`` (``reproduce.py:PRESET,sweep``), the heterogeneity sweep's federations
+(``sweep_runs``: one per partition and seed, ``sweep_<partition>_seed<seed>/``) go through
+stages 2-3 like the regimes, under ``sweep.procedures``; ``sweep.json`` and ``sweep.png`` hold
+the mean and standard error over the seeds (``sweep_summary``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fedinf_jax import aggregators, checkpoint, data, errors, files, sample_lib, train_lib
+from fedinf_jax import (
+    aggregators,
+    checkpoint,
+    data,
+    errors,
+    files,
+    plots,
+    sample_lib,
+    train_lib,
+)
 from fedinf_jax.evaluation import agreement, classifier, communication, metrics, report
 from fedinf_jax.registry import check_choice
 
@@ -56,16 +71,20 @@ def parse_procedure(procedure: str) -> tuple[str, dict]:
       ValueError: an unknown member or setting (the valid ones listed), or an item that is not
         ``name=value``.
     """
-    name, _, rest = procedure.partition(":")
+    name = procedure.partition(":")[0]
     check_choice("procedure", name, ("paper", *aggregators.AGGREGATORS))
-    if not rest:
-        return name, {}
     valid = aggregators.settings_of(name) if name != "paper" else {}
+    return _parse_spec("procedure", procedure, valid)
+
+
+def _parse_spec(family: str, spec: str, valid) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,...`` -> (name, {key: value}); keys must be in ``valid``."""
+    name, _, rest = spec.partition(":")
     settings = {}
-    for item in rest.split(","):
+    for item in filter(None, rest.split(",")):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep:
-            raise ValueError(f"procedure {procedure!r}: settings are name=value, got {item!r}")
+            raise ValueError(f"{family} {spec!r}: settings are name=value, got {item!r}")
         check_choice(f"setting of {name}", key, valid)
         try:
             settings[key] = ast.literal_eval(value)
@@ -74,14 +93,68 @@ def parse_procedure(procedure: str) -> tuple[str, dict]:
     return name, settings
 
 
+SWEEP_PREFIX = "sweep_"
+
+
+def sweep_runs(config) -> dict[str, ml_collections.ConfigDict]:
+    """The heterogeneity sweep's federations (``config.sweep``), as extra regimes: for each
+    partition spec (``dirichlet:alpha=0.1``, ``pathological:classes_per_agent=1``, ``control``)
+    and seed, the heterogeneous run config with that partition, ``sweep.num_agents`` agents (one
+    for ``control``) and the seed as both partition and training seed. Named
+    ``sweep_<spec>_seed<seed>``; empty without ``sweep.partitions``.
+
+    Raises:
+      ValueError: an unknown partition or a setting that is not one of its parameters.
+    """
+    import inspect
+
+    from fedinf_jax import partitions
+
+    sweep = config.get("sweep")
+    if not sweep or not sweep.partitions:
+        return {}
+    runs = {}
+    for spec in sweep.partitions:
+        name = spec.partition(":")[0]
+        fn = partitions.PARTITIONS.get(name)
+        valid = [p for p in inspect.signature(fn).parameters if p not in ("labels", "seed")]
+        name, settings = _parse_spec("partition", spec, valid)
+        for seed in sweep.seeds:
+            cfg = ml_collections.ConfigDict(config.runs.heterogeneous.to_dict())
+            cfg.partition.name = name
+            cfg.partition.num_agents = 1 if name == "control" else sweep.num_agents
+            for key, value in settings.items():
+                cfg.partition[key] = value
+            cfg.partition.seed = cfg.seed = int(seed)
+            k, trim = cfg.partition.num_agents, cfg.aggregator.trimmed_mean
+            trim.trim = min(trim.trim, (k - 1) // 2)
+            runs[f"{SWEEP_PREFIX}{spec}_seed{seed}"] = cfg
+    return runs
+
+
+def all_regimes(config) -> list[str]:
+    """The reproduction's regimes, then the sweep's federations."""
+    return [*config.regimes, *sweep_runs(config)]
+
+
+def regime_procedures(config, regime: str) -> list[str]:
+    """The procedures sampled for ``regime``: ``config.procedures`` for the paper's regimes,
+    ``sweep.procedures`` for the sweep's; one agent's: only the paper's and the mean."""
+    sweep = regime.startswith(SWEEP_PREFIX)
+    return procedures_for(
+        regime_config(config, regime), config.sweep.procedures if sweep else config.procedures
+    )
+
+
 def regime_config(config, regime: str, procedure: str | None = None) -> ml_collections.ConfigDict:
     """The regime's run config (``config.runs.<regime>``); with a procedure, its sampler and
     aggregator set: ``paper``, the paper's sampler (``config.paper_sampler``) with the uniform
     mean; an aggregator's name (with settings, ``parse_procedure``), the corrected sampler
     (``config.sampler``) with it."""
-    check_choice("regime", regime, config.runs)
+    runs = {**config.runs, **sweep_runs(config)} if regime.startswith(SWEEP_PREFIX) else config.runs
+    check_choice("regime", regime, runs)
     paper = procedure == "paper"
-    cfg = ml_collections.ConfigDict(config.runs[regime].to_dict())
+    cfg = ml_collections.ConfigDict(runs[regime].to_dict())
     cfg.data.update(config.data.to_dict())
     if paper:
         cfg.modifiers = "paper_sampler"
@@ -290,9 +363,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ConfigError: an unknown regime or procedure, or an invalid setting (named with the regime
         and procedure).
     """
-    for regime in config.regimes:
+    with errors.as_config_error("sweep: "):
+        regimes = all_regimes(config)
+    for regime in regimes:
         with errors.as_config_error():
-            procedures = procedures_for(regime_config(config, regime), config.procedures)
+            procedures = regime_procedures(config, regime)
         for procedure in procedures:
             with errors.as_config_error(f"{regime}/{procedure}: "):
                 cfg = regime_config(config, regime, procedure)
@@ -321,7 +396,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         classifier.check_accuracy(clf.test_accuracy, clf_cfg, clf_dir)
     real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
 
-    for regime in config.regimes:
+    for regime in all_regimes(config):
         cfg = regime_config(config, regime)
         workdir = os.path.join(outdir, regime)
         if (checkpoint.latest_step(workdir) or 0) < cfg.train.num_steps:
@@ -333,11 +408,13 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
 
     # Procedure by procedure (each across the regimes), so that an interrupted run has the
     # comparisons that matter most (the order of config.procedures) for every regime first.
+    regimes = all_regimes(config)
+    procedures = dict.fromkeys([*config.procedures, *config.get("sweep", {}).get("procedures", ())])
     sets = [
         (regime, procedure)
-        for procedure in config.procedures
-        for regime in config.regimes
-        if procedure in procedures_for(regime_config(config, regime), config.procedures)
+        for procedure in procedures
+        for regime in regimes
+        if procedure in regime_procedures(config, regime)
     ]
 
     def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
@@ -357,7 +434,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         f"{regime}/{procedure}": sample_set("samples", regime, procedure, regime_config)
         for regime, procedure in sets
     }
-    order = {regime: i for i, regime in enumerate(config.regimes)}
+    order = {regime: i for i, regime in enumerate(regimes)}
     results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
 
     claims = {}
@@ -391,6 +468,13 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     else:
         timings.reuse("agreement", agreement_path)
     rows = _read_json(agreement_path)
+    swept = {k: r for k, r in results.items() if r["regime"].startswith(SWEEP_PREFIX)}
+    results = {k: r for k, r in results.items() if k not in swept}
+    sweep = None
+    if swept:
+        sweep = sweep_summary(config, swept)
+        plots.plot_sweep(sweep, os.path.join(outdir, "sweep.png"))
+        files.write_json(os.path.join(outdir, "sweep.json"), sweep)
     agents = [report.agents_row(regime, regime_config(config, regime)) for regime in config.regimes]
     weights = []  # the density-weighted sets' weights.png, relative to the report
     for r in results.values():
@@ -422,10 +506,38 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         claims,
         weights,
         traffic,
+        sweep,
     )
     path = os.path.join(outdir, "report.md")
     files.write_text(path, text)
     return path
+
+
+SWEEP_METRICS = ("accuracy", "noise_rate", "fid")
+
+
+def sweep_summary(config, results: dict) -> list[dict]:
+    """The sweep's sets (``results`` of the ``sweep_runs`` regimes) per (partition, procedure),
+    in ``config.sweep`` order: the number of seeds and, of each of ``SWEEP_METRICS``, the mean
+    over seeds and its standard error (sample standard deviation / sqrt(seeds); 0 for one seed).
+    """
+    rows = []
+    for spec in config.sweep.partitions:
+        for procedure in config.sweep.procedures:
+            found = [
+                results[key]
+                for seed in config.sweep.seeds
+                if (key := f"{SWEEP_PREFIX}{spec}_seed{seed}/{procedure}") in results
+            ]
+            if not found:
+                continue
+            row = {"partition": spec, "procedure": procedure, "seeds": len(found)}
+            for metric in SWEEP_METRICS:
+                values = np.array([r[metric] for r in found], np.float64)
+                se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+                row[metric], row[f"{metric}_se"] = float(values.mean()), float(se)
+            rows.append(row)
+    return rows
 
 
 def _read_json(path: str):

@@ -208,6 +208,32 @@ def plot_study_steps(steps: dict[str, tuple[np.ndarray, np.ndarray]], path: str)
     return _save(fig, path)
 
 
+def plot_sweep(rows: list[dict], path: str) -> str:
+    """The heterogeneity sweep (``pipeline.sweep_summary`` rows): accuracy, noise rate and FID
+    per partition (in the sweep's order, left to right) with one line per procedure and error
+    bars of one standard error over the seeds; saved as a PNG. Returns ``path``."""
+    plt = _pyplot()
+    partitions = list(dict.fromkeys(r["partition"] for r in rows))
+    metrics = [("accuracy", "accuracy"), ("noise_rate", "noise rate"), ("fid", "FID")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = np.arange(len(partitions))
+    for procedure in dict.fromkeys(r["procedure"] for r in rows):
+        mine = {r["partition"]: r for r in rows if r["procedure"] == procedure}
+        at = [i for i, p in enumerate(partitions) if p in mine]
+        for ax, (key, _) in zip(axes, metrics, strict=True):
+            values = [mine[partitions[i]][key] for i in at]
+            errors = [mine[partitions[i]][f"{key}_se"] for i in at]
+            ax.errorbar(
+                x[at], values, yerr=errors, fmt="o-", ms=3, lw=1, capsize=2, label=procedure
+            )
+    for ax, (_, label) in zip(axes, metrics, strict=True):
+        ax.set_xticks(x, partitions, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("heterogeneity sweep: mean +- one standard error over seeds", fontsize=9)
+    return _save(fig, path)
+
+
 def _pyplot():
     import matplotlib
 

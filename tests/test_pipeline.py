@@ -261,3 +261,60 @@ def test_ratios_to_control_and_the_papers():
     del results["control/mean"]
     assert len(_table_rows(report._ratio_table(results))) == 1
     assert report._ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []
+
+
+def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
+    """``PRESET,sweep``: one federation per (partition, seed), sampled under the sweep's
+    procedures (the pooled control under the mean only); the summary is the mean and standard
+    error over the seeds; a bad partition setting is named with the valid ones."""
+    config = reproduce.get_config("demo,sweep")
+    assert pipeline.sweep_runs(reproduce.get_config("demo")) == {}
+    runs = pipeline.sweep_runs(config)
+    assert len(runs) == len(reproduce.SWEEP_PARTITIONS) * 3
+    cfg = runs["sweep_dirichlet:alpha=0.1_seed2"]
+    assert (cfg.partition.name, cfg.partition.alpha, cfg.partition.num_agents) == (
+        "dirichlet",
+        0.1,
+        10,
+    )
+    assert cfg.partition.seed == cfg.seed == 2
+    assert runs["sweep_pathological:classes_per_agent=1_seed0"].partition.classes_per_agent == 1
+    assert runs["sweep_control_seed1"].partition.num_agents == 1
+    assert pipeline.regime_procedures(config, "sweep_control_seed1") == ["mean"]
+    assert pipeline.regime_procedures(config, "sweep_dirichlet:alpha=0.1_seed2") == [
+        "mean",
+        "label_prior",
+        "superdiff_or",
+        "route",
+    ]
+    route = pipeline.regime_config(config, "sweep_dirichlet:alpha=0.1_seed2", "route")
+    assert route.aggregator.name == "route" and route.partition.alpha == 0.1
+    config.sweep.partitions = ("dirichlet:beta=1.0",)
+    with pytest.raises(errors.ConfigError, match=r"sweep: unknown setting of dirichlet 'beta'"):
+        pipeline.check_config(config)
+
+    config = reproduce.get_config("demo,sweep")
+    config.sweep.partitions = ("control", "dirichlet:alpha=0.1")
+    results = {}
+    for seed, accuracy in enumerate((0.5, 0.7, 0.9)):
+        for spec, procedures in (("control", ["mean"]), ("dirichlet:alpha=0.1", ["mean", "route"])):
+            for procedure in procedures:
+                bump = 0.05 if procedure == "route" else 0.0
+                results[f"sweep_{spec}_seed{seed}/{procedure}"] = dict(
+                    accuracy=accuracy + bump, noise_rate=0.1, fid=float(seed)
+                )
+    rows = pipeline.sweep_summary(config, results)
+    assert [(r["partition"], r["procedure"], r["seeds"]) for r in rows] == [
+        ("control", "mean", 3),
+        ("dirichlet:alpha=0.1", "mean", 3),
+        ("dirichlet:alpha=0.1", "route", 3),
+    ]
+    assert rows[2]["accuracy"] == pytest.approx(0.75)
+    assert rows[0]["accuracy_se"] == pytest.approx(0.2 / np.sqrt(3))  # std 0.2 over 3 seeds
+    assert rows[0]["noise_rate_se"] == pytest.approx(0.0) and rows[0]["fid"] == 1.0
+    table = _table_rows(report._sweep_table(rows))
+    assert table[2] == ["dirichlet:alpha=0.1", "route", "3", "0.750 +- 0.115", "0.100 +- 0.000",
+                        "1.00 +- 0.58"]  # fmt: skip
+    from fedinf_jax import plots
+
+    assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"))) > 1000

@@ -24,13 +24,15 @@ def render(
     claims=None,
     weights=(),
     traffic=None,
+    sweep=None,
 ) -> str:
     """``report.md``'s Markdown: the agents (``agents``: one dict per regime, ``agents_row``),
     Table 1 (with ``reference``, real images measured the same way), the claim sets, the ratios
     to control beside the paper's, the communication a deployment would need (``traffic``: per
     set of ``results``, ``communication.of_sample_dir``), the grids, the agents' weights
     (``weights``: image paths relative to the report), Tables 3/4 (``rows``,
-    ``agreement_rows``) and the wall times.
+    ``agreement_rows``), the heterogeneity sweep (``sweep``: ``pipeline.sweep_summary`` rows)
+    and the wall times.
 
     ``config`` is the reproduction's (``configs/reproduce.py``): its preset, samples per digit
     and seed are quoted.
@@ -105,6 +107,8 @@ def render(
         if note:
             lines += [f"({note}.)", ""]
         lines += _agreement_tables(group)
+    if sweep:
+        lines += ["", "## Heterogeneity sweep", "", *_sweep_table(sweep), "", "![sweep](sweep.png)"]
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
@@ -151,6 +155,28 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
             f"{r.get('score_evaluations', '-')} | {_seconds(r.get('sampling_wall_time_s'))} |"
         )
     return lines
+
+
+def _sweep_table(sweep: list[dict]) -> list[str]:
+    """Per partition and procedure: mean +- standard error over the seeds."""
+    head = ["partition", "procedure", "seeds", "accuracy", "noise rate", "FID"]
+    rows = [
+        [
+            r["partition"],
+            r["procedure"],
+            str(r["seeds"]),
+            f"{r['accuracy']:.3f} +- {r['accuracy_se']:.3f}",
+            f"{r['noise_rate']:.3f} +- {r['noise_rate_se']:.3f}",
+            f"{r['fid']:.2f} +- {r['fid_se']:.2f}",
+        ]
+        for r in sweep
+    ]
+    return [
+        "Each partition's K agents trained on it, sampled under each procedure; mean +- standard "
+        "error over the seeds (each seed draws the partition and the training anew).",
+        "",
+        *markdown_table(head, rows),
+    ]
 
 
 def _traffic_table(traffic: dict) -> list[str]:
