@@ -18,7 +18,8 @@ _REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": heter
 
 # The heterogeneity sweep's partitions (the Flower and NIID-Bench conventions: Dirichlet label
 # skew, and pathological shards of 1 or 2 classes per agent), from near-IID to one digit each,
-# with the pooled control; reproduce.py:PRESET,sweep turns it on.
+# with the pooled control; reproduce.py:PRESET,sweep turns it on, and PRESET,scaling the number
+# of agents K of the paper's heterogeneous split instead (K_SCALING_PARTITIONS).
 SWEEP_PARTITIONS = (
     "control",
     "dirichlet:alpha=10.0",
@@ -28,14 +29,16 @@ SWEEP_PARTITIONS = (
     "pathological:classes_per_agent=2",
     "pathological:classes_per_agent=1",
 )
+K_SCALING_PARTITIONS = tuple(f"heterogeneous:num_agents={k}" for k in (2, 5, 10, 20))
+_SWEEPS = {"": (), "sweep": SWEEP_PARTITIONS, "scaling": K_SCALING_PARTITIONS}
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     preset, _, modifier = (preset or base.DEFAULT_PRESET).partition(",")
     if preset not in base.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {list(base.PRESETS)}")
-    if modifier not in ("", "sweep"):
-        raise ValueError(f"unknown modifier {modifier!r}; valid: ['sweep']")
+    if modifier not in _SWEEPS:
+        raise ValueError(f"unknown modifier {modifier!r}; valid: ['sweep', 'scaling']")
     config = ml_collections.ConfigDict()
     config.preset = preset
     config.regimes = ("control", "homogeneous", "heterogeneous")
@@ -90,12 +93,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agreement_times = (1.0, 0.5, 0.1, 0.01)
     config.seed = 0
     # The heterogeneity sweep (off unless partitions are given; PRESET,sweep gives
-    # SWEEP_PARTITIONS): for each partition and seed, K agents trained at the preset (the
+    # SWEEP_PARTITIONS, PRESET,scaling K_SCALING_PARTITIONS): for each partition and seed,
+    # num_agents agents (or the spec's own num_agents) trained at the preset (the
     # heterogeneous regime's run config with that partition; one agent for "control"), sampled
     # under each of its procedures; mean and standard error over the seeds in report.md,
     # sweep.json and sweep.png. Each seed draws the partition and the training anew.
     config.sweep = ml_collections.ConfigDict()
-    config.sweep.partitions = SWEEP_PARTITIONS if modifier == "sweep" else ()
+    config.sweep.partitions = _SWEEPS[modifier]
     config.sweep.seeds = (0, 1, 2)
     config.sweep.num_agents = 10
     config.sweep.procedures = ("mean", "label_prior", "superdiff_or", "route")

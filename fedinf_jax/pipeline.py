@@ -98,9 +98,10 @@ SWEEP_PREFIX = "sweep_"
 
 def sweep_runs(config) -> dict[str, ml_collections.ConfigDict]:
     """The heterogeneity sweep's federations (``config.sweep``), as extra regimes: for each
-    partition spec (``dirichlet:alpha=0.1``, ``pathological:classes_per_agent=1``, ``control``)
-    and seed, the heterogeneous run config with that partition, ``sweep.num_agents`` agents (one
-    for ``control``) and the seed as both partition and training seed. Named
+    partition spec (``dirichlet:alpha=0.1``, ``pathological:classes_per_agent=1``, ``control``,
+    ``heterogeneous:num_agents=20``) and seed, the heterogeneous run config with that partition,
+    ``sweep.num_agents`` agents unless the spec sets them (one for ``control``) and the seed as
+    both partition and training seed. Named
     ``sweep_<spec>_seed<seed>``; empty without ``sweep.partitions``.
 
     Raises:
@@ -513,7 +514,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     return path
 
 
-SWEEP_METRICS = ("accuracy", "noise_rate", "fid")
+SWEEP_METRICS = ("accuracy", "noise_rate", "fid", "sampling_wall_time_s")
 
 
 def sweep_summary(config, results: dict) -> list[dict]:

@@ -289,6 +289,9 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     ]
     route = pipeline.regime_config(config, "sweep_dirichlet:alpha=0.1_seed2", "route")
     assert route.aggregator.name == "route" and route.partition.alpha == 0.1
+    scaling = pipeline.sweep_runs(reproduce.get_config("demo,scaling"))
+    assert [scaling[f"sweep_heterogeneous:num_agents={k}_seed0"].partition.num_agents
+            for k in (2, 5, 10, 20)] == [2, 5, 10, 20]  # fmt: skip
     config.sweep.partitions = ("dirichlet:beta=1.0",)
     with pytest.raises(errors.ConfigError, match=r"sweep: unknown setting of dirichlet 'beta'"):
         pipeline.check_config(config)
@@ -301,7 +304,10 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
             for procedure in procedures:
                 bump = 0.05 if procedure == "route" else 0.0
                 results[f"sweep_{spec}_seed{seed}/{procedure}"] = dict(
-                    accuracy=accuracy + bump, noise_rate=0.1, fid=float(seed)
+                    accuracy=accuracy + bump,
+                    noise_rate=0.1,
+                    fid=float(seed),
+                    sampling_wall_time_s=9.0,
                 )
     rows = pipeline.sweep_summary(config, results)
     assert [(r["partition"], r["procedure"], r["seeds"]) for r in rows] == [
@@ -314,7 +320,7 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     assert rows[0]["noise_rate_se"] == pytest.approx(0.0) and rows[0]["fid"] == 1.0
     table = _table_rows(report._sweep_table(rows))
     assert table[2] == ["dirichlet:alpha=0.1", "route", "3", "0.750 +- 0.115", "0.100 +- 0.000",
-                        "1.00 +- 0.58"]  # fmt: skip
+                        "1.00 +- 0.58", "9"]  # fmt: skip
     from fedinf_jax import plots
 
     assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"))) > 1000

@@ -159,7 +159,7 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
 
 def _sweep_table(sweep: list[dict]) -> list[str]:
     """Per partition and procedure: mean +- standard error over the seeds."""
-    head = ["partition", "procedure", "seeds", "accuracy", "noise rate", "FID"]
+    head = ["partition", "procedure", "seeds", "accuracy", "noise rate", "FID", "sampling s"]
     rows = [
         [
             r["partition"],
@@ -168,6 +168,7 @@ def _sweep_table(sweep: list[dict]) -> list[str]:
             f"{r['accuracy']:.3f} +- {r['accuracy_se']:.3f}",
             f"{r['noise_rate']:.3f} +- {r['noise_rate_se']:.3f}",
             f"{r['fid']:.2f} +- {r['fid_se']:.2f}",
+            f"{r['sampling_wall_time_s']:.0f}",
         ]
         for r in sweep
     ]
