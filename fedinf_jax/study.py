@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 import diffrax
 import jax
 import numpy as np
+from absl import logging
 
 from fedinf_jax import files, plots, solvers
 from fedinf_jax.aggregators import DensityState
@@ -288,6 +289,7 @@ def run(
             row["failure"] = str(err)
             cache.store(cell, row)
             return row, {}, True
+        logging.info("solving %s (%d samples)", cell.name, len(labels))  # a reference takes long
         row, arrays = measure(cell, sampler, params, keys, labels)
         cache.store(cell, row, arrays)
         return row, arrays, True
@@ -579,8 +581,6 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
       ConfigError: an invalid study or sampler setting (before any checkpoint is read).
       MissingInputError: ``workdir`` holds no checkpoint, or ``study.classifier`` no classifier.
     """
-    from absl import logging
-
     from fedinf_jax import errors, runtime, sample_lib
 
     s = config.study
