@@ -189,7 +189,8 @@ def _check_top_k(top_k: int, num_agents: int | None) -> bool:
 
 def _top_k_softmax(logits: Array, top_k: int) -> Array:
     """softmax over axis 0 of (agents, batch) logits, restricted to each column's ``top_k``
-    largest (renormalised); 0 keeps every agent."""
+    largest (renormalised; agents tied with the k-th largest are kept too); 0 keeps every
+    agent."""
     if top_k <= 0 or top_k >= logits.shape[0]:
         return jax.nn.softmax(logits, axis=0)
     kth = jax.lax.top_k(logits.T, top_k)[0][:, -1]  # (batch,): the k-th largest logit
