@@ -44,7 +44,10 @@ def test_report_tables_parse(reproduced):
     for row in table1:
         is_mean, is_std = (float(v) for v in row[2].split("+-"))
         assert 1.0 <= is_mean <= 10.0 and is_std >= 0.0
-        fid, accuracy, noise, precision, recall = (float(v) for v in row[3:8])
+        fid, accuracy, noise, precision, recall = (float(v.split("+-")[0]) for v in row[3:8])
+        for cell in row[4:6]:  # accuracy and noise rate: p +- sqrt(p (1 - p) / n)
+            p, se = (float(v) for v in cell.split("+-"))
+            assert se == pytest.approx(np.sqrt(p * (1 - p) / 20), abs=6e-4)
         assert fid >= 0.0
         assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
     assert table1[0][8:] == ["-", "-"]  # real images: no sampler

@@ -143,15 +143,18 @@ def _agents_table(agents: list[dict], timings: dict) -> list[str]:
 
 
 def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
-    """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics."""
+    """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics; the
+    accuracy and the noise rate with their binomial standard errors, sqrt(p (1 - p) / n)."""
     head = [*key_columns, "IS", "FID", "accuracy", "noise rate", "precision", "recall"]
     head += ["score evals", "sampling s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for keys, r in rows:
         lines.append(
             f"| {' | '.join(keys)} | {r['inception_score']:.2f} +- "
-            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | {r['accuracy']:.3f} | "
-            f"{r['noise_rate']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | "
+            f"{_with_se(r['accuracy'], r['num_samples'])} | "
+            f"{_with_se(r['noise_rate'], r['num_samples'])} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | "
             f"{r.get('score_evaluations', '-')} | {_seconds(r.get('sampling_wall_time_s'))} |"
         )
     return lines
@@ -207,6 +210,11 @@ def _traffic_table(traffic: dict) -> list[str]:
         "",
         *markdown_table(head, rows),
     ]
+
+
+def _with_se(p: float, n: int) -> str:
+    """A proportion of n samples with its binomial standard error."""
+    return f"{p:.3f} +- {np.sqrt(p * (1 - p) / n):.3f}"
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
