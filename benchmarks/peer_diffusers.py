@@ -28,7 +28,7 @@ import json
 import os
 import platform
 
-import timing
+import peer
 from absl import app, flags
 
 flags.DEFINE_enum(
@@ -63,122 +63,6 @@ _FLAGS = (
 )
 
 
-def diffusers_kwargs(model_config) -> dict:
-    """``UNet2DConditionModel`` arguments for a ``config.model`` section (the paper's appendix B
-    table for the ``paper`` preset). diffusers lists up blocks deepest first and calls the number
-    of heads ``attention_head_dim``."""
-    kwargs = dict(
-        sample_size=28,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=model_config.layers_per_block,
-        block_out_channels=tuple(model_config.block_out_channels),
-        cross_attention_dim=model_config.num_classes,
-        down_block_types=tuple(
-            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model_config.attention_levels
-        ),
-        up_block_types=tuple(
-            "CrossAttnUpBlock2D" if a else "UpBlock2D"
-            for a in reversed(model_config.up_attention_levels)
-        ),
-        norm_num_groups=model_config.norm_groups,
-        attention_head_dim=model_config.num_heads,
-    )
-    if model_config.class_embedding:
-        kwargs["num_class_embeds"] = model_config.num_classes
-    return kwargs
-
-
-def _median_time(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after a warm-up call (in which JAX compiles)."""
-    return timing.time_calls(fn, repeats)[1]
-
-
-def torch_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    kwargs = diffusers_kwargs(config.model)
-    unets = [UNet2DConditionModel(**kwargs).eval() for _ in range(k)]
-    params = sum(p.numel() for p in unets[0].parameters())
-    class_labels = config.model.class_embedding
-    y = torch.arange(b) % 10
-    context = torch.nn.functional.one_hot(y, 10).float()[:, None, :]
-    sigma_min, sigma_max = config.sde.sigma_min, config.sde.sigma_max
-
-    def sigma(t):
-        return sigma_min * (sigma_max / sigma_min) ** t
-
-    @torch.no_grad()
-    def federated_score(x, t):
-        noise_level = torch.full((b,), 999.0 * t)
-        labels = y if class_labels else None
-        eps = [u(x, noise_level, context, class_labels=labels).sample for u in unets]
-        return -torch.stack(eps).mean(0) / sigma(t)
-
-    x0 = torch.randn(b, 1, 28, 28)
-    result = {"params_per_agent": params}
-    result["score_s"] = _median_time(lambda: federated_score(x0, 0.5), repeats)
-
-    @torch.no_grad()
-    def sample():  # the paper's loop: VE probability-flow ODE, Euler, over steps and agents
-        x = x0 * sigma_max
-        ts = torch.linspace(1.0, 1e-3, steps + 1)
-        for i in range(steps):
-            t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
-            g2 = 2 * sigma(t) ** 2 * torch.log(torch.tensor(sigma_max / sigma_min))
-            x = x - 0.5 * g2 * federated_score(x, t) * dt
-        return x
-
-    if steps:
-        result["sample_s"] = _median_time(sample, repeats)
-    return result
-
-
-def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
-    import federated_score
-
-    from fedinf_jax import aggregators, data, sampling, solvers, train_lib
-
-    config.agent_axis.score = FLAGS.strategy
-    config.model.dtype = FLAGS.dtype
-    config.conv_impl = FLAGS.conv_impl
-    if FLAGS.map_unroll is not None:
-        config.agent_axis.map_unroll = FLAGS.map_unroll
-    comp = train_lib.resolve(config)
-    score = federated_score.build(comp, k, b)
-    params, (_, _, y) = score.params, score.args
-    first_s, score_s = timing.time_calls(lambda: score().block_until_ready(), repeats)
-    result = {
-        "params_per_agent": train_lib.count_params(params) // k,
-        "strategy": comp.score_strategy,
-        "map_unroll": comp.map_unroll,
-        "dtype": FLAGS.dtype,
-        "conv_impl": FLAGS.conv_impl,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "score_first_call_s": first_s,  # compiles
-        "score_s": score_s,
-    }
-    if steps:
-        spec = solvers.SolverSpec(
-            method="ode",
-            solver=solvers.make_solver("ode", "euler"),
-            num_steps=steps,
-            t_end=1e-3,
-            denoise=False,
-        )
-        sampler = sampling.FederatedSampler(
-            score.lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE
-        )
-        keys = sampling.sample_keys(0, b)
-        result["sample_s"] = _median_time(
-            lambda: sampler(params, keys, y).images.block_until_ready(), repeats
-        )
-    return result
-
-
 def main(argv):
     del argv
     import jax
@@ -198,10 +82,15 @@ def main(argv):
         raise SystemExit(f"--sides takes torch and/or jax, got {FLAGS.sides}")
     results = {}
     if "torch" in FLAGS.sides:
-        results["torch"] = torch_side(config, k, b, steps, FLAGS.repeats)
+        results["torch"] = peer.torch_side(config, k, b, steps, FLAGS.repeats)
         print(f"PyTorch + diffusers: {results['torch']}", flush=True)
     if "jax" in FLAGS.sides:
-        results["jax"] = jax_side(config, k, b, steps, FLAGS.repeats)
+        config.agent_axis.score = FLAGS.strategy
+        config.model.dtype = FLAGS.dtype
+        config.conv_impl = FLAGS.conv_impl
+        if FLAGS.map_unroll is not None:
+            config.agent_axis.map_unroll = FLAGS.map_unroll
+        results["jax"] = peer.jax_side(config, k, b, steps, FLAGS.repeats)
         print(f"fedinf_jax: {results['jax']}", flush=True)
     keys = [("score evaluation", "score_s")]
     if steps:

@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -194,6 +195,7 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
 SESSION_RUNS = (
     "tfds_data_dir",
     "bad_input_runs",
+    "accelerator_dry_run",
     "smoke_run",
     "multidevice_run",
     "sample_cli_run",
@@ -245,6 +247,9 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     if "bad_input_runs" in needed:
         outdir = tmp_path_factory.mktemp("bad_inputs")
         runs["bad_input_runs"] = small.submit(_bad_inputs, entry_points, outdir)
+    if "accelerator_dry_run" in needed:
+        outdir = tmp_path_factory.mktemp("accelerator")
+        runs["accelerator_dry_run"] = small.submit(_accelerator_dry_run, entry_points, outdir)
     if "multidevice_run" in needed:
         runs["multidevice_run"] = multidevice.submit(_multidevice_checks, entry_points)
     if "multiprocess_run" in needed:
@@ -313,6 +318,18 @@ def _sample_smoke(entry_points, trained, outdir) -> pathlib.Path:
     return outdir
 
 
+def _accelerator_dry_run(entry_points, outdir) -> tuple[dict, str]:
+    """``benchmarks/accelerator_check.py --dry_run`` on 2 virtual CPU devices (so that its
+    sharded part runs): (its JSON record, its log)."""
+    path = outdir / "accelerator.json"
+    log = entry_points.run(
+        ["benchmarks/accelerator_check.py", "--dry_run", f"--output={path}"],
+        timeout=600,
+        extra_env={"XLA_FLAGS": suite_xla_flags("--xla_force_host_platform_device_count=2")},
+    )
+    return json.loads(path.read_text()), log
+
+
 def _multidevice_checks(entry_points) -> str:
     return entry_points.run(
         ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice_checks.py"],
@@ -340,6 +357,11 @@ def _two_processes(entry_points, outdir) -> pathlib.Path:
 def _reproduce_smoke(entry_points, trained, outdir) -> tuple[pathlib.Path, str]:
     shutil.copytree(trained.result(), outdir / "heterogeneous")
     return outdir, run_reproduce(outdir, entry_points)
+
+
+@pytest.fixture(scope="session")
+def accelerator_dry_run(session_runs) -> tuple[dict, str]:
+    return session_runs["accelerator_dry_run"].result()
 
 
 @pytest.fixture(scope="session")
