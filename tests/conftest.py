@@ -195,11 +195,11 @@ def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:
 SESSION_RUNS = (
     "tfds_data_dir",
     "bad_input_runs",
-    "accelerator_dry_run",
     "smoke_run",
     "multidevice_run",
     "sample_cli_run",
     "multiprocess_run",
+    "accelerator_dry_run",
     "reproduced",
 )
 # The entry points run with a bad setting: (arguments, the error line they must print).
@@ -247,14 +247,14 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     if "bad_input_runs" in needed:
         outdir = tmp_path_factory.mktemp("bad_inputs")
         runs["bad_input_runs"] = small.submit(_bad_inputs, entry_points, outdir)
-    if "accelerator_dry_run" in needed:
-        outdir = tmp_path_factory.mktemp("accelerator")
-        runs["accelerator_dry_run"] = small.submit(_accelerator_dry_run, entry_points, outdir)
     if "multidevice_run" in needed:
         runs["multidevice_run"] = multidevice.submit(_multidevice_checks, entry_points)
     if "multiprocess_run" in needed:
         outdir = tmp_path_factory.mktemp("two_processes")
         runs["multiprocess_run"] = multidevice.submit(_two_processes, entry_points, outdir)
+    if "accelerator_dry_run" in needed:  # after the sharding checks, on their thread
+        outdir = tmp_path_factory.mktemp("accelerator")
+        runs["accelerator_dry_run"] = multidevice.submit(_accelerator_dry_run, entry_points, outdir)
     if needed & {"smoke_run", "sample_cli_run", "reproduced"}:
         workdir = tmp_path_factory.mktemp("cli_run")
         runs["smoke_run"] = executor.submit(_train_smoke, chain, workdir)
