@@ -241,7 +241,6 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     multidevice = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     small = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    accelerator = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     if "tfds_data_dir" in needed:
         outdir = tmp_path_factory.mktemp("tfds")
         runs["tfds_data_dir"] = small.submit(_prepare_tfds, entry_points, outdir)
@@ -253,9 +252,9 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     if "multiprocess_run" in needed:
         outdir = tmp_path_factory.mktemp("two_processes")
         runs["multiprocess_run"] = multidevice.submit(_two_processes, entry_points, outdir)
-    if "accelerator_dry_run" in needed:  # from the start, on a thread of its own
+    if "accelerator_dry_run" in needed:  # after the sharding checks, on their thread
         outdir = tmp_path_factory.mktemp("accelerator")
-        runs["accelerator_dry_run"] = accelerator.submit(_accelerator_dry_run, entry_points, outdir)
+        runs["accelerator_dry_run"] = multidevice.submit(_accelerator_dry_run, entry_points, outdir)
     if needed & {"smoke_run", "sample_cli_run", "reproduced"}:
         workdir = tmp_path_factory.mktemp("cli_run")
         runs["smoke_run"] = executor.submit(_train_smoke, chain, workdir)
@@ -270,7 +269,7 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
     yield runs
     for runner in (chain, entry_points):  # an interrupted session
         runner.kill_running()
-    for pool in (executor, multidevice, small, accelerator):
+    for pool in (executor, multidevice, small):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
