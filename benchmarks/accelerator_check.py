@@ -175,19 +175,13 @@ def _train_part(sizes, within, peaks) -> dict:
 
 
 def _sampler(comp, strategy: str, steps: int, agent_mesh=None, k=None):
-    from fedinf_jax import aggregators, data, sample_lib, sampling, solvers
+    """``peer.euler_mean_sampler`` over the agents lifted by ``strategy`` (on ``agent_mesh``)."""
+    import peer
 
-    spec = solvers.SolverSpec(
-        method="ode",
-        solver=solvers.make_solver("ode", "euler"),
-        num_steps=steps,
-        t_end=1e-3,
-        denoise=False,
-    )
+    from fedinf_jax import sample_lib
+
     lifted = sample_lib.agent_score_fn(comp, strategy, agent_mesh)
-    return sampling.FederatedSampler(
-        lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE, num_agents=k
-    )
+    return peer.euler_mean_sampler(lifted, comp, steps, k)
 
 
 def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:

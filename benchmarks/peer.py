@@ -93,10 +93,28 @@ def torch_side(config, k: int, b: int, steps: int, repeats: int, device: str = "
     return result
 
 
+def euler_mean_sampler(lifted, comp, steps: int, num_agents: int | None = None):
+    """The fedinf_jax sampler the timed loops run: ``steps`` Euler steps of the probability-flow
+    ODE down to t = 1e-3 under the uniform mean of ``lifted``'s agent scores, no denoising
+    (``num_agents``: K when the parameters carry padding agents, on a mesh)."""
+    from fedinf_jax import aggregators, data, sampling, solvers
+
+    spec = solvers.SolverSpec(
+        method="ode",
+        solver=solvers.make_solver("ode", "euler"),
+        num_steps=steps,
+        t_end=1e-3,
+        denoise=False,
+    )
+    return sampling.FederatedSampler(
+        lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE, num_agents=num_agents
+    )
+
+
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     import federated_score
 
-    from fedinf_jax import aggregators, data, sampling, solvers, train_lib
+    from fedinf_jax import sampling, train_lib
 
     comp = train_lib.resolve(config)
     score = federated_score.build(comp, k, b)
@@ -113,16 +131,7 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
         "score_s": score_s,
     }
     if steps:
-        spec = solvers.SolverSpec(
-            method="ode",
-            solver=solvers.make_solver("ode", "euler"),
-            num_steps=steps,
-            t_end=1e-3,
-            denoise=False,
-        )
-        sampler = sampling.FederatedSampler(
-            score.lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE
-        )
+        sampler = euler_mean_sampler(score.lifted, comp, steps)
         keys = sampling.sample_keys(0, b)
         result["sample_s"] = _median_time(
             lambda: sampler(params, keys, y).images.block_until_ready(), repeats
