@@ -107,35 +107,44 @@ def sweep_runs(config) -> dict[str, ml_collections.ConfigDict]:
     Raises:
       ValueError: an unknown partition or a setting that is not one of its parameters.
     """
+    return {name: _sweep_run(config, *at) for name, at in _sweep_names(config).items()}
+
+
+def _sweep_names(config) -> dict[str, tuple[str, int]]:
+    """The sweep's federations by name: (partition spec, seed), without building their configs."""
+    sweep = config.get("sweep")
+    if not sweep or not sweep.partitions:
+        return {}
+    return {
+        f"{SWEEP_PREFIX}{spec}_seed{seed}": (spec, int(seed))
+        for spec in sweep.partitions
+        for seed in sweep.seeds
+    }
+
+
+def _sweep_run(config, spec: str, seed: int) -> ml_collections.ConfigDict:
+    """One federation of ``sweep_runs``."""
     import inspect
 
     from fedinf_jax import partitions
 
-    sweep = config.get("sweep")
-    if not sweep or not sweep.partitions:
-        return {}
-    runs = {}
-    for spec in sweep.partitions:
-        name = spec.partition(":")[0]
-        fn = partitions.PARTITIONS.get(name)
-        valid = [p for p in inspect.signature(fn).parameters if p not in ("labels", "seed")]
-        name, settings = _parse_spec("partition", spec, valid)
-        for seed in sweep.seeds:
-            cfg = ml_collections.ConfigDict(config.runs.heterogeneous.to_dict())
-            cfg.partition.name = name
-            cfg.partition.num_agents = 1 if name == "control" else sweep.num_agents
-            for key, value in settings.items():
-                cfg.partition[key] = value
-            cfg.partition.seed = cfg.seed = int(seed)
-            k, trim = cfg.partition.num_agents, cfg.aggregator.trimmed_mean
-            trim.trim = min(trim.trim, (k - 1) // 2)
-            runs[f"{SWEEP_PREFIX}{spec}_seed{seed}"] = cfg
-    return runs
+    fn = partitions.PARTITIONS.get(spec.partition(":")[0])
+    valid = [p for p in inspect.signature(fn).parameters if p not in ("labels", "seed")]
+    name, settings = _parse_spec("partition", spec, valid)
+    cfg = ml_collections.ConfigDict(config.runs.heterogeneous.to_dict())
+    cfg.partition.name = name
+    cfg.partition.num_agents = 1 if name == "control" else config.sweep.num_agents
+    for key, value in settings.items():
+        cfg.partition[key] = value
+    cfg.partition.seed = cfg.seed = seed
+    k, trim = cfg.partition.num_agents, cfg.aggregator.trimmed_mean
+    trim.trim = min(trim.trim, (k - 1) // 2)
+    return cfg
 
 
 def all_regimes(config) -> list[str]:
     """The reproduction's regimes, then the sweep's federations."""
-    return [*config.regimes, *sweep_runs(config)]
+    return [*config.regimes, *_sweep_names(config)]
 
 
 def regime_procedures(config, regime: str) -> list[str]:
@@ -152,10 +161,11 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
     aggregator set: ``paper``, the paper's sampler (``config.paper_sampler``) with the uniform
     mean; an aggregator's name (with settings, ``parse_procedure``), the corrected sampler
     (``config.sampler``) with it."""
-    runs = {**config.runs, **sweep_runs(config)} if regime.startswith(SWEEP_PREFIX) else config.runs
-    check_choice("regime", regime, runs)
+    swept = _sweep_names(config) if regime.startswith(SWEEP_PREFIX) else {}
+    check_choice("regime", regime, [*config.runs, *swept])
     paper = procedure == "paper"
-    cfg = ml_collections.ConfigDict(runs[regime].to_dict())
+    run = _sweep_run(config, *swept[regime]) if regime in swept else config.runs[regime]
+    cfg = ml_collections.ConfigDict(run.to_dict())
     cfg.data.update(config.data.to_dict())
     if paper:
         cfg.modifiers = "paper_sampler"
@@ -365,7 +375,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         and procedure).
     """
     with errors.as_config_error("sweep: "):
-        regimes = all_regimes(config)
+        sweep_runs(config)  # every partition spec, checked once
+    regimes = all_regimes(config)
     for regime in regimes:
         with errors.as_config_error():
             procedures = regime_procedures(config, regime)
@@ -411,11 +422,12 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     # comparisons that matter most (the order of config.procedures) for every regime first.
     regimes = all_regimes(config)
     procedures = dict.fromkeys([*config.procedures, *config.get("sweep", {}).get("procedures", ())])
+    procedures_of = {regime: regime_procedures(config, regime) for regime in regimes}
     sets = [
         (regime, procedure)
         for procedure in procedures
         for regime in regimes
-        if procedure in regime_procedures(config, regime)
+        if procedure in procedures_of[regime]
     ]
 
     def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
