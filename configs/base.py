@@ -140,7 +140,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # Sampling (sample.py; fedinf_jax/sampling.py). Times t run from T (noise) to t_end (data).
     config.sampler = ml_collections.ConfigDict()
     config.sampler.method = "sde"  # "sde": reverse SDE; "ode": probability-flow ODE
-    # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8;
+    # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8, and
+    # the implicit implicit_euler kvaerno3 (their stages solved by root_finder);
     # sde: euler (Euler-Maruyama, the Ito solver) heun euler_heun milstein reversible_heun sea
     # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive).
     config.sampler.solver = "euler"
@@ -149,6 +150,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.rtol = 1e-3
     config.sampler.atol = 1e-3
     config.sampler.max_steps = 4096  # adaptive: give up after this many steps
+    # The implicit solvers' stage equations: Newton's method, its linear systems solved by
+    # matrix-free GMRES (fedinf_jax.solvers.RootFinder); a step whose Newton iteration has not
+    # converged within max_steps fails (adaptive steps: rejected and shortened).
+    config.sampler.root_finder = ml_collections.ConfigDict(
+        {"rtol": 1e-5, "atol": 1e-5, "max_steps": 10, "gmres_max_steps": 50}
+    )
     config.sampler.t_end = 1e-3  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
     # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/solvers.py, tau_grid.

@@ -75,7 +75,7 @@ class Cell:
         return dataclasses.replace(
             base,
             method=self.method,
-            solver=solvers.make_solver(self.method, self.solver),
+            solver=solvers.make_solver(self.method, self.solver, base.root_finder),
             num_steps=self.num_steps if not self.adaptive else base.num_steps,
             adaptive=self.adaptive,
             rtol=self.tol if self.adaptive else base.rtol,
@@ -207,9 +207,14 @@ def measure(
     flat = images.reshape(len(images), -1)
     diverged = ~np.isfinite(flat).all(axis=1) | (np.abs(np.nan_to_num(flat)).max(axis=1) > EXPLODED)
     evaluations = int(out.stats["score_evaluations"])
+    solved = out.result is None or bool(out.result == diffrax.RESULTS.successful)
+    if out.failure is not None or diverged.any():
+        status = "diverged"
+    else:  # a solve Diffrax ended early (max_steps, an implicit stage that did not converge)
+        status = "ok" if solved else "failed"
     row = {
         **cell_fields(cell),
-        "status": "ok" if out.failure is None and not diverged.any() else "diverged",
+        "status": status,
         "result": str(diffrax.RESULTS[out.result]) if out.result is not None else "",
         "failure": out.failure or "",
         "diverged_share": float(diverged.mean()),

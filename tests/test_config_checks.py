@@ -79,6 +79,7 @@ SAMPLE_CASES = [
     ("sampler.brownian", "bridge", r"unknown sampler.brownian 'bridge'; valid: \['auto', 'tree'\]"),
     ("sampler.num_per_class", 0, "sampler.num_per_class must be >= 1, got 0"),
     ("sampler.checkpoint_step", -2, "sampler.checkpoint_step must be >= 0, or -1"),
+    ("sampler.root_finder.rtol", 0.0, r"sampler.root_finder needs rtol > 0, atol > 0"),
     ("aggregator.weighted.weights", (1.0, 2.0), "2 entries for 10 agents"),
     ("aggregator.schedule.early_agents", (12,), r"non-empty subset of 0\.\.9"),
 ]
@@ -93,7 +94,8 @@ SAMPLE_AGGREGATOR_CASES = [
 @pytest.mark.parametrize("path, value, message", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
 def test_sample_config_errors_name_the_setting(path, value, message):
     config = hetero.get_config("cpu")
-    config.aggregator.name = path.split(".")[1] if path.count(".") == 2 else "mean"
+    member = path.startswith("aggregator.") and path.count(".") == 2
+    config.aggregator.name = path.split(".")[1] if member else "mean"
     sample_lib.check_config(config)
     _set(path, value)(config)
     with pytest.raises(errors.ConfigError, match=message):

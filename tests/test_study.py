@@ -52,10 +52,25 @@ def test_grid_expands_budgets_schedules_and_tolerances():
         study.grid(("ode",), {"ode": ("rk4",)}, ("mean",), (10,))
 
 
+# Each ODE solver's order and the constant budgets it is fitted on (steps where its error lies
+# well above the reference's and, for the implicit ones, the root finder's 1e-5): the fitted
+# slope of error against evaluations must lie within 0.5 of the order; for the fifth-order
+# pairs, and Kvaerno3 (whose error at 2 and 4 steps falls faster than its asymptotic rate),
+# above 3.5 and 2.5.
+ODE_ORDERS = {
+    "midpoint": ((8, 16), 2.0),
+    "implicit_euler": ((8, 16), 1.0),
+    "tsit5": ((4, 8), None),
+    "dopri5": ((4, 8), None),
+    "kvaerno3": ((2, 4), None),
+}
+AT_LEAST = {"tsit5": 3.5, "dopri5": 3.5, "kvaerno3": 2.5}
+
+
 def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
     """Errors to a tight tsit5 solve of the same prior draws fall at Euler's order 1 and Heun's
     order 2 (fitted per evaluation); a rerun computes nothing, an extended grid only its new
-    cells; the results read back."""
+    cells (the other explicit and implicit solvers, each at its order); the results read back."""
     cache = study.CellCache(tmp_path / "cells")
     cells = study.grid(("ode",), {"ode": ("euler", "heun")}, ("mean",), (8, 16))
     rows, computed = _run(cells, cache)
@@ -79,9 +94,22 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
     assert "step_t" not in rows[0]  # constant steps: the grid is the schedule's
     assert not any("log_density_drift" in row for row in rows)  # the mean tracks no density
 
-    again, computed = _run([*cells, study.Cell("ode", "euler", "mean", num_steps=32)], cache)
-    assert computed == ["ode-euler-uniform32-mean"]
+    more = [
+        study.Cell("ode", solver, "mean", num_steps=n)
+        for solver, (steps, _) in ODE_ORDERS.items()
+        for n in steps
+    ]
+    again, computed = _run([*cells, *more], cache)
+    assert computed == [c.name for c in more]
     assert again[: len(rows)] == rows
+    assert all(row["status"] == "ok" for row in again), again
+    orders = study.fitted_orders(study.series_points(again))
+    for solver, (_, order) in ODE_ORDERS.items():
+        fitted = orders[f"ode-{solver}-uniform-mean"]
+        if order is None:
+            assert fitted > AT_LEAST[solver], (solver, orders)
+        else:
+            assert abs(fitted - order) < 0.5, (solver, orders)
 
     study.write_results(again, tmp_path / "out", {"config": {"name": "test"}})
     record = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -90,6 +118,24 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["name"] for r in table] == [r["name"] for r in again]
     assert float(table[0]["rms_error"]) == pytest.approx(again[0]["rms_error"])
+
+
+def test_an_implicit_stage_that_does_not_converge_fails_the_cell():
+    """A root finder asked for more than float32 Newton iterations reach in ``max_steps``: the
+    solve ends early, and the row says so with Diffrax's reason, not "ok"."""
+    tight = dataclasses.replace(BASE, root_finder=solvers.RootFinder(rtol=1e-7, atol=1e-7))
+
+    def sampler_for(cell):
+        return sampling.FederatedSampler(
+            gaussian_agents(SDE), SDE, aggregators.mean(), cell.spec(tight), (2,)
+        )
+
+    cell = study.Cell("ode", "implicit_euler", "mean", num_steps=4)
+    keys = sampling.sample_keys(0, 8)
+    row, _ = study.measure(cell, sampler_for(cell), {"mu": MUS}, keys, np.zeros(8, np.int32))
+    assert row["status"] == "failed" and "nonlinear solver" in row["result"], row
+    with pytest.raises(ValueError, match=r"root_finder needs rtol > 0"):
+        solvers.RootFinder(rtol=0.0).check()
 
 
 def test_tracked_log_densities_converge_to_the_reference_path(tmp_path):
