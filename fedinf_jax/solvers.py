@@ -80,7 +80,7 @@ for _name, _solver in (
     ("implicit_euler", diffrax.ImplicitEuler),
     ("kvaerno3", diffrax.Kvaerno3),
 ):
-    ODE_SOLVERS.register(_name, lambda cls=_solver: RootFinder().apply(cls()))
+    ODE_SOLVERS.register(_name, _solver)
 # The reverse SDE's noise is additive (it does not depend on x), so the Ito and Stratonovich
 # readings agree and every solver below converges to the same process; only Euler-Maruyama is an
 # Ito solver, which the aggregators whose state the noise drives require (``check_solver_for``).
@@ -181,14 +181,14 @@ def make_solver(
     method: str, name: str, root_finder: RootFinder | None = None
 ) -> diffrax.AbstractSolver:
     """The Diffrax solver called ``name`` for ``method`` ("sde" or "ode"); an implicit one
-    solves its stages with ``root_finder`` (default ``RootFinder()``).
+    solves its stages with ``root_finder`` (default ``RootFinder()``; the registry's own
+    implicit solvers keep Diffrax's chord default, which factorises the batched Jacobian).
 
     Raises:
       ValueError: an unknown method or solver (the message lists the valid ones).
     """
     check_choice("sampler method", method, METHODS)
-    solver = SOLVERS[method].get(name)()
-    return root_finder.apply(solver) if root_finder is not None else solver
+    return (root_finder or RootFinder()).apply(SOLVERS[method].get(name)())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +217,6 @@ class SolverSpec:
     def from_config(cls, sampler_config, sde: SDE) -> SolverSpec:
         c = sampler_config
         root_finder = RootFinder(**c.get("root_finder", {}))
-        root_finder.check()
         spec = cls(
             method=c.method,
             solver=make_solver(c.method, c.solver, root_finder),
@@ -240,6 +239,7 @@ class SolverSpec:
     def check(self, sde: SDE) -> None:
         """Raises ValueError naming the first invalid setting and what is valid."""
         check_choice("sampler method", self.method, METHODS)
+        self.root_finder.check()
         if not 0.0 < self.t_end < sde.T:
             raise ValueError(f"sampler.t_end must lie in (0, T = {sde.T}), got {self.t_end}")
         if self.num_steps < 1:
