@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 import diffrax
+import equinox as eqx
 import jax.numpy as jnp
 import lineax
 import optimistix
@@ -246,8 +247,12 @@ class SolverSpec:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
         SCHEDULES.check(self.schedule)
         check_choice("sampler.brownian", self.brownian, BROWNIAN)
-        if self.brownian == "tree" and self.max_steps < 1:
-            raise ValueError(f"sampler.max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps < (1 if self.adaptive else self.num_steps):
+            raise ValueError(
+                f"sampler.max_steps must be >= 1 and, for constant steps, >= sampler.num_steps "
+                f"(every step grid is padded to max_steps); got max_steps={self.max_steps}, "
+                f"num_steps={self.num_steps}"
+            )
         if self.adaptive and self.schedule != "uniform":
             raise ValueError(
                 f"sampler.schedule={self.schedule!r} places constant steps; adaptive steps are "
@@ -299,21 +304,58 @@ def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
         )
 
 
+class GridStepTo(diffrax.AbstractStepSizeController):
+    """Steps to the times ``ts`` (as ``diffrax.StepTo``) on a grid that runs on past the solve's
+    end: ``ts`` starts at t0 and holds t1; the times after t1 are never reached (Diffrax clips
+    the step to t1 and the solve ends there). ``step_times`` pads every constant-step grid so to
+    ``max_steps + 1`` times, and the sampler takes it as an input of the compiled solve rather
+    than a constant in it: one compiled solve serves every number of steps up to ``max_steps``
+    and every schedule. (Not a ``StepTo`` subclass: Diffrax ends a ``StepTo`` solve after
+    ``len(ts) - 1`` steps.)"""
+
+    ts: Array
+
+    def wrap(self, direction):
+        ts = self.ts * direction
+        return type(self)(eqx.error_if(ts, ts[1:] <= ts[:-1], "the step grid must increase"))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        del terms, t1, y0, args, func, error_order
+        if dt0 is not None:
+            raise ValueError("GridStepTo places the steps itself: dt0 must be None")
+        ts = eqx.error_if(self.ts, self.ts[0] != t0, "the step grid must start at t0")
+        return ts[1], 2
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
+        del t0, y0, y1_candidate, args, y_error, error_order
+        return True, t1, self.ts[state], False, state + 1, diffrax.RESULTS.successful
+
+
+def step_times(spec: SolverSpec, sde: SDE) -> Array | None:
+    """The solver times of constant steps (``tau_grid``), padded past T - t_end to
+    ``max_steps + 1`` times for ``GridStepTo``; None for adaptive steps."""
+    if spec.adaptive:
+        return None
+    grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
+    beyond = grid[-1] + jnp.arange(1, spec.max_steps - spec.num_steps + 1, dtype=grid.dtype)
+    return jnp.concatenate([grid, beyond])
+
+
 def stepping(
-    spec: SolverSpec, sde: SDE
+    spec: SolverSpec, sde: SDE, times: Array | None = None
 ) -> tuple[diffrax.AbstractStepSizeController, float | None, int]:
     """(step-size controller, dt0, max_steps) of a solve from tau = 0 to T - t_end: a
     ``PIDController`` on the images' RMS error for adaptive steps (the aggregator's state rides
     along: its divergence estimates are noisy by design and would force tiny steps), else
-    ``StepTo`` on the schedule's exact grid."""
+    ``GridStepTo`` on ``times`` (default ``step_times(spec, sde)``), the schedule's exact grid."""
     tau1 = sde.T - spec.t_end
     if spec.adaptive:
         controller = diffrax.PIDController(
             rtol=spec.rtol, atol=spec.atol, norm=lambda err: jnp.sqrt(jnp.mean(err.x**2))
         )
         return controller, tau1 / spec.num_steps, spec.max_steps
-    grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
-    return diffrax.StepTo(ts=grid), None, spec.num_steps
+    times = step_times(spec, sde) if times is None else times
+    return GridStepTo(ts=times), None, spec.max_steps
 
 
 def save_at(spec: SolverSpec, sde: SDE) -> diffrax.SaveAt:

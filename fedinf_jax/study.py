@@ -279,16 +279,28 @@ def run(
     """Every cell's row, in order, each with ``rms_error`` to its reference's images; computes
     only cells (and references) the cache lacks. A cell ``sampler_for`` refuses (ValueError:
     e.g. a Stratonovich solver for an aggregator whose state is an Ito integral) gets a
-    ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress."""
+    ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress.
+    Constant-step cells that differ only in their steps (number, schedule) share one compiled
+    solve, the first one's: ``sampler_for`` must build them alike but for the steps."""
     cells = list(cells)
     references: dict[str, tuple[dict, dict[str, np.ndarray], bool]] = {}
+    first_sampler: dict[tuple[str, str, str], FederatedSampler] = {}
+
+    def sampler_of(cell: Cell) -> FederatedSampler:
+        """``sampler_for(cell)``; at constant steps, the first sampler of the cell's method,
+        solver and aggregator on the cell's grid: one compiled solve for all their budgets."""
+        sampler = sampler_for(cell)
+        if cell.adaptive:
+            return sampler
+        first = first_sampler.setdefault((cell.method, cell.solver, cell.aggregator), sampler)
+        return first.with_steps(cell.num_steps, cell.schedule)
 
     def solved(cell: Cell) -> tuple[dict, dict[str, np.ndarray], bool]:
         cached = cache.load(cell)
         if cached is not None:
             return (*cached, False)
         try:
-            sampler = sampler_for(cell)
+            sampler = sampler_of(cell)
         except ValueError as err:
             row = {**cell_fields(cell), "status": "refused"}
             row["failure"] = str(err)

@@ -1,5 +1,6 @@
 """The federated sampler: closed forms, equivalences, determinism, failures, the CLI."""
 
+import functools
 import json
 
 import jax
@@ -174,17 +175,20 @@ def test_sde_solvers_converge_at_their_strong_and_weak_orders_on_one_brownian_tr
     "auto" (per-step draws) another grid walks other paths."""
     sde = VPSDE()
 
-    def solve(num_steps, solver="euler", brownian="tree"):
-        sampler = make_sampler(
+    @functools.cache
+    def sampler_of(solver, brownian):  # one compiled solve per solver, each budget its input
+        return make_sampler(
             sde,
             aggregators.mean(),
             "sde",
             solver,
-            num_steps,
             brownian=brownian,
             max_steps=256,  # the tree resolved to (T - t_end) / 1024, the same in every solve
             denoise=False,
         )
+
+    def solve(num_steps, solver="euler", brownian="tree"):
+        sampler = sampler_of(solver, brownian).with_steps(num_steps)
         return np.asarray(draw(sampler, 256).images, np.float64)
 
     reference = solve(256, "shark")
@@ -241,6 +245,24 @@ def test_no_recompilation_across_batches_and_calls():
     with count_traces() as traces:
         drawn = sample_lib.sample_in_batches(sampler, {"mu": MUS}, labels, 4, seed=1)
     assert traces == [] and len(drawn.per_batch["num_steps"]) == 3
+
+
+def test_another_grid_shares_the_compiled_solve_and_gives_a_fresh_samplers_numbers():
+    """The step grid is an input of the compiled solve: ``with_steps`` reuses it (no trace) and
+    samples exactly what a sampler built for those steps does."""
+    sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 20)
+    draw(sampler, 8)  # compiles
+    other_grid = sampler.with_steps(7, "karras")
+    with count_traces() as traces:
+        retimed = draw(other_grid, 8)
+    assert traces == [] and int(retimed.stats["num_steps"]) == 7
+    fresh = draw(make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 7, schedule="karras"), 8)
+    np.testing.assert_array_equal(retimed.images, fresh.images)
+    with pytest.raises(ValueError, match="max_steps must be >= 1 and, for constant steps"):
+        sampler.with_steps(5000)  # past max_steps, the grid's padded length
+    adaptive = make_sampler(VPSDE(), aggregators.mean(), "ode", "tsit5", adaptive=True)
+    with pytest.raises(ValueError, match="this sampler's are adaptive"):
+        adaptive.with_steps(10)
 
 
 def test_determinism_and_batch_independence():
