@@ -149,7 +149,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.adaptive = False  # PIDController(rtol, atol) instead of constant steps
     config.sampler.rtol = 1e-3
     config.sampler.atol = 1e-3
-    config.sampler.max_steps = 4096  # adaptive: give up after this many steps
+    # adaptive: give up after this many steps; constant steps: at most this many (their grid is
+    # padded to max_steps + 1 times, an input of one compiled solve for every budget)
+    config.sampler.max_steps = 4096
     # The implicit solvers' stage equations: Newton's method, its linear systems solved by
     # matrix-free GMRES (fedinf_jax.solvers.RootFinder); a step whose Newton iteration has not
     # converged within max_steps fails (adaptive steps: rejected and shortened).

@@ -75,6 +75,7 @@ SAMPLE_CASES = [
     ("sampler.method", "pde", r"unknown sampler method 'pde'; valid: \['sde', 'ode'\]"),
     ("sampler.t_end", 0.0, r"t_end must lie in \(0, T = 1.0\), got 0.0"),
     ("sampler.num_steps", 0, "num_steps must be >= 1, got 0"),
+    ("sampler.max_steps", 50, "max_steps must be >= 1 and, for constant steps, >= sampler.num"),
     ("sampler.schedule", "cosine", r"unknown step schedule 'cosine'; valid: \['uniform'"),
     ("sampler.brownian", "bridge", r"unknown sampler.brownian 'bridge'; valid: \['auto', 'tree'\]"),
     ("sampler.num_per_class", 0, "sampler.num_per_class must be >= 1, got 0"),
