@@ -121,7 +121,7 @@ def throughput(config):
             t0 = time.perf_counter()
             x = jax.block_until_ready(run())
         else:
-            args = (params, keys, labels, sampler.times)
+            args = (params, keys, labels, sampler.steps)
             compiled = sampler.compiled_solve.lower(*args).compile()
             compile_s = time.perf_counter() - t0
             jax.block_until_ready(compiled(*args))  # untimed warm-up run

@@ -47,7 +47,14 @@ from fedinf_jax.errors import UserError
 from fedinf_jax.federated_score import FederatedScore
 from fedinf_jax.reverse import SolveState, reverse_terms
 from fedinf_jax.sde import SDE, batch_broadcast
-from fedinf_jax.solvers import SolverSpec, check_solver_for, save_at, step_times, stepping
+from fedinf_jax.solvers import (
+    BUDGET_FIELDS,
+    SolverSpec,
+    check_solver_for,
+    save_at,
+    step_inputs,
+    stepping,
+)
 from fedinf_jax.types import AgentParams, Array, Key, Labels
 
 
@@ -121,31 +128,32 @@ class FederatedSampler:
         self.image_shape = tuple(image_shape)
         self.num_agents = num_agents
         self.score = FederatedScore(agent_score_fn, aggregator, self.image_shape)
-        # Constant steps' times enter the compiled solve as an input of fixed length (max_steps
-        # + 1): samplers that differ only in their number of steps or schedule compile the same
-        # program (one compilation, then the persistent cache's copy).
-        self.times = step_times(spec, sde)
+        # The budget (the constant steps' times; the adaptive tolerances) enters the compiled
+        # solve as an input: samplers that differ only in it share one compilation.
+        self.steps = step_inputs(spec, sde)
         self.compiled_solve = jax.jit(self._solve)
 
     def solve(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
-        """The jitted solve (``compiled_solve`` on this sampler's step times)."""
-        return self.compiled_solve(params, keys, labels, self.times)
+        """The jitted solve (``compiled_solve`` on this sampler's ``steps``)."""
+        return self.compiled_solve(params, keys, labels, self.steps)
 
-    def with_steps(self, num_steps: int, schedule: str | None = None) -> FederatedSampler:
-        """This sampler on another constant-step grid (``num_steps`` on ``schedule``, default
-        this one's), sharing this sampler's compiled solve: nothing is traced or compiled again.
+    def with_budget(self, **budget) -> FederatedSampler:
+        """This sampler with other ``solvers.BUDGET_FIELDS`` (constant steps: ``num_steps`` on
+        ``schedule``; adaptive: ``rtol``, ``atol``, and ``num_steps`` for the first step), sharing
+        this sampler's compiled solve: nothing is traced or compiled again.
 
         Raises:
-          ValueError: adaptive steps (they have no grid), or an invalid budget or schedule.
+          ValueError: a field that is not a budget's, or an invalid value.
         """
-        if self.spec.adaptive:
-            raise ValueError("with_steps places constant steps; this sampler's are adaptive")
+        if not set(budget) <= set(BUDGET_FIELDS):
+            raise ValueError(
+                f"not budget fields: {sorted(set(budget) - set(BUDGET_FIELDS))}; "
+                f"valid: {list(BUDGET_FIELDS)}"
+            )
         other = copy.copy(self)
-        other.spec = dataclasses.replace(
-            self.spec, num_steps=num_steps, schedule=schedule or self.spec.schedule
-        )
+        other.spec = dataclasses.replace(self.spec, **budget)
         other.spec.check(self.sde)
-        other.times = step_times(other.spec, self.sde)
+        other.steps = step_inputs(other.spec, self.sde)
         return other
 
     def agents_in(self, params: AgentParams) -> int:
@@ -158,9 +166,7 @@ class FederatedSampler:
         x = jax.vmap(lambda k: self.sde.prior_sample(k, self.image_shape))(split[:, 0])
         return x, split[:, 1]
 
-    def _solve(
-        self, params: AgentParams, keys: Key, labels: Labels, times: Array | None
-    ) -> Samples:
+    def _solve(self, params: AgentParams, keys: Key, labels: Labels, steps) -> Samples:
         spec, sde = self.spec, self.sde
         x, path_keys = self.prior(keys)
         init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(path_keys)  # route's draws
@@ -169,7 +175,7 @@ class FederatedSampler:
         if self.aggregator.divergence_probes:
             probe_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(path_keys)
         args = (params, labels, probe_keys)
-        controller, dt0, max_steps = stepping(spec, sde, times)
+        controller, dt0, max_steps = stepping(spec, sde, steps)
         sol = diffrax.diffeqsolve(
             reverse_terms(self.score, sde, spec, path_keys, self.image_shape),
             spec.solver,

@@ -307,7 +307,7 @@ def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
 class GridStepTo(diffrax.AbstractStepSizeController):
     """Steps to the times ``ts`` (as ``diffrax.StepTo``) on a grid that runs on past the solve's
     end: ``ts`` starts at t0 and holds t1; the times after t1 are never reached (Diffrax clips
-    the step to t1 and the solve ends there). ``step_times`` pads every constant-step grid so to
+    the step to t1 and the solve ends there). ``step_inputs`` pads every constant-step grid so to
     ``max_steps + 1`` times, and the sampler takes it as an input of the compiled solve rather
     than a constant in it: one compiled solve serves every number of steps up to ``max_steps``
     and every schedule. (Not a ``StepTo`` subclass: Diffrax ends a ``StepTo`` solve after
@@ -331,31 +331,39 @@ class GridStepTo(diffrax.AbstractStepSizeController):
         return True, t1, self.ts[state], False, state + 1, diffrax.RESULTS.successful
 
 
-def step_times(spec: SolverSpec, sde: SDE) -> Array | None:
-    """The solver times of constant steps (``tau_grid``), padded past T - t_end to
-    ``max_steps + 1`` times for ``GridStepTo``; None for adaptive steps."""
+# The settings a solve's steps depend on: ``step_inputs`` carries them into the compiled solve.
+BUDGET_FIELDS = ("num_steps", "schedule", "rtol", "atol")
+
+
+def step_inputs(spec: SolverSpec, sde: SDE) -> Array | tuple[Array, Array, Array]:
+    """What the solve's steps depend on (``BUDGET_FIELDS``), as inputs of the compiled solve
+    rather than constants in it, so that one compilation serves every budget: for constant
+    steps, their solver times (``tau_grid``) padded past T - t_end to ``max_steps + 1`` times
+    for ``GridStepTo``; for adaptive steps, (rtol, atol, dt0 = (T - t_end) / num_steps)."""
     if spec.adaptive:
-        return None
+        dt0 = (sde.T - spec.t_end) / spec.num_steps
+        return tuple(jnp.asarray(v, jnp.float32) for v in (spec.rtol, spec.atol, dt0))
     grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
     beyond = grid[-1] + jnp.arange(1, spec.max_steps - spec.num_steps + 1, dtype=grid.dtype)
     return jnp.concatenate([grid, beyond])
 
 
 def stepping(
-    spec: SolverSpec, sde: SDE, times: Array | None = None
-) -> tuple[diffrax.AbstractStepSizeController, float | None, int]:
-    """(step-size controller, dt0, max_steps) of a solve from tau = 0 to T - t_end: a
-    ``PIDController`` on the images' RMS error for adaptive steps (the aggregator's state rides
-    along: its divergence estimates are noisy by design and would force tiny steps), else
-    ``GridStepTo`` on ``times`` (default ``step_times(spec, sde)``), the schedule's exact grid."""
-    tau1 = sde.T - spec.t_end
+    spec: SolverSpec, sde: SDE, inputs=None
+) -> tuple[diffrax.AbstractStepSizeController, Array | None, int]:
+    """(step-size controller, dt0, max_steps) of a solve from tau = 0 to T - t_end, from
+    ``inputs`` (default ``step_inputs(spec, sde)``): a ``PIDController`` on the images' RMS
+    error for adaptive steps (the aggregator's state rides along: its divergence estimates are
+    noisy by design and would force tiny steps), else ``GridStepTo`` on the schedule's exact
+    grid."""
+    inputs = step_inputs(spec, sde) if inputs is None else inputs
     if spec.adaptive:
+        rtol, atol, dt0 = inputs
         controller = diffrax.PIDController(
-            rtol=spec.rtol, atol=spec.atol, norm=lambda err: jnp.sqrt(jnp.mean(err.x**2))
+            rtol=rtol, atol=atol, norm=lambda err: jnp.sqrt(jnp.mean(err.x**2))
         )
-        return controller, tau1 / spec.num_steps, spec.max_steps
-    times = step_times(spec, sde) if times is None else times
-    return GridStepTo(ts=times), None, spec.max_steps
+        return controller, dt0, spec.max_steps
+    return GridStepTo(ts=inputs), None, spec.max_steps
 
 
 def save_at(spec: SolverSpec, sde: SDE) -> diffrax.SaveAt:

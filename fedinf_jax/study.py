@@ -280,20 +280,19 @@ def run(
     only cells (and references) the cache lacks. A cell ``sampler_for`` refuses (ValueError:
     e.g. a Stratonovich solver for an aggregator whose state is an Ito integral) gets a
     ``refused`` row with the reason. ``report(done, total, cell, computed)`` follows progress.
-    Constant-step cells that differ only in their steps (number, schedule) share one compiled
-    solve, the first one's: ``sampler_for`` must build them alike but for the steps."""
+    Cells that differ only in their budget (``solvers.BUDGET_FIELDS``) share one compiled solve,
+    the first one's: ``sampler_for`` must build them alike but for the budget."""
     cells = list(cells)
     references: dict[str, tuple[dict, dict[str, np.ndarray], bool]] = {}
-    first_sampler: dict[tuple[str, str, str], FederatedSampler] = {}
+    first_sampler: dict[tuple, FederatedSampler] = {}
 
     def sampler_of(cell: Cell) -> FederatedSampler:
-        """``sampler_for(cell)``; at constant steps, the first sampler of the cell's method,
-        solver and aggregator on the cell's grid: one compiled solve for all their budgets."""
+        """``sampler_for(cell)``'s budget on the first sampler of the cell's method, solver,
+        aggregator and kind of steps: one compiled solve for all their budgets."""
         sampler = sampler_for(cell)
-        if cell.adaptive:
-            return sampler
-        first = first_sampler.setdefault((cell.method, cell.solver, cell.aggregator), sampler)
-        return first.with_steps(cell.num_steps, cell.schedule)
+        key = (cell.method, cell.solver, cell.aggregator, cell.adaptive)
+        budget = {f: getattr(sampler.spec, f) for f in solvers.BUDGET_FIELDS}
+        return first_sampler.setdefault(key, sampler).with_budget(**budget)
 
     def solved(cell: Cell) -> tuple[dict, dict[str, np.ndarray], bool]:
         cached = cache.load(cell)

@@ -188,7 +188,7 @@ def test_sde_solvers_converge_at_their_strong_and_weak_orders_on_one_brownian_tr
         )
 
     def solve(num_steps, solver="euler", brownian="tree"):
-        sampler = sampler_of(solver, brownian).with_steps(num_steps)
+        sampler = sampler_of(solver, brownian).with_budget(num_steps=num_steps)
         return np.asarray(draw(sampler, 256).images, np.float64)
 
     reference = solve(256, "shark")
@@ -247,22 +247,32 @@ def test_no_recompilation_across_batches_and_calls():
     assert traces == [] and len(drawn.per_batch["num_steps"]) == 3
 
 
-def test_another_grid_shares_the_compiled_solve_and_gives_a_fresh_samplers_numbers():
-    """The step grid is an input of the compiled solve: ``with_steps`` reuses it (no trace) and
-    samples exactly what a sampler built for those steps does."""
-    sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 20)
-    draw(sampler, 8)  # compiles
-    other_grid = sampler.with_steps(7, "karras")
-    with count_traces() as traces:
-        retimed = draw(other_grid, 8)
-    assert traces == [] and int(retimed.stats["num_steps"]) == 7
-    fresh = draw(make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 7, schedule="karras"), 8)
-    np.testing.assert_array_equal(retimed.images, fresh.images)
+def test_another_budget_shares_the_compiled_solve_and_gives_a_fresh_samplers_numbers():
+    """The budget (constant steps' grid, adaptive tolerances) is an input of the compiled solve:
+    ``with_budget`` reuses it (no trace) and samples exactly what a sampler built with that
+    budget does."""
+    for method, solver, budget in (
+        ("sde", "euler", {"num_steps": 7, "schedule": "karras"}),
+        ("ode", "tsit5", {"rtol": 1e-4, "atol": 1e-5, "num_steps": 3}),
+    ):
+        adaptive = solver == "tsit5"
+        sampler = make_sampler(VPSDE(), aggregators.mean(), method, solver, adaptive=adaptive)
+        draw(sampler, 8)  # compiles
+        other = sampler.with_budget(**budget)
+        with count_traces() as traces:
+            retimed = draw(other, 8)
+        assert traces == [], budget
+        fresh = make_sampler(
+            VPSDE(), aggregators.mean(), method, solver, adaptive=adaptive, **budget
+        )
+        np.testing.assert_array_equal(retimed.images, draw(fresh, 8).images)
+        if not adaptive:
+            assert int(retimed.stats["num_steps"]) == 7
+    constant = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler")
     with pytest.raises(ValueError, match="max_steps must be >= 1 and, for constant steps"):
-        sampler.with_steps(5000)  # past max_steps, the grid's padded length
-    adaptive = make_sampler(VPSDE(), aggregators.mean(), "ode", "tsit5", adaptive=True)
-    with pytest.raises(ValueError, match="this sampler's are adaptive"):
-        adaptive.with_steps(10)
+        constant.with_budget(num_steps=5000)  # past the grid's padded length
+    with pytest.raises(ValueError, match=r"not budget fields: \['solver'\]"):
+        constant.with_budget(solver=None)
 
 
 def test_determinism_and_batch_independence():
