@@ -31,6 +31,7 @@ SWEEP_PARTITIONS = (
 )
 K_SCALING_PARTITIONS = tuple(f"heterogeneous:num_agents={k}" for k in (2, 5, 10, 20))
 _SWEEPS = {"": (), "sweep": SWEEP_PARTITIONS, "scaling": K_SCALING_PARTITIONS}
+_SWEEP_TITLES = {"": "heterogeneity sweep", "sweep": "heterogeneity sweep", "scaling": "K scaling"}
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -100,6 +101,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # sweep.json and sweep.png. Each seed draws the partition and the training anew.
     config.sweep = ml_collections.ConfigDict()
     config.sweep.partitions = _SWEEPS[modifier]
+    config.sweep.title = _SWEEP_TITLES[modifier]  # report.md's section and sweep.png's title
     config.sweep.seeds = (0, 1, 2)
     config.sweep.num_agents = 10
     config.sweep.procedures = ("mean", "label_prior", "superdiff_or", "route")

@@ -208,8 +208,8 @@ def plot_study_steps(steps: dict[str, tuple[np.ndarray, np.ndarray]], path: str)
     return _save(fig, path)
 
 
-def plot_sweep(rows: list[dict], path: str) -> str:
-    """The heterogeneity sweep (``pipeline.sweep_summary`` rows): accuracy, noise rate and FID
+def plot_sweep(rows: list[dict], path: str, title: str = "heterogeneity sweep") -> str:
+    """A sweep over partitions (``pipeline.sweep_summary`` rows): accuracy, noise rate and FID
     per partition (in the sweep's order, left to right) with one line per procedure and error
     bars of one standard error over the seeds; saved as a PNG. Returns ``path``."""
     plt = _pyplot()
@@ -230,7 +230,7 @@ def plot_sweep(rows: list[dict], path: str) -> str:
         ax.set_xticks(x, partitions, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("heterogeneity sweep: mean +- one standard error over seeds", fontsize=9)
+    fig.suptitle(f"{title}: mean +- one standard error over seeds", fontsize=9)
     return _save(fig, path)
 
 

@@ -31,7 +31,8 @@ def render(
     to control beside the paper's, the communication a deployment would need (``traffic``: per
     set of ``results``, ``communication.of_sample_dir``), the grids, the agents' weights
     (``weights``: image paths relative to the report), Tables 3/4 (``rows``,
-    ``agreement_rows``), the heterogeneity sweep (``sweep``: ``pipeline.sweep_summary`` rows)
+    ``agreement_rows``), the sweep (``sweep``: ``pipeline.sweep_summary`` rows; titled by
+    ``config.sweep.title``)
     and the wall times.
 
     ``config`` is the reproduction's (``configs/reproduce.py``): its preset, samples per digit
@@ -108,7 +109,9 @@ def render(
             lines += [f"({note}.)", ""]
         lines += _agreement_tables(group)
     if sweep:
-        lines += ["", "## Heterogeneity sweep", "", *_sweep_table(sweep), "", "![sweep](sweep.png)"]
+        title = config.get("sweep", {}).get("title", "heterogeneity sweep")
+        title = title[0].upper() + title[1:]
+        lines += ["", f"## {title}", "", *_sweep_table(sweep), "", "![sweep](sweep.png)"]
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
