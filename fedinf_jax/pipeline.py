@@ -486,8 +486,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     sweep = None
     if swept:
         sweep = sweep_summary(config, swept)
-        title = config.sweep.get("title", "heterogeneity sweep")
-        plots.plot_sweep(sweep, os.path.join(outdir, "sweep.png"), title)
+        plots.plot_sweep(sweep, os.path.join(outdir, "sweep.png"), config.sweep.title)
         files.write_json(os.path.join(outdir, "sweep.json"), sweep)
     agents = [report.agents_row(regime, regime_config(config, regime)) for regime in config.regimes]
     weights = []  # the density-weighted sets' weights.png, relative to the report

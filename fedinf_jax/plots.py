@@ -208,7 +208,7 @@ def plot_study_steps(steps: dict[str, tuple[np.ndarray, np.ndarray]], path: str)
     return _save(fig, path)
 
 
-def plot_sweep(rows: list[dict], path: str, title: str = "heterogeneity sweep") -> str:
+def plot_sweep(rows: list[dict], path: str, title: str) -> str:
     """A sweep over partitions (``pipeline.sweep_summary`` rows): accuracy, noise rate and FID
     per partition (in the sweep's order, left to right) with one line per procedure and error
     bars of one standard error over the seeds; saved as a PNG. Returns ``path``."""

@@ -131,6 +131,10 @@ class FederatedSampler:
         # The budget (the constant steps' times; the adaptive tolerances) enters the compiled
         # solve as an input: samplers that differ only in it share one compilation.
         self.steps = step_inputs(spec, sde)
+        # What the compiled solve reads of the spec: everything but the budget (None here, so
+        # that a read of a budget field inside the trace fails instead of freezing this
+        # sampler's value into a solve that ``with_budget`` copies share).
+        self._traced_spec = dataclasses.replace(spec, **dict.fromkeys(BUDGET_FIELDS))
         self.compiled_solve = jax.jit(self._solve)
 
     def solve(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
@@ -167,7 +171,7 @@ class FederatedSampler:
         return x, split[:, 1]
 
     def _solve(self, params: AgentParams, keys: Key, labels: Labels, steps) -> Samples:
-        spec, sde = self.spec, self.sde
+        spec, sde = self._traced_spec, self.sde
         x, path_keys = self.prior(keys)
         init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(path_keys)  # route's draws
         state = SolveState(x, self.aggregator.init(self.agents_in(params), x, labels, init_keys))

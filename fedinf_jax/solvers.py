@@ -270,10 +270,9 @@ class SolverSpec:
                     "adaptive steps; use constant steps (sampler.adaptive=False) or an adaptive "
                     f"{self.method} solver: {adaptive}"
                 )
-            if not (self.rtol > 0 and self.atol > 0 and self.max_steps >= 1):
+            if not (self.rtol > 0 and self.atol > 0):
                 raise ValueError(
-                    f"adaptive steps need rtol > 0, atol > 0, max_steps >= 1; got {self.rtol}, "
-                    f"{self.atol}, {self.max_steps}"
+                    f"adaptive steps need rtol > 0 and atol > 0; got {self.rtol}, {self.atol}"
                 )
         if self.save_trajectory == 1 or self.save_trajectory < 0:
             raise ValueError(

@@ -326,4 +326,4 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
                         "1.00 +- 0.58", "9"]  # fmt: skip
     from fedinf_jax import plots
 
-    assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"))) > 1000
+    assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"), "K scaling")) > 1000

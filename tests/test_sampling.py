@@ -366,6 +366,8 @@ def test_bad_settings_are_clear_errors():
         r"\['heun', 'reversible_heun', 'spark'\]",
     ):
         make_sampler(sde, aggregators.mean(), "sde", "euler", adaptive=True)
+    with pytest.raises(ValueError, match=r"adaptive steps need rtol > 0 and atol > 0; got 0.0"):
+        make_sampler(sde, aggregators.mean(), "ode", "tsit5", adaptive=True, rtol=0.0)
     with pytest.raises(ValueError, match="save_trajectory must be 0"):
         make_sampler(sde, aggregators.mean(), save_trajectory=1)
     with pytest.raises(ValueError, match=r"unknown step schedule 'cosine'; valid: \['uniform'"):

@@ -109,8 +109,7 @@ def render(
             lines += [f"({note}.)", ""]
         lines += _agreement_tables(group)
     if sweep:
-        title = config.get("sweep", {}).get("title", "heterogeneity sweep")
-        title = title[0].upper() + title[1:]
+        title = config.sweep.title[0].upper() + config.sweep.title[1:]
         lines += ["", f"## {title}", "", *_sweep_table(sweep), "", "![sweep](sweep.png)"]
     lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
