@@ -268,6 +268,7 @@ def sample_set_metrics(
         "inception_score": is_mean,
         "inception_score_std": is_std,
         "fid": metrics.fid(feats, real_features),
+        "fid_se": metrics.fid_standard_error(feats, real_features),
         "accuracy": accuracy,
         "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_class],
         "noise_rate": metrics.noise_rate(probs),

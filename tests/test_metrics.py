@@ -32,6 +32,21 @@ def test_frechet_distance_matches_closed_forms():
     np.testing.assert_allclose(M.frechet_distance(m1, s1, m2, s2), want, rtol=1e-8)
 
 
+def test_fid_bootstrap_standard_error_matches_the_spread_over_independent_sets():
+    """One set's bootstrap standard error estimates how FID varies between independent sets of
+    its size from the same distribution (100 sets of 200 from N(0.5, 1.5^2 I) against N(0, I))."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(20000, 4))
+    sets = [rng.normal(0.5, 1.5, size=(200, 4)) for _ in range(100)]
+    spread = np.std([M.fid(s, real) for s in sets], ddof=1)
+    ratios = [M.fid_standard_error(s, real) / spread for s in sets[:5]]
+    assert 0.75 < np.mean(ratios) < 1.33 and min(ratios) > 0.5
+    assert M.fid_standard_error(sets[0], real) == M.fid_standard_error(sets[0], real)
+    assert M.fid_standard_error(sets[0], real, seed=1) != M.fid_standard_error(sets[0], real)
+    with pytest.raises(ValueError, match="resamples >= 2"):
+        M.fid_standard_error(sets[0], real, resamples=1)
+
+
 def test_fid_of_samples_converges_to_the_gaussians_distance():
     rng = np.random.default_rng(2)
     a = rng.normal(0.0, 1.0, size=(20000, 3))

@@ -48,7 +48,8 @@ def test_report_tables_parse(reproduced):
         for cell in row[4:6]:  # accuracy and noise rate: p +- sqrt(p (1 - p) / n)
             p, se = (float(v) for v in cell.split("+-"))
             assert se == pytest.approx(np.sqrt(p * (1 - p) / 20), abs=6e-4)
-        assert fid >= 0.0
+        fid_se = float(row[3].split("+-")[1])  # a bootstrap over the set (test_metrics)
+        assert fid >= 0.0 and fid_se >= 0.0
         assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
     assert table1[0][8:] == ["-", "-"]  # real images: no sampler
     for row in table1[1:]:

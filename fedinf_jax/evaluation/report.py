@@ -146,14 +146,15 @@ def _agents_table(agents: list[dict], timings: dict) -> list[str]:
 
 def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
     """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics; the
-    accuracy and the noise rate with their binomial standard errors, sqrt(p (1 - p) / n)."""
+    accuracy and the noise rate with their binomial standard errors, sqrt(p (1 - p) / n), FID
+    with its bootstrap standard error (``metrics.fid_standard_error``)."""
     head = [*key_columns, "IS", "FID", "accuracy", "noise rate", "precision", "recall"]
     head += ["score evals", "sampling s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for keys, r in rows:
         lines.append(
             f"| {' | '.join(keys)} | {r['inception_score']:.2f} +- "
-            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} | "
+            f"{r['inception_score_std']:.2f} | {r['fid']:.2f} +- {r['fid_se']:.2f} | "
             f"{_with_se(r['accuracy'], r['num_samples'])} | "
             f"{_with_se(r['noise_rate'], r['num_samples'])} | {r['precision']:.3f} | "
             f"{r['recall']:.3f} | "
