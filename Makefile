@@ -2,9 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The local MNIST copy (IDX files); without it, TFDS downloads MNIST (needs internet).
-MNIST_DIR ?= $(firstword $(wildcard ../shared/data/mnist))
-export FEDINF_MNIST_DIR ?= $(MNIST_DIR)
+# MNIST for demo, reproduce and train: the IDX directory in $FEDINF_MNIST_DIR when it is set, else
+# TFDS's copy (downloaded on first use). The tests read their own subset (tests/data/).
 PRESET ?= cpu
 REGIME ?= hetero
 

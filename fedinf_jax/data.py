@@ -123,6 +123,32 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes ``array`` as one gzip-compressed IDX file, ``read_idx``'s inverse: uint8 images
+    (N, rows, cols) or labels (N,). The gzip header carries no time stamp, so the same array gives
+    the same bytes."""
+    array = np.asarray(array)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise MnistError(
+            f"IDX files hold uint8 values; got {array.dtype} in [{array.min()}, {array.max()}]"
+        )
+    magic = {3: _IMAGES_MAGIC, 1: _LABELS_MAGIC}.get(array.ndim)
+    if magic is None:
+        raise MnistError(f"IDX files hold (N, rows, cols) images or (N,) labels, got {array.shape}")
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def save_mnist_idx(mnist: Mnist, directory: str | os.PathLike) -> None:
+    """Writes ``mnist`` as the four IDX files (``IDX_FILES``) in ``directory``, which
+    ``load_mnist_idx`` reads back bitwise."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, fname in IDX_FILES.items():
+        write_idx(directory / fname, getattr(mnist, name))
+
+
 def load_mnist_idx(directory: str | os.PathLike) -> Mnist:
     """Loads MNIST from a directory with the four standard IDX ``.gz`` files.
 
@@ -246,7 +272,9 @@ def _tfds_to_idx_order(split: str, num_examples: int) -> np.ndarray:
     return np.argsort(file_order)
 
 
-def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+def prepare_tfds_mnist(
+    mnist_dir: str | os.PathLike, data_dir: str | os.PathLike, canonical: bool = True
+) -> str:
     """Prepares TFDS ``mnist`` in ``data_dir`` from the IDX files in ``mnist_dir``, offline.
 
     TFDS's own preparation runs (its download manager, extraction, example generation and
@@ -254,25 +282,36 @@ def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike
     download against its registered sha256 of the canonical ``.gz`` archives, which a copy with
     another gzip wrapper fails although its data are the same; so each archive's uncompressed
     content is checked here against the canonical IDX hashes (``IDX_SHA256``), and TFDS is given
-    the archives' own checksums in place of the registered ones. ``tfds.load('mnist',
-    data_dir=data_dir)`` then reads it like a downloaded copy. A prepared ``data_dir`` is reused.
+    the archives' own checksums in place of the registered ones. Each split holds as many
+    examples as its IDX files (TFDS's builder assumes MNIST's 60,000 and 10,000).
+    ``tfds.load('mnist', data_dir=data_dir)`` then reads it like a downloaded copy. A prepared
+    ``data_dir`` is reused.
+
+    Args:
+      mnist_dir: a directory with the four IDX ``.gz`` files (``IDX_FILES``).
+      data_dir: the TFDS data_dir to prepare ``mnist`` in.
+      canonical: refuse files whose content is not canonical MNIST; False prepares any
+        well-formed IDX copy (a subset of MNIST, say) under the name ``mnist``.
 
     Returns:
       ``data_dir``.
 
     Raises:
-      MnistError: a file is missing, not gzip, or its IDX content is not canonical MNIST.
+      MnistError: a file is missing, not gzip or malformed, or (``canonical``) its IDX content
+        is not canonical MNIST.
     """
-    tfds = _tfds()
-
     mnist_dir = pathlib.Path(mnist_dir)
-    for name, fname in IDX_FILES.items():
-        digest = hashlib.sha256(_read_gzip(mnist_dir / fname)).hexdigest()
-        if digest != IDX_SHA256[name]:
-            raise MnistError(
-                f"MNIST file {mnist_dir / fname} is not the canonical {name} IDX file: its "
-                f"uncompressed sha256 is {digest}, expected {IDX_SHA256[name]}"
-            )
+    if canonical:
+        for name, fname in IDX_FILES.items():
+            digest = hashlib.sha256(_read_gzip(mnist_dir / fname)).hexdigest()
+            if digest != IDX_SHA256[name]:
+                raise MnistError(
+                    f"MNIST file {mnist_dir / fname} is not the canonical {name} IDX file: its "
+                    f"uncompressed sha256 is {digest}, expected {IDX_SHA256[name]}"
+                )
+    mnist = load_mnist_idx(mnist_dir)
+    num_examples = {"train": len(mnist.train_labels), "test": len(mnist.test_labels)}
+    tfds = _tfds()
     registered = tfds.builder_cls("mnist")
     local_infos = {
         urllib.parse.urljoin(registered.URL, fname): tfds.download.checksums.compute_url_info(
@@ -282,11 +321,18 @@ def prepare_tfds_mnist(mnist_dir: str | os.PathLike, data_dir: str | os.PathLike
     }
 
     class LocalArchives(registered, skip_registration=True):
-        """TFDS's ``mnist`` builder with the local archives' checksums registered."""
+        """TFDS's ``mnist`` builder with the local archives' checksums registered and their
+        example counts."""
 
         name = registered.name
         __module__ = registered.__module__  # recorded in dataset_info.json, as TFDS's own
         url_infos = local_infos
+
+        def _split_generators(self, dl_manager):
+            generators = super()._split_generators(dl_manager)
+            for generator in generators:
+                generator.gen_kwargs["num_examples"] = num_examples[str(generator.name)]
+            return generators
 
     config = tfds.download.DownloadConfig(manual_dir=str(mnist_dir), try_download_gcs=False)
     with tempfile.TemporaryDirectory() as downloads:  # the extracted IDX files, 55 MB
@@ -319,7 +365,9 @@ def main(argv):
     from absl import flags
 
     del argv
-    prepared = prepare_tfds_mnist(flags.FLAGS.mnist_dir, flags.FLAGS.tfds_data_dir)
+    prepared = prepare_tfds_mnist(
+        flags.FLAGS.mnist_dir, flags.FLAGS.tfds_data_dir, canonical=flags.FLAGS.canonical
+    )
     print(f"TFDS mnist prepared in {prepared}; use it with --config.data.tfds_data_dir={prepared}")
 
 
@@ -328,5 +376,11 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("mnist_dir", None, "A directory with the four MNIST IDX .gz files.")
     flags.DEFINE_string("tfds_data_dir", None, "The TFDS data_dir to prepare 'mnist' in.")
+    flags.DEFINE_bool(
+        "canonical",
+        True,
+        "Refuse IDX files whose content is not canonical MNIST (their sha256); --nocanonical "
+        "prepares any well-formed IDX copy, e.g. a subset, under the name 'mnist'.",
+    )
     flags.mark_flags_as_required(["mnist_dir", "tfds_data_dir"])
     app.run(main)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the local MNIST copy, a persistent compilation cache, tiny configs."""
+"""Shared fixtures: the suite's MNIST data, a persistent compilation cache, tiny configs."""
 
 import concurrent.futures
 import contextlib
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import base
@@ -33,17 +34,10 @@ def suite_xla_flags(*flags: str) -> str:
 os.environ["XLA_FLAGS"] = suite_xla_flags(*filter(None, [os.environ.get("XLA_FLAGS")]))
 
 
-def _mnist_dir() -> pathlib.Path | None:
-    for candidate in (
-        os.environ.get(data.MNIST_DIR_ENV),
-        ROOT.parent / "shared" / "data" / "mnist",
-    ):
-        if candidate and (pathlib.Path(candidate) / data.IDX_FILES["train_labels"]).is_file():
-            return pathlib.Path(candidate)
-    return None
-
-
-MNIST_DIR = _mnist_dir()
+# The suite's MNIST (tests/data/README.md): MNIST's first 6,000 training and 1,000 test examples,
+# and the full label files; nothing outside the repository is read.
+MNIST_DIR = ROOT / "tests" / "data" / "mnist_subset"
+MNIST_LABELS_DIR = ROOT / "tests" / "data" / "mnist_labels"
 
 
 def micro_config():
@@ -104,11 +98,8 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
-    if MNIST_DIR is None:
-        pytest.fail(
-            "the local MNIST copy is missing: set FEDINF_MNIST_DIR to a directory with the four "
-            "IDX .gz files (../shared/data/mnist in this project's workspace)"
-        )
+    """The suite's MNIST subset: the four IDX files of MNIST's first 6,000 training and first
+    1,000 test examples."""
     return MNIST_DIR
 
 
@@ -117,9 +108,16 @@ def mnist(mnist_dir) -> data.Mnist:
     return data.load_mnist_idx(mnist_dir)
 
 
+@pytest.fixture(scope="session")
+def mnist_train_labels() -> np.ndarray:
+    """MNIST's 60,000 training labels, the full canonical file (partitions see only labels)."""
+    return data.read_idx(MNIST_LABELS_DIR / data.IDX_FILES["train_labels"]).astype(np.int32)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mnist_env(mnist_dir):
-    """Entry points run in subprocesses read the local copy through the environment."""
+    """The code under test, in this process and in the entry points run in subprocesses, reads
+    the suite's subset through the environment, whatever the caller's shell set."""
     os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)
 
 
@@ -274,10 +272,16 @@ def session_runs(request, tmp_path_factory, compilation_cache, mnist_env):
 
 
 def _prepare_tfds(entry_points, outdir) -> pathlib.Path:
-    """``python -m fedinf_jax.data``: TFDS's preparation of 'mnist' from the local IDX copy,
+    """``python -m fedinf_jax.data``: TFDS's preparation of 'mnist' from the suite's IDX subset,
     offline."""
     entry_points.run(
-        ["-m", "fedinf_jax.data", f"--mnist_dir={MNIST_DIR}", f"--tfds_data_dir={outdir}"],
+        [
+            "-m",
+            "fedinf_jax.data",
+            f"--mnist_dir={MNIST_DIR}",
+            f"--tfds_data_dir={outdir}",
+            "--nocanonical",
+        ],
         timeout=600,
     )
     return outdir
@@ -394,8 +398,8 @@ def multidevice_run(session_runs) -> str:
 
 @pytest.fixture(scope="session")
 def tfds_data_dir(session_runs) -> pathlib.Path:
-    """A TFDS data_dir with 'mnist' prepared by ``python -m fedinf_jax.data`` from the local IDX
-    copy, offline."""
+    """A TFDS data_dir with 'mnist' prepared by ``python -m fedinf_jax.data`` from the suite's
+    IDX subset, offline."""
     return session_runs["tfds_data_dir"].result()
 
 

@@ -95,8 +95,8 @@ def test_permutation_invariant(name):
     np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol)
 
 
-def test_label_prior_weights_in_the_heterogeneous_regime(mnist):
-    counts = partitions.heterogeneous(mnist.train_labels, 10).counts
+def test_label_prior_weights_in_the_heterogeneous_regime(mnist_train_labels):
+    counts = partitions.heterogeneous(mnist_train_labels, 10).counts
     agg = A.label_prior(counts)
     scores = jnp.eye(10)[:, None, :]  # agent i's "score" is the unit vector e_i
     y = jnp.array([3])
@@ -104,7 +104,7 @@ def test_label_prior_weights_in_the_heterogeneous_regime(mnist):
     np.testing.assert_allclose(out[0], counts[:, 3] / counts[:, 3].sum(), rtol=1e-5)
     # The shard sizes use every class up (partitions.heterogeneous), so the owner's weight is
     # u_y / (2 n_y) = (9/8)(1 - N / (18 n_y)), near but not exactly 1/2.
-    n = np.bincount(mnist.train_labels)
+    n = np.bincount(mnist_train_labels)
     np.testing.assert_allclose(out[0, 3], 9 / 8 * (1 - n.sum() / (18 * n[3])), atol=1e-3)
     assert out[0, 3] == out[0].max()
     np.testing.assert_allclose(out[0].sum(), 1.0, rtol=1e-5)

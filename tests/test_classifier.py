@@ -41,7 +41,7 @@ def test_test_set_features_are_computed_once(reproduced, mnist, tmp_path, monkey
     only for the same images (and parameters), else recomputed."""
     trained = classifier.load_classifier(str(reproduced[0] / "classifier"))
     with np.load(reproduced[0] / "classifier" / classifier.TEST_FEATURES) as f:
-        assert f["features"].shape == (10_000, 16)
+        assert f["features"].shape == (len(mnist.test_images), 16)
     images = mnist.test_images[:50]
     features = classifier.test_set_features(trained, str(tmp_path), images)
     np.testing.assert_array_equal(features, trained.features_and_probs(images)[0])

@@ -56,12 +56,12 @@ def test_train_config_errors_name_the_setting(path, value, message):
         train_lib.check_config(config)
 
 
-def test_partition_is_checked_on_mnist_class_sizes(mnist):
+def test_partition_is_checked_on_mnist_class_sizes(mnist_train_labels):
     """The check's count matrix is the one the real labels give, for every regime."""
     for get_config in (control.get_config, hetero.get_config):
         config = get_config("cpu")
         _, counts = train_lib.check_config(config)
-        real = train_lib.make_partition(config, mnist.train_labels).counts
+        real = train_lib.make_partition(config, mnist_train_labels).counts
         assert (counts == real).all()
     config = control.get_config("cpu")
     config.partition.num_agents = 3

@@ -7,20 +7,50 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fedinf_jax import data
+from tests.conftest import MNIST_LABELS_DIR
+
+# sha256 of the suite subset's uncompressed IDX files (tests/data/README.md).
+SUBSET_SHA256 = {
+    "train_images": "2782ff6f3467f3487a520503c34fe99b761aa97623af029969e59716ac3585c3",
+    "train_labels": "0d830540a6191e75a9f5cd63cd5b4bde38960b893784bbf456d560179296d7cd",
+    "test_images": "de7c252b04f05e1f8309634180ccdf286dc6dbac8c579b74e76e02ae0331ca52",
+    "test_labels": "832c0d20f0dc42e575488c75a83a970787d4c8d4d05831b2ef03701b4a478a90",
+}
 
 
-def test_real_mnist_shapes_and_hashes(mnist, mnist_dir):
-    assert mnist.train_images.shape == (60000, 28, 28)
-    assert mnist.test_images.shape == (10000, 28, 28)
-    assert mnist.train_labels.shape == (60000,) and mnist.test_labels.shape == (10000,)
+def _uncompressed_sha256(path) -> str:
+    with gzip.open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_full_label_files_are_canonical(mnist_train_labels):
+    for name in ("train_labels", "test_labels"):  # the canonical files' well-known hashes
+        path = MNIST_LABELS_DIR / data.IDX_FILES[name]
+        assert _uncompressed_sha256(path) == data.IDX_SHA256[name]
+    assert mnist_train_labels.shape == (60000,)
+    assert tuple(np.bincount(mnist_train_labels)) == data.TRAIN_CLASS_COUNTS
+
+
+def test_subset_is_mnist_first_examples(mnist, mnist_dir, mnist_train_labels):
+    """The suite's subset: MNIST's first 6,000 training and 1,000 test examples in IDX order."""
+    assert mnist.train_images.shape == (6000, 28, 28) and mnist.test_images.shape == (1000, 28, 28)
+    np.testing.assert_array_equal(mnist.train_labels, mnist_train_labels[:6000])
+    test_labels = data.read_idx(MNIST_LABELS_DIR / data.IDX_FILES["test_labels"])
+    np.testing.assert_array_equal(mnist.test_labels, test_labels[:1000])
     assert set(np.unique(mnist.train_labels)) == set(range(10))
-    assert tuple(np.bincount(mnist.train_labels)) == data.TRAIN_CLASS_COUNTS
-    for name, digest in data.IDX_SHA256.items():  # the canonical files' well-known hashes
-        with gzip.open(mnist_dir / data.IDX_FILES[name], "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == digest
-    # MNIST's well-known pixel statistics.
-    x = mnist.train_images / 255.0
-    np.testing.assert_allclose([x.mean(), x.std()], [0.1307, 0.3081], atol=1e-4)
+    for name, digest in SUBSET_SHA256.items():
+        assert _uncompressed_sha256(mnist_dir / data.IDX_FILES[name]) == digest
+    # MNIST's well-known pixel statistics (mean 0.1307, std 0.3081 over its 60,000 training
+    # images), within three standard errors of the subset's estimates: the images are the units
+    # of the sample, so the errors come from the per-image moments (the std's by the delta method).
+    x = mnist.train_images.reshape(6000, -1) / 255.0
+    moments = np.stack([x.mean(axis=1), (x**2).mean(axis=1)])
+    mean, square = moments.mean(axis=1)
+    std = np.sqrt(square - mean**2)
+    cov = np.cov(moments) / x.shape[0]
+    grad = np.array([-mean / std, 0.5 / std])
+    assert abs(mean - 0.1307) <= 3 * np.sqrt(cov[0, 0])
+    assert abs(std - 0.3081) <= 3 * np.sqrt(grad @ cov @ grad)
 
 
 def test_model_input_range(mnist):
@@ -99,8 +129,9 @@ def test_tfds_path_with_mock_data(monkeypatch):
 
 
 def test_tfds_prepared_offline_equals_idx_bitwise(monkeypatch, tfds_data_dir, mnist_dir, mnist):
-    """TFDS's own preparation of the local archives, read back through the TFDS loader: the same
-    70,000 images and labels in the same order as the IDX loader."""
+    """TFDS's own preparation of the local archives (the suite's subset, so not canonical),
+    read back through the TFDS loader: the same 7,000 images and labels in the same order as the
+    IDX loader."""
     monkeypatch.delenv(data.MNIST_DIR_ENV, raising=False)
     assert (tfds_data_dir / "mnist" / "3.0.1" / "dataset_info.json").is_file()
     from_tfds = data.load_mnist(tfds_data_dir=str(tfds_data_dir))
@@ -110,15 +141,33 @@ def test_tfds_prepared_offline_equals_idx_bitwise(monkeypatch, tfds_data_dir, mn
         np.testing.assert_array_equal(got, array, err_msg=name)
     # The same call on a prepared data_dir prepares nothing again.
     before = sorted(p.name for p in (tfds_data_dir / "mnist" / "3.0.1").iterdir())
-    data.prepare_tfds_mnist(mnist_dir, tfds_data_dir)
+    data.prepare_tfds_mnist(mnist_dir, tfds_data_dir, canonical=False)
     assert sorted(p.name for p in (tfds_data_dir / "mnist" / "3.0.1").iterdir()) == before
 
 
-def test_prepare_refuses_an_archive_that_is_not_mnist(tmp_path):
+def test_prepare_refuses_an_archive_that_is_not_mnist(tmp_path, mnist_dir):
     _write_valid_dir(tmp_path)
     with pytest.raises(data.MnistError, match="not the canonical train_images IDX file"):
         data.prepare_tfds_mnist(tmp_path, tmp_path / "tfds")
+    # Real MNIST images, but not all of them: not canonical either.
+    with pytest.raises(data.MnistError, match="not the canonical train_images IDX file"):
+        data.prepare_tfds_mnist(mnist_dir, tmp_path / "tfds")
     assert not (tmp_path / "tfds").exists()
+
+
+def test_write_idx_is_read_idx_inverse(tmp_path, mnist):
+    data.save_mnist_idx(mnist, tmp_path)
+    again = data.load_mnist_idx(tmp_path)
+    for name, array in mnist._asdict().items():
+        assert getattr(again, name).dtype == array.dtype, name
+        np.testing.assert_array_equal(getattr(again, name), array, err_msg=name)
+    first = (tmp_path / data.IDX_FILES["test_labels"]).read_bytes()
+    data.write_idx(tmp_path / data.IDX_FILES["test_labels"], mnist.test_labels)
+    assert (tmp_path / data.IDX_FILES["test_labels"]).read_bytes() == first  # no time stamp
+    with pytest.raises(data.MnistError, match=r"uint8 values; got int64 in \[-1, 3\]"):
+        data.write_idx(tmp_path / "x.gz", np.array([-1, 3]))
+    with pytest.raises(data.MnistError, match=r"images or \(N,\) labels, got \(2, 2\)"):
+        data.write_idx(tmp_path / "x.gz", np.zeros((2, 2), np.uint8))
 
 
 def test_no_copy_and_no_network_is_one_clear_error(monkeypatch, tmp_path):

@@ -21,8 +21,8 @@ def _assert_disjoint_and_consistent(partition, labels):
         ("pathological", 10),
     ],
 )
-def test_disjoint_and_deterministic(mnist, name, k):
-    labels = mnist.train_labels
+def test_disjoint_and_deterministic(mnist_train_labels, name, k):
+    labels = mnist_train_labels
     a = P.make_partition(name, labels, k, seed=3)
     b = P.make_partition(name, labels, k, seed=3)
     _assert_disjoint_and_consistent(a, labels)
@@ -31,13 +31,13 @@ def test_disjoint_and_deterministic(mnist, name, k):
         np.testing.assert_array_equal(x, y)
 
 
-def test_control_is_everything(mnist):
-    p = P.control(mnist.train_labels)
+def test_control_is_everything(mnist_train_labels):
+    p = P.control(mnist_train_labels)
     np.testing.assert_array_equal(p.indices[0], np.arange(60000))
 
 
-def test_homogeneous_is_one_kth_of_every_class(mnist):
-    labels = mnist.train_labels
+def test_homogeneous_is_one_kth_of_every_class(mnist_train_labels):
+    labels = mnist_train_labels
     p = P.homogeneous(labels, 10, seed=0)
     class_counts = np.bincount(labels)
     assert p.counts.sum() == labels.size  # covers the training set
@@ -46,8 +46,8 @@ def test_homogeneous_is_one_kth_of_every_class(mnist):
     assert not np.array_equal(p.indices[0], c.indices[0])  # the seed matters
 
 
-def test_heterogeneous_fractions_and_coverage(mnist):
-    labels = mnist.train_labels
+def test_heterogeneous_fractions_and_coverage(mnist_train_labels):
+    labels = mnist_train_labels
     p = P.heterogeneous(labels, 10, seed=0)
     sizes = p.counts.sum(axis=1)
     fractions = p.counts / sizes[:, None]
@@ -65,23 +65,23 @@ def test_heterogeneous_fractions_and_coverage(mnist):
 
 
 @pytest.mark.parametrize("k", [3, 20])
-def test_heterogeneous_other_agent_counts(mnist, k):
-    p = P.heterogeneous(mnist.train_labels, k, seed=0)
-    _assert_disjoint_and_consistent(p, mnist.train_labels)
+def test_heterogeneous_other_agent_counts(mnist_train_labels, k):
+    p = P.heterogeneous(mnist_train_labels, k, seed=0)
+    _assert_disjoint_and_consistent(p, mnist_train_labels)
     owners = np.arange(k) % 10
     np.testing.assert_allclose(
         p.counts[np.arange(k), owners] / p.counts.sum(axis=1), 0.5, atol=2e-3
     )
 
 
-def test_heterogeneous_needs_every_class(mnist):
-    labels = mnist.train_labels[mnist.train_labels != 7]
+def test_heterogeneous_needs_every_class(mnist_train_labels):
+    labels = mnist_train_labels[mnist_train_labels != 7]
     with pytest.raises(ValueError, match=r"classes \[7\] have no examples"):
         P.heterogeneous(labels, 10)
 
 
-def test_dirichlet_min_size_and_skew(mnist):
-    labels = mnist.train_labels
+def test_dirichlet_min_size_and_skew(mnist_train_labels):
+    labels = mnist_train_labels
     p = P.dirichlet(labels, 10, seed=0, alpha=0.1, min_partition_size=50)
     assert p.counts.sum() == labels.size
     assert p.counts.sum(axis=1).min() >= 50
@@ -92,8 +92,8 @@ def test_dirichlet_min_size_and_skew(mnist):
         P.dirichlet(labels, 10, alpha=0.0)
 
 
-def test_pathological_classes_per_agent(mnist):
-    labels = mnist.train_labels
+def test_pathological_classes_per_agent(mnist_train_labels):
+    labels = mnist_train_labels
     p = P.pathological(labels, 10, classes_per_agent=2)
     assert np.all((p.counts > 0).sum(axis=1) == 2)
     assert p.counts.sum() == labels.size  # first-deterministic uses every class
@@ -104,16 +104,16 @@ def test_pathological_classes_per_agent(mnist):
 
 
 @pytest.mark.parametrize("name", sorted(P.PARTITIONS))
-def test_num_agents_below_one(mnist, name):
+def test_num_agents_below_one(mnist_train_labels, name):
     with pytest.raises(ValueError, match="num_agents must be >= 1"):
-        P.make_partition(name, mnist.train_labels, 0)
+        P.make_partition(name, mnist_train_labels, 0)
 
 
-def test_unknown_partition_lists_valid_names(mnist):
+def test_unknown_partition_lists_valid_names(mnist_train_labels):
     with pytest.raises(ValueError, match=r"valid: .*heterogeneous"):
-        P.make_partition("iid", mnist.train_labels, 10)
+        P.make_partition("iid", mnist_train_labels, 10)
 
 
-def test_control_refuses_several_agents(mnist):
+def test_control_refuses_several_agents(mnist_train_labels):
     with pytest.raises(ValueError, match="exactly one agent"):
-        P.control(mnist.train_labels, num_agents=10)
+        P.control(mnist_train_labels, num_agents=10)
