@@ -259,9 +259,8 @@ def sample_set_metrics(
     is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
     accuracy, per_class = metrics.label_accuracy(probs, labels)
     rng = np.random.default_rng(0)
-    real = real_features[
-        rng.choice(len(real_features), metrics.PRECISION_RECALL_REAL, replace=False)
-    ]
+    num_real = min(metrics.PRECISION_RECALL_REAL, len(real_features))  # all of a smaller set
+    real = real_features[rng.choice(len(real_features), num_real, replace=False)]
     precision, recall = metrics.precision_recall(real, feats, k=3)
     return {
         "num_samples": len(probs),
@@ -521,6 +520,7 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
         weights,
         traffic,
         sweep,
+        num_test_images=len(mnist.test_images),
     )
     path = os.path.join(outdir, "report.md")
     files.write_text(path, text)

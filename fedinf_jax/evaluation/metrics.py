@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 PRECISION_RECALL_REAL = 2000
-"""Real test images in the manifold that sample sets' precision and recall are measured against."""
+"""Real test images in the manifold that sample sets' precision and recall are measured against
+(all of them where the test set is smaller)."""
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
