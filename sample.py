@@ -9,11 +9,12 @@
         --config.aggregator.name=superdiff_or --config.aggregator.superdiff_or.temperature=0.5 \\
         --config.sampler.save_trajectory=11
 
---workdir is a train.py run: its checkpoint fixes the model, SDE and partition; the config's
-``sampler`` and ``aggregator`` sections (configs/base.py documents every field) choose how to
-sample (aggregators: mean weighted label_prior schedule median trimmed_mean superdiff_or
-superdiff_and; a member's settings are --config.aggregator.MEMBER.SETTING). A bad setting, or a
-trained-section flag that contradicts the run, stops with one line, "error: ...", exit status 2.
+--workdir is a train.py run: its checkpoint fixes what was trained (seed, data, model, SDE,
+partition, training recipe); the config's ``sampler`` and ``aggregator`` sections
+(configs/base.py documents every field) choose how to sample (aggregators: mean weighted
+label_prior schedule median trimmed_mean superdiff_or superdiff_and; a member's settings are
+--config.aggregator.MEMBER.SETTING). A bad setting, a trained-section flag that contradicts the
+run, or a checkpoint that cannot be read stops with one line, "error: ...", exit status 2.
 
 Writes samples.npz (uint8 images, labels, solver statistics; the agents' weights for
 superdiff_or), samples.png (one row per digit), trajectory.png and weights.png when the

@@ -10,7 +10,9 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +25,59 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's shapes or run record do not match the current config."""
+
+
+class CheckpointDamagedError(UserError, OSError):
+    """A checkpoint step whose files cannot be read back (a full disk or an interrupted copy
+    leaves such a step)."""
+
+    def __init__(self, directory: str, step: int, cause: BaseException):
+        self.directory, self.step = directory, step
+        self.reason = _first_line(_root_cause(cause))
+        path = os.path.join(directory, str(step))
+        super().__init__(
+            f"checkpoint step {step} ({path}) is damaged, it cannot be read: {self.reason}"
+        )
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int) -> Iterator[None]:
+    """Turns a failure to read checkpoint ``step``'s files into a ``CheckpointDamagedError``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # TensorStore, JSON and OS errors alike: the step cannot be read
+        raise CheckpointDamagedError(os.fspath(directory), step, err) from err
+
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def set_aside(manager, workdir: str | os.PathLike, step: int) -> str:
+    """Moves checkpoint ``step`` out of the manager's folder, to ``workdir/damaged_checkpoints/
+    <step>`` (a suffix if that exists), so that training can save that step again; nothing is
+    deleted. Returns the new path."""
+    target = os.path.join(os.fspath(workdir), DAMAGED_DIR, str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    suffix = 1
+    while os.path.exists(target):
+        target = os.path.join(os.fspath(workdir), DAMAGED_DIR, f"{step}.{suffix}")
+        suffix += 1
+    os.replace(os.path.join(os.fspath(manager.directory), str(step)), target)
+    manager.reload()
+    return target
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -70,7 +125,8 @@ def save(manager, step: int, state, meta: dict[str, Any]) -> None:
 def restore_meta(manager, step: int | None = None) -> dict[str, Any]:
     """The JSON run record of checkpoint ``step`` (default: the latest)."""
     step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    with _reading(manager.directory, step):
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored["meta"]
 
 
@@ -139,11 +195,13 @@ def restore(manager, abstract_state, step: int | None = None, num_agents: int | 
       FileNotFoundError: there is no checkpoint.
       CheckpointMismatchError: the stored arrays' shapes differ from ``abstract_state`` (a
         different model size or number of agents); the message lists the first differences.
+      CheckpointDamagedError: the step's files cannot be read.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {manager.directory}")
-    stored = manager.item_metadata(step)["state"]
+    with _reading(manager.directory, step):
+        stored = manager.item_metadata(step)["state"]
     mismatches = _shape_mismatches(abstract_state, stored, num_agents)
     if mismatches:
         shown = "\n  ".join(mismatches[:8])
@@ -154,13 +212,14 @@ def restore(manager, abstract_state, step: int | None = None, num_agents: int | 
             "Use the config it was trained with, or a fresh --workdir."
         )
     abstract_state = _with_local_sharding(abstract_state)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state, strict=num_agents is None),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    with _reading(manager.directory, step):
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state, strict=num_agents is None),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
     return restored["state"], restored["meta"]
 
 
@@ -177,6 +236,7 @@ def restore_params(
 
     Raises:
       CheckpointMismatchError: the stored parameters' shapes differ from ``abstract_params``.
+      CheckpointDamagedError: the step's files cannot be read.
     """
     manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
@@ -186,7 +246,8 @@ def restore_params(
         options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
     )
     try:
-        stored = manager.item_metadata(step)["state"]
+        with _reading(manager.directory, step):
+            stored = manager.item_metadata(step)["state"]
         mismatches = _shape_mismatches({field: abstract_params}, {field: stored[field]}, num_agents)
         if mismatches:
             raise CheckpointMismatchError(
@@ -204,14 +265,15 @@ def restore_params(
             ),
             target,
         )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=True
-                )
-            ),
-        )
+        with _reading(manager.directory, step):
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
     finally:
         manager.close()
     return restored["state"][field]

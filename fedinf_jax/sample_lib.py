@@ -1,8 +1,9 @@
 """Sampling a trained federation: restore the agents, build the sampler, write the samples.
 
-The run's checkpoint fixes what was trained (its ``data``, ``model``, ``sde``, ``partition`` and
-``train`` sections and the partition's count matrix); the config given to ``sample.py`` chooses how
-to sample (``sampler``) and how to aggregate (``aggregator``). Outputs, in one folder written
+The run's checkpoint fixes what was trained (its ``seed`` and its ``data``, ``model``, ``sde``,
+``partition`` and ``train`` sections, ``train_lib.RUN_SECTIONS``, and the partition's count
+matrix); the config given to ``sample.py`` chooses how to sample (``sampler``) and how to
+aggregate (``aggregator``). Outputs, in one folder written
 atomically (a failure leaves any earlier folder intact):
 
 * ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
@@ -39,6 +40,7 @@ from fedinf_jax import (
     errors,
     files,
     plots,
+    provenance,
     sampling,
     sharding,
     solvers,
@@ -47,8 +49,10 @@ from fedinf_jax import (
 from fedinf_jax.score import make_score_fn
 from fedinf_jax.types import AgentParams
 
-TRAINED_SECTIONS = ("data", "model", "sde", "partition", "train")
-"""Config sections that come from the checkpoint's record, not from the sampling command."""
+EXECUTION_FIELDS = ("sampler.batch_size", "sampler.progress", "sampler.checkpoint_step")
+"""Sampler fields that are not a sample set's inputs: how it is computed (the batching: each
+sample's key is its own whatever the batches; the progress bar), and the step as asked (the step
+resolved from it is an input)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,23 +105,30 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
 
 def contradicted_fields(overrides: dict, record: dict) -> list[str]:
     """The given ``overrides`` ({"section.field": value}, e.g. from the command line) that set a
-    trained section's field to something other than the run's ``record`` holds, as
-    "--config.F=given (the checkpoint has recorded)" lines."""
+    field of the run (``train_lib.run_inputs``) to something other than the run's ``record``
+    holds, as "--config.F=given (the checkpoint has recorded)" lines."""
+    recorded = train_lib.run_inputs(record)
     lines = []
     for path, given in sorted(overrides.items()):
-        section, _, rest = path.partition(".")
-        if section not in TRAINED_SECTIONS or section not in record:
-            continue
-        recorded = record[section]
-        for part in rest.split("."):
-            recorded = recorded.get(part, _MISSING) if isinstance(recorded, dict) else _MISSING
-        normal = json.loads(json.dumps(given, default=list))
-        if recorded is not _MISSING and normal != recorded:
-            lines.append(f"--config.{path}={given!r} (the checkpoint has {recorded!r})")
+        normal = provenance.flatten({path: given})[path]
+        if path in recorded and normal != recorded[path]:
+            lines.append(f"--config.{path}={given!r} (the checkpoint has {recorded[path]!r})")
     return lines
 
 
-_MISSING = object()
+def sample_set_inputs(config: ml_collections.ConfigDict, step: int) -> dict:
+    """What determines a sample set (``provenance``): the trained run (``train_lib.run_digest``)
+    and its checkpoint step, the ``sampler`` section but ``EXECUTION_FIELDS``, and the
+    aggregator's name and its own settings."""
+    inputs = {"run": train_lib.run_digest(config), "checkpoint_step": int(step)}
+    inputs.update(provenance.config_fields(config, ("sampler",)))
+    for field in EXECUTION_FIELDS:
+        inputs.pop(field, None)
+    name = config.aggregator.name
+    member = config.aggregator.get(name, None)
+    inputs["aggregator.name"] = name
+    inputs.update(provenance.flatten({f"aggregator.{name}": member.to_dict() if member else {}}))
+    return inputs
 
 
 def load_federation(
@@ -158,7 +169,7 @@ def load_federation(
         contradicted = contradicted_fields(overrides or {}, record)
         if contradicted:
             raise errors.ConfigError(
-                f"the run in {workdir} fixes its {', '.join(TRAINED_SECTIONS)} sections, and "
+                f"the run in {workdir} fixes its {', '.join(train_lib.RUN_SECTIONS)}, and "
                 f"these settings contradict it: {'; '.join(contradicted)}. Drop them, or train "
                 "a new run with them"
             )
@@ -182,14 +193,17 @@ def load_federation(
 def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections.ConfigDict:
     merged = ml_collections.ConfigDict(config.to_dict())
     current = json.loads(config.to_json_best_effort())
-    for section in TRAINED_SECTIONS:
+    for section in train_lib.RUN_SECTIONS:
         if section not in record:
             continue
         if record[section] != current.get(section):
-            logging.info("using the %s section %s was trained with", section, workdir)
-        # A field the record lacks (added since the run was trained) keeps its default, which
-        # is what the code did before the field existed.
-        merged[section] = ml_collections.ConfigDict({**current[section], **record[section]})
+            logging.info("using the %s %s was trained with", section, workdir)
+        if isinstance(record[section], dict):
+            # A field the record lacks (added since the run was trained) keeps its default,
+            # which is what the code did before the field existed.
+            merged[section] = ml_collections.ConfigDict({**current[section], **record[section]})
+        else:
+            merged[section] = record[section]
     return merged
 
 
@@ -452,5 +466,11 @@ def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> N
                 os.path.join(tmp, "weights.png"),
                 title,
             )
-        record = {"config": json.loads(config.to_json_best_effort()), "stats": stats}
+        record = {
+            "config": json.loads(config.to_json_best_effort()),
+            "stats": stats,
+            provenance.RECORD_KEY: provenance.record(
+                sample_set_inputs(config, stats["checkpoint_step"])
+            ),
+        }
         files.write_json(os.path.join(tmp, "samples.json"), record)

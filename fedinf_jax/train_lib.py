@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fedinf_jax import agents, checkpoint, data, errors, partitions, plots, sharding
+from fedinf_jax import agents, checkpoint, data, errors, partitions, plots, provenance, sharding
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
 from fedinf_jax.score import (
@@ -320,17 +320,131 @@ def run_record(config: ml_collections.ConfigDict, partition: partitions.Partitio
     }
 
 
-def _check_record(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses to resume a run trained with another model, SDE or partition."""
-    stored = meta.get("config", {})
-    current = json.loads(config.to_json_best_effort())
-    for section in ("model", "sde", "partition"):
-        if stored.get(section) != current.get(section):
-            raise checkpoint.CheckpointMismatchError(
-                f"the checkpoint in {workdir} was trained with {section} = {stored.get(section)}, "
-                f"the config now says {current.get(section)}. Use the original config or a fresh "
-                "--workdir."
+RUN_SECTIONS = ("seed", "data", "model", "sde", "partition", "train")
+"""The parts of a config that make a training run what it is: its trajectory (initial
+parameters, shards, batches, updates) is fixed by their fields but ``FREE_FIELDS``. A resume must
+agree with the run's record on every one of them (``check_resume``); sampling takes them from the
+record (``sample_lib``), and a sample set's inputs name the run by their digest (``run_digest``).
+Everything else (``sampler``, ``aggregator``, ``agent_axis``, ``mesh``, ``conv_impl``, the
+preset's name) says how to run, not what is trained, and may differ."""
+
+FREE_FIELDS = (
+    "data.mnist_dir",  # where MNIST is read from: every source gives the same arrays
+    "data.tfds_data_dir",
+    "train.log_every",  # logging and checkpoint cadence
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+)
+"""Fields of ``RUN_SECTIONS`` that do not change the trajectory: they may differ on a resume."""
+
+
+def run_inputs(config) -> dict[str, Any]:
+    """The flat fields (``provenance.flatten``) of ``RUN_SECTIONS`` but ``FREE_FIELDS``, of a
+    config or of a run record's JSON config."""
+    fields = provenance.config_fields(config, RUN_SECTIONS)
+    return {k: v for k, v in fields.items() if k not in FREE_FIELDS}
+
+
+def run_digest(config) -> str:
+    """The digest of ``run_inputs``: which trained run an output was made from."""
+    return provenance.digest(run_inputs(config))
+
+
+def check_resume(record: dict, config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+    """Refuses to go on with the run in ``workdir``, checkpointed at ``step`` with the JSON
+    config ``record``, under a ``config`` that would give another trajectory: any field of
+    ``run_inputs`` that differs (a field the record lacks, added since it was written, is not
+    compared), whether or not the run has reached its last step.
+
+    ``train.num_steps`` may grow when the run so extended equals one that asked for the longer
+    budget from the start: the learning-rate schedule spans ``num_steps`` (``make_schedule``), so
+    that holds only when both schedules agree on every step already taken (steps inside the
+    warm-up, or a constant schedule); it may shrink to no less than ``step`` on the same terms.
+
+    Raises:
+      CheckpointMismatchError: the first fields that differ (old -> new), or a ``num_steps``
+        whose schedule disagrees with the steps taken.
+    """
+    stored, current = run_inputs(record), run_inputs(config)
+    shared = [k for k in stored if k in current and k != "train.num_steps"]
+    changed = provenance.differences(
+        {k: stored[k] for k in shared}, {k: current[k] for k in shared}
+    )
+    if changed:
+        raise checkpoint.CheckpointMismatchError(
+            f"the run in {workdir} was trained with other settings ({'; '.join(changed[:6])}): "
+            "resuming would mix two runs. Use the run's settings, or a fresh --workdir (fields "
+            f"that may differ: {', '.join(FREE_FIELDS)})"
+        )
+    old, new = stored.get("train.num_steps"), config.train.num_steps
+    if old is None or old == new:
+        return
+    before = make_schedule(ml_collections.ConfigDict({**config.train.to_dict(), **record["train"]}))
+    after = make_schedule(config.train)
+    steps = np.arange(step)
+    if new < step or not np.array_equal(before(steps), after(steps)):
+        raise checkpoint.CheckpointMismatchError(
+            f"the run in {workdir} was trained to step {step} of train.num_steps = {old}; "
+            f"train.num_steps = {new} cannot resume it: "
+            + (
+                f"it is past step {new}"
+                if new < step
+                else "the learning-rate schedule spans num_steps, so the steps already taken "
+                f"would have had other learning rates in a {new}-step run"
             )
+            + ". Use a fresh --workdir for the new budget"
+        )
+    logging.info("train.num_steps %d -> %d: the steps taken agree with the new schedule", old, new)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """The latest step of the run in ``workdir`` once its record agrees with ``config``
+    (``check_resume``), or None when it holds no checkpoint. Reads only the JSON records, newest
+    first (a record that cannot be read is skipped with a warning), no array.
+
+    Raises:
+      CheckpointMismatchError: the run was trained with other settings.
+    """
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        return None
+    manager = checkpoint.make_manager(workdir, create=False)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                record = checkpoint.restore_meta(manager, step)
+            except checkpoint.CheckpointDamagedError as err:
+                logging.warning("%s", err)
+                continue
+            check_resume(record.get("config", {}), config, workdir, steps[0])
+            return steps[0]
+    finally:
+        manager.close()
+    return steps[0] if steps else None
+
+
+def _restore_intact(manager, target: TrainState, num_agents: int, workdir: str) -> TrainState:
+    """The newest kept step that can be read back; each newer damaged one is moved aside
+    (``checkpoint.set_aside``) with a warning naming it and why.
+
+    Raises:
+      CheckpointDamagedError: no kept step can be read (all moved aside).
+    """
+    error = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, _ = checkpoint.restore(manager, target, step, num_agents=num_agents)
+            return state
+        except checkpoint.CheckpointDamagedError as err:
+            moved = checkpoint.set_aside(manager, workdir, step)
+            logging.warning(
+                "skipping checkpoint step %d, which cannot be read (%s): moved to %s",
+                step,
+                err.reason,
+                moved,
+            )
+            error = err
+    raise error
 
 
 def count_params(params: PyTree) -> int:
@@ -418,11 +532,18 @@ def train_and_evaluate(
       stop_at: stop (with a checkpoint) after this step even if ``train.num_steps`` is larger,
         e.g. to split a long run into time slices; the schedule still spans ``num_steps``.
 
+    A damaged checkpoint (files that cannot be read back) is moved to
+    ``workdir/damaged_checkpoints/`` with a warning, and the run resumes from the newest kept
+    step that can be read.
+
     Raises:
-      CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model or partition.
+      CheckpointMismatchError: ``workdir`` holds a run trained with other settings
+        (``check_resume``), checked before any data or array is read.
+      CheckpointDamagedError: no kept step of ``workdir`` can be read.
       FloatingPointError: a non-finite loss (names the agents and the step).
     """
     components, _ = check_config(config)
+    resume_step = check_workdir(config, workdir)
     from clu import metric_writers, periodic_actions  # TensorFlow's import: a valid config only
 
     from fedinf_jax import runtime
@@ -464,10 +585,9 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
     meta = run_record(config, partition)
-    if manager.latest_step() is not None:
-        _check_record(checkpoint.restore_meta(manager), config, workdir)
+    if resume_step is not None:
         target = abstract if agent_mesh is None else sharding.abstract_on_mesh(abstract, agent_mesh)
-        state, _ = checkpoint.restore(manager, target, num_agents=num_agents)
+        state = _restore_intact(manager, target, num_agents, workdir)
         logging.info(
             "resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step)
         )
@@ -482,6 +602,12 @@ def train_and_evaluate(
         # signature from the first step on, so a (resumed) run compiles its step once.
         state = jax.device_put(state, jax.devices()[0])
 
+    num_steps = config.train.num_steps
+    initial_step = int(state.step)
+    if initial_step >= num_steps:
+        logging.info("already trained to step %d >= num_steps %d", initial_step, num_steps)
+        manager.close()
+        return state
     train_step = build_train_step(config)
     logging.info(
         "agent-axis strategy for training: %s (backend %s)",
@@ -490,12 +616,6 @@ def train_and_evaluate(
     )
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    num_steps = config.train.num_steps
-    initial_step = int(state.step)
-    if initial_step >= num_steps:
-        logging.info("already trained to step %d >= num_steps %d", initial_step, num_steps)
-        manager.close()
-        return state
     report = periodic_actions.ReportProgress(
         num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
     )

@@ -63,6 +63,14 @@ def micro_train_step(strategy: str, agent_mesh=None):
     return train_lib.components_train_step(config, train_lib.resolve(config), strategy, agent_mesh)
 
 
+def zero_fill_largest_file(folder: pathlib.Path) -> pathlib.Path:
+    """Overwrites the largest file under ``folder`` with zeros of the same length (what a full
+    disk or an interrupted copy leaves); returns it."""
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(bytes(largest.stat().st_size))
+    return largest
+
+
 @contextlib.contextmanager
 def count_events(event: str):
     """Yields the list of ``jax.monitoring`` duration events named ``event`` recorded inside the

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import agents, aggregators, reverse, sample_lib, sampling, solvers
+from fedinf_jax import agents, aggregators, reverse, runtime, sample_lib, sampling, solvers
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import count_traces
+from tests.conftest import count_traces, zero_fill_largest_file
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -433,6 +434,27 @@ def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
     config.aggregator.name = "superdiff"
     with pytest.raises(ValueError, match="unknown aggregator 'superdiff'"):
         sample_lib.build_sampler(sample_lib.load_federation(config, str(smoke_run)))
+
+
+def test_a_damaged_checkpoint_is_one_error_line_naming_the_step(smoke_run, tmp_path, capsys):
+    """The latest step's largest file zero-filled: sampling stops with one ``error:`` line that
+    names the step and its folder, exit status 2, and writes nothing."""
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run, workdir)
+    zero_fill_largest_file(workdir / "checkpoints" / "30")
+    outdir = tmp_path / "out"
+    main = runtime.exit_on_user_error(
+        lambda argv: sample_lib.run(base.get_config("smoke"), str(workdir), str(outdir))
+    )
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: checkpoint step 30 ({workdir / 'checkpoints' / '30'}) is ")
+    assert "damaged, it cannot be read" in line and not outdir.exists()
+    config = base.get_config("smoke")
+    config.sampler.checkpoint_step = 20  # an intact step samples
+    assert sample_lib.load_federation(config, str(workdir)).step == 20
 
 
 def test_trained_sections_keep_defaults_for_fields_added_since():

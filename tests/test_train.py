@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 
 from configs import base, hetero
 from fedinf_jax import checkpoint, data, plots, train_lib
-from tests.conftest import count_compiles, micro_config
+from tests.conftest import count_compiles, micro_config, zero_fill_largest_file
 
 
 def _abstract_state(config, num_agents):
@@ -67,15 +68,33 @@ def test_sampling_restores_the_parameters_alone(cli_workdir):
         checkpoint.restore_params(cli_workdir, other, 30, "ema_params", num_agents=2)
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+def _micro_resume_config():
+    config = micro_config()
+    config.train.num_steps = 12
+    config.train.checkpoint_every = config.train.log_every = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def micro_straight(tmp_path_factory):
+    """``_micro_resume_config()`` trained straight to step 12 (checkpoints 4, 8, 12). Tests read
+    it or copy it."""
+    workdir = tmp_path_factory.mktemp("micro") / "straight"
+    train_lib.train_and_evaluate(_micro_resume_config(), str(workdir))
+    return workdir
+
+
+def _assert_same_state(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resumed_run_equals_uninterrupted(micro_straight, tmp_path):
     """Stopped at step 8 (after the 5 warm-up steps, inside the cosine decay) and resumed to 12,
     a run ends bitwise where a straight run ends; resuming in the same process compiles nothing
     new (the restored state has a fresh state's signature)."""
-    config = micro_config()
-    config.train.num_steps = num_steps = 12
-    config.train.checkpoint_every = config.train.log_every = 4
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_lib.train_and_evaluate(config, str(straight))
+    config = _micro_resume_config()
+    resumed = tmp_path / "resumed"
     train_lib.train_and_evaluate(config, str(resumed), stop_at=8)
     state, _ = _restore(resumed, config)
     assert int(state.step) == 8
@@ -83,10 +102,50 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
         train_lib.train_and_evaluate(config, str(resumed))
     assert compiles == []
     a, _ = _restore(resumed, config)
-    b, _ = _restore(straight, config)
-    assert int(a.step) == num_steps
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    b, _ = _restore(micro_straight, config)
+    assert int(a.step) == config.train.num_steps
+    _assert_same_state(a, b)
+
+
+def test_a_finished_run_refuses_other_settings_before_reading_data(micro_straight, monkeypatch):
+    """A new learning rate, seed or batch on a finished run: one error naming the field, before
+    any data is read; a new log interval is no other run (nothing trained, nothing compiled)."""
+    monkeypatch.setattr(data, "load_mnist", lambda *a: pytest.fail("data read"))
+    for path, value in (("learning_rate", 1e-3), ("batch_size", 2), ("seed", 3)):
+        config = _micro_resume_config()
+        (config if path == "seed" else config.train)[path] = value
+        name = path if path == "seed" else f"train.{path}"
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=f"{name}: "):
+            train_lib.train_and_evaluate(config, str(micro_straight))
+    config = _micro_resume_config()
+    config.train.num_steps = 16  # the cosine decay of 12 steps is not the first 12 of 16
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="other learning rates"):
+        train_lib.train_and_evaluate(config, str(micro_straight))
+    monkeypatch.undo()
+    config = _micro_resume_config()
+    config.train.log_every, config.train.keep_checkpoints = 6, 5
+    before = sorted(os.listdir(micro_straight / "checkpoints"))
+    with count_compiles() as compiles:
+        state = train_lib.train_and_evaluate(config, str(micro_straight))
+    assert int(state.step) == 12 and compiles == []
+    assert sorted(os.listdir(micro_straight / "checkpoints")) == before
+
+
+def test_training_resumes_from_the_newest_intact_step(micro_straight, tmp_path, caplog):
+    """The latest step's largest file zero-filled (a full disk, an interrupted copy): the run
+    says so, moves that step aside (nothing deleted) and resumes from step 8, ending bitwise at
+    the straight run's step 12."""
+    config = _micro_resume_config()
+    workdir = tmp_path / "damaged"
+    shutil.copytree(micro_straight, workdir)
+    zero_fill_largest_file(workdir / "checkpoints" / "12")
+    with caplog.at_level("WARNING"):
+        state = train_lib.train_and_evaluate(config, str(workdir))
+    assert "skipping checkpoint step 12, which cannot be read" in caplog.text
+    assert (workdir / checkpoint.DAMAGED_DIR / "12").is_dir()
+    assert checkpoint.latest_step(str(workdir)) == 12
+    straight, _ = _restore(micro_straight, config)
+    _assert_same_state(state, straight)
 
 
 def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
