@@ -1,6 +1,7 @@
 """Reproduces the paper's experiment: trains the three regimes and the evaluation classifier,
 samples under the paper's procedure and the corrected one with every aggregator, evaluates, and
-writes OUTDIR/report.md. Rerunning resumes: finished stages are reused.
+writes OUTDIR/report.md. Rerunning resumes: finished stages are reused when they were made from
+the same settings; one made with other settings stops the run (or, with --recompute, is redone).
 
     python reproduce.py --config=configs/reproduce.py:cpu --outdir=runs/reproduce_cpu
     python reproduce.py --config=configs/reproduce.py:smoke --outdir=/tmp/reproduce_smoke
@@ -22,6 +23,13 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("outdir", None, "Where every stage writes; a rerun reuses what is there.")
+flags.DEFINE_bool(
+    "recompute",
+    False,
+    "Recompute the outputs in --outdir that were made with other settings (each replaced once "
+    "its new version is complete). Without it, such an output stops the run before any work "
+    "with an error naming the settings that changed. Trained agents are never redone in place.",
+)
 flags.mark_flags_as_required(["config", "outdir"])
 
 
@@ -29,7 +37,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
-    logging.info("report: %s", pipeline.run(FLAGS.config, FLAGS.outdir))
+    logging.info("report: %s", pipeline.run(FLAGS.config, FLAGS.outdir, FLAGS.recompute))
 
 
 if __name__ == "__main__":

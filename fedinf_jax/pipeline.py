@@ -1,6 +1,8 @@
 """The paper's experiment, end to end and resumable (``reproduce.py``).
 
-Stages, each skipped when its output exists (a rerun redoes only what is missing):
+Stages, each skipped when its output exists and was made from the same inputs (``provenance``;
+a rerun redoes only what is missing, and refuses, before any work, to reuse an output made with
+other settings unless told to ``recompute`` it):
 
 1. ``classifier/``: the evaluation classifier (``configs/classifier.py``), trained once;
 2. ``<regime>/``: the regime's agents (``train.py``'s trainer; resumes an interrupted run);
@@ -40,11 +42,11 @@ from absl import logging
 
 from fedinf_jax import (
     aggregators,
-    checkpoint,
     data,
     errors,
     files,
     plots,
+    provenance,
     sample_lib,
     train_lib,
 )
@@ -366,6 +368,85 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
     return [dict(r, regime=regime) for r in rows]
 
 
+def agreement_inputs(config) -> dict:
+    """What determines ``agreement.json``: each regime's run (``train_lib.run_digest``) and step,
+    the points and times, the seed, and the aggregators with their settings."""
+    inputs = provenance.config_fields(
+        config, ("agreement_samples", "agreement_times", "agreement_aggregators", "seed")
+    )
+    for regime in config.regimes:
+        cfg = regime_config(config, regime, "mean")
+        inputs[f"{regime}.run"] = train_lib.run_digest(cfg)
+        inputs[f"{regime}.checkpoint_step"] = cfg.train.num_steps
+        for name in config.agreement_aggregators:
+            member = cfg.aggregator.get(name, None)
+            inputs.update(
+                provenance.flatten({f"{regime}.{name}": member.to_dict() if member else {}})
+            )
+    return inputs
+
+
+def _set_inputs(cfg: ml_collections.ConfigDict) -> dict:
+    """A pipeline sample set's inputs: ``sample_lib.sample_set_inputs`` at the step the regime
+    is trained to (the latest, unless the sampler names one)."""
+    step = cfg.sampler.checkpoint_step
+    return sample_lib.sample_set_inputs(cfg, step if step >= 0 else cfg.train.num_steps)
+
+
+def _reusable_set(sample_dir: str, stage: str, cfg, recompute: bool) -> bool:
+    """Whether the sample set in ``sample_dir`` exists and was made from ``cfg``'s inputs
+    (``provenance.check_reuse``: an error if it was not, unless ``recompute``)."""
+    npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
+    if not (os.path.exists(npz) and os.path.exists(meta)):
+        return False
+    stored = provenance.stored_inputs(_read_json(meta))
+    return provenance.check_reuse(stage, sample_dir, stored, _set_inputs(cfg), recompute)
+
+
+def _reusable_agreement(path: str, config, recompute: bool) -> bool:
+    if not os.path.exists(path):
+        return False
+    stored = _read_json(path)
+    stored = provenance.stored_inputs(stored) if isinstance(stored, dict) else None
+    return provenance.check_reuse("agreement", path, stored, agreement_inputs(config), recompute)
+
+
+def check_outputs(config, outdir: str, recompute: bool = False) -> None:
+    """Checks, before any work, that every output already in ``outdir`` was made from the
+    inputs this run would use: the classifier, each regime's trained run
+    (``train_lib.check_workdir``), the sample and claim sets there, and the agreement tables.
+
+    Raises:
+      StaleOutputError: an output made with other settings, without ``recompute``.
+      CheckpointMismatchError: a regime's run trained with other settings (never recomputed in
+        place: it would discard the run's checkpoints).
+    """
+    classifier.check_reuse(
+        _classifier_config(config), os.path.join(outdir, "classifier"), recompute
+    )
+    for regime in all_regimes(config):
+        train_lib.check_workdir(regime_config(config, regime), os.path.join(outdir, regime))
+        for kind, make_config in (("samples", regime_config), ("claims", claim_config)):
+            folder = os.path.join(outdir, regime, kind)
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            for procedure in regime_procedures(config, regime):
+                if procedure in names:
+                    stage = f"{_stage_kind(kind)}/{regime}/{procedure}"
+                    cfg = make_config(config, regime, procedure)
+                    _reusable_set(os.path.join(folder, procedure), stage, cfg, recompute)
+    _reusable_agreement(os.path.join(outdir, "agreement.json"), config, recompute)
+
+
+def _stage_kind(kind: str) -> str:
+    return "sample" if kind == "samples" else "claim"
+
+
+def _classifier_config(config) -> ml_collections.ConfigDict:
+    clf_cfg = ml_collections.ConfigDict(config.classifier.to_dict())
+    clf_cfg.data.update(config.data.to_dict())
+    return clf_cfg
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks every regime's config under every procedure it will sample (``sample_lib``'s
     ``check_config``), before anything is trained or written.
@@ -386,32 +467,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 sample_lib.check_config(cfg)
 
 
-def run(config: ml_collections.ConfigDict, outdir: str) -> str:
+def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False) -> str:
     """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path.
+    An output already there is reused when it was made from the same inputs (``provenance``);
+    one made with other settings stops the run before any work, or with ``recompute`` is made
+    again (and replaced once complete).
 
     Raises:
       ConfigError: an invalid setting (``check_config``), before anything is written.
+      StaleOutputError, CheckpointMismatchError: ``check_outputs``, before any work.
     """
     check_config(config)
+    check_outputs(config, outdir, recompute)
     os.makedirs(outdir, exist_ok=True)
     timings = Timings(os.path.join(outdir, "timings.json"))
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
 
     clf_dir = os.path.join(outdir, "classifier")
-    clf_cfg = ml_collections.ConfigDict(config.classifier.to_dict())
-    clf_cfg.data.update(config.data.to_dict())
-    clf = classifier.load_classifier(clf_dir)
-    if clf is None:
-        clf = timings.run("classifier", lambda: classifier.train_classifier(clf_cfg, clf_dir))
-    else:
+    clf_cfg = _classifier_config(config)
+    if classifier.check_reuse(clf_cfg, clf_dir, recompute):
         timings.reuse("classifier", clf_dir)
-        classifier.check_accuracy(clf.test_accuracy, clf_cfg, clf_dir)
+        clf = classifier.train_classifier(clf_cfg, clf_dir)  # restored; its accuracy checked
+    else:
+        clf = timings.run(
+            "classifier", lambda: classifier.train_classifier(clf_cfg, clf_dir, recompute)
+        )
     real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
 
     for regime in all_regimes(config):
         cfg = regime_config(config, regime)
         workdir = os.path.join(outdir, regime)
-        if (checkpoint.latest_step(workdir) or 0) < cfg.train.num_steps:
+        if (train_lib.check_workdir(cfg, workdir) or 0) < cfg.train.num_steps:
             timings.run(
                 f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
             )
@@ -431,15 +517,15 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     ]
 
     def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
-        """One sample set, sampled unless its samples exist, and its metrics."""
-        stage = f"{'sample' if kind == 'samples' else 'claim'}/{regime}/{procedure}"
+        """One sample set, sampled unless it exists from the same inputs, and its metrics."""
+        stage = f"{_stage_kind(kind)}/{regime}/{procedure}"
         workdir = os.path.join(outdir, regime)
         sample_dir = _sample_dir(outdir, regime, procedure, kind)
-        if not os.path.exists(os.path.join(sample_dir, "samples.npz")):
-            cfg = make_config(config, regime, procedure)
-            timings.run(stage, lambda: sample_lib.run(cfg, workdir, sample_dir))
-        else:
+        cfg = make_config(config, regime, procedure)
+        if _reusable_set(sample_dir, stage, cfg, recompute):
             timings.reuse(stage, sample_dir)
+        else:
+            timings.run(stage, lambda: sample_lib.run(cfg, workdir, sample_dir))
         measured = evaluate_sample_dir(clf, real_features, sample_dir)
         return dict(measured, regime=regime, procedure=procedure)
 
@@ -470,17 +556,18 @@ def run(config: ml_collections.ConfigDict, outdir: str) -> str:
     )
 
     agreement_path = os.path.join(outdir, "agreement.json")
-    if not os.path.exists(agreement_path):
+    if not _reusable_agreement(agreement_path, config, recompute):
         rows = []
         for regime in config.regimes:
             rows += timings.run(
                 f"agreement/{regime}",
                 lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
             )
-        files.write_json(agreement_path, rows)
+        made_by = provenance.record(agreement_inputs(config))
+        files.write_json(agreement_path, {provenance.RECORD_KEY: made_by, "rows": rows})
     else:
         timings.reuse("agreement", agreement_path)
-    rows = _read_json(agreement_path)
+    rows = _read_json(agreement_path)["rows"]
     swept = {k: r for k, r in results.items() if r["regime"].startswith(SWEEP_PREFIX)}
     results = {k: r for k, r in results.items() if k not in swept}
     sweep = None

@@ -10,8 +10,11 @@ solve of the same paths.
 
 The study does not know where the agents come from: ``sampler_for(cell)`` builds the cell's
 ``FederatedSampler`` (over trained agents, or the closed-form Gaussian agents of the tests).
-Finished cells are cached under the study's folder, one folder per cell, so a rerun computes
-nothing again and an extended grid computes only its new cells.
+Finished cells are cached under the study's folder, one folder per cell, each with a record of
+what made it (``cell_inputs``: the trained run and step, the study's draws, the sampler's and the
+aggregator's settings, the cell), so a rerun computes nothing again, an extended grid computes
+only its new cells, and a cell made with other settings stops the study before any solve (or,
+with ``recompute``, is solved again).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedinf_jax import files, plots, solvers
+from fedinf_jax import files, plots, provenance, solvers
 from fedinf_jax.aggregators import DensityState
 from fedinf_jax.registry import check_choice
 from fedinf_jax.sampling import FederatedSampler, sample_keys, to_uint8
@@ -126,24 +129,78 @@ def reference_cell(method: str, aggregator: str, ode_solver="dopri8", ode_tol=1e
     return Cell("sde", "euler", aggregator, num_steps=sde_steps)
 
 
+def cell_inputs(config, step: int, cell: Cell) -> dict:
+    """What determines a cell of a study on trained agents (``provenance``): a sample set's
+    inputs (``sample_lib.sample_set_inputs``: the run, ``step``, the sampler and the aggregator's
+    settings) under the cell's aggregator with the study's draws (``study.num_per_class``,
+    ``study.seed``), less the sampler fields the cell sets, and the cell itself."""
+    import ml_collections
+
+    from fedinf_jax import sample_lib
+
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.aggregator.name = cell.aggregator
+    inputs = sample_lib.sample_set_inputs(cfg, step)
+    set_by_study = ["num_per_class", "seed", "method", "solver", "adaptive", "schedule"]
+    set_by_study += ["brownian", "save_trajectory", *(("rtol", "atol") if cell.adaptive else ())]
+    for field in [*set_by_study, *(() if cell.adaptive else ("num_steps",))]:
+        inputs.pop(f"sampler.{field}", None)
+    inputs["study.num_per_class"] = config.study.num_per_class  # the draws every cell solves
+    inputs["study.seed"] = config.study.seed
+    inputs.update(provenance.flatten({"cell": dataclasses.asdict(cell)}))
+    return inputs
+
+
 class CellCache:
     """Finished cells under ``directory``: ``<cell.name>/row.json`` and its arrays
     (``images.npy``; for the density-weighted members ``log_q.npy``), each cell written whole or
-    not at all."""
+    not at all. With ``inputs_of`` (cell -> its inputs, ``cell_inputs``), each row records what
+    made it, and a cell whose inputs changed is refused (``provenance.check_reuse``) or, with
+    ``recompute``, computed again."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        inputs_of: Callable[[Cell], dict] | None = None,
+        recompute: bool = False,
+    ):
         self.directory = os.fspath(directory)
+        self.inputs_of = inputs_of
+        self.recompute = recompute
 
     def _folder(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def load(self, cell: Cell) -> tuple[dict, dict[str, np.ndarray]] | None:
-        """(row, arrays by name) of a finished cell, or None; a refused cell has no arrays."""
+    def row(self, cell: Cell) -> dict | None:
+        """A finished cell's row when its inputs are the ones asked for, else None (unfinished,
+        or changed and to be recomputed).
+
+        Raises:
+          StaleOutputError: it was made from other inputs and ``recompute`` is not set.
+        """
         folder = self._folder(cell.name)
         if not os.path.isfile(os.path.join(folder, "row.json")):
             return None
         with open(os.path.join(folder, "row.json")) as f:
             row = json.load(f)
+        if self.inputs_of is not None:
+            stored = provenance.stored_inputs(row)
+            stage = f"study cell {cell.name}"
+            current = self.inputs_of(cell)
+            if not provenance.check_reuse(
+                stage, folder, stored, current, self.recompute, "a new study.name"
+            ):
+                return None
+        row.pop(provenance.RECORD_KEY, None)
+        return row
+
+    def load(self, cell: Cell) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(row, arrays by name) of a finished cell (``row``), or None; a refused cell has no
+        arrays."""
+        row = self.row(cell)
+        if row is None:
+            return None
+        folder = self._folder(cell.name)
         arrays = {
             name[: -len(".npy")]: np.load(os.path.join(folder, name))
             for name in sorted(os.listdir(folder))
@@ -159,6 +216,8 @@ class CellCache:
 
     def store(self, cell: Cell, row: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
         os.makedirs(self.directory, exist_ok=True)
+        if self.inputs_of is not None:
+            row = {**row, provenance.RECORD_KEY: provenance.record(self.inputs_of(cell))}
         with files.atomic_path(self._folder(cell.name), folder=True) as tmp:
             for key, value in (arrays or {}).items():
                 np.save(os.path.join(tmp, f"{key}.npy"), value)
@@ -310,6 +369,8 @@ def run(
         cache.store(cell, row, arrays)
         return row, arrays, True
 
+    for cell in dict.fromkeys([*cells, *map(reference, cells)]):  # a stale cell: before any solve
+        cache.row(cell)
     rows = []
     for i, cell in enumerate(cells):
         row, arrays, computed = solved(cell)
@@ -587,15 +648,19 @@ def cells_of(study_config) -> list[Cell]:
     return cells
 
 
-def run_study(config, workdir: str, overrides: dict | None = None) -> str:
+def run_study(config, workdir: str, overrides: dict | None = None, recompute: bool = False) -> str:
     """The config's study on the agents of the train.py run ``workdir``: every cell measured
     against its reference, written to ``workdir/study/<study.name>/`` (results.json and .csv,
     the plots, study.md, ``cells/`` the cache); with ``study.classifier``, each row also gets its
     samples' quality (``sample_quality``). Returns that folder.
 
+    A cached cell made from other inputs (``cell_inputs``) stops the study before any solve,
+    unless ``recompute``, which solves it again.
+
     Raises:
       ConfigError: an invalid study or sampler setting (before any checkpoint is read).
       MissingInputError: ``workdir`` holds no checkpoint, or ``study.classifier`` no classifier.
+      StaleOutputError: a cached cell made from other inputs, without ``recompute``.
     """
     from fedinf_jax import errors, runtime, sample_lib
 
@@ -643,7 +708,11 @@ def run_study(config, workdir: str, overrides: dict | None = None) -> str:
             eta,
         )
 
-    cache = CellCache(os.path.join(outdir, "cells"))
+    cache = CellCache(
+        os.path.join(outdir, "cells"),
+        lambda cell: cell_inputs(federation.config, federation.step, cell),
+        recompute,
+    )
     rows = run(
         cells,
         lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),

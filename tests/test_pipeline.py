@@ -96,7 +96,7 @@ def test_report_tables_parse(reproduced):
     assert metrics["claims"][f"heterogeneous/{best}"]["num_samples"] == 10
     claim_rows = _table_rows(_section(report, "The claim sets"))
     assert [r[:2] for r in claim_rows] == [["heterogeneous", best]]
-    rows = json.loads((outdir / "agreement.json").read_text())
+    rows = json.loads((outdir / "agreement.json").read_text())["rows"]
     assert len(rows) == 3 * 2 * 10 * 4  # mean, label_prior, superdiff_and
     assert {r["aggregator"] for r in rows} == {"mean", "label_prior", "superdiff_and"}
     summary = _table_rows(_section(report, "Agreement at a glance"))
@@ -126,6 +126,83 @@ def test_rerun_reuses_every_finished_stage(reproduced):
     assert "running" not in " ".join(line for line in log.splitlines() if "stage " in line)
     for stage in ("classifier", "train/heterogeneous", "agreement"):
         assert f"stage {stage}: reused" in log
+
+
+def _files(folder) -> dict:
+    """Every file under ``folder`` with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# One determining field of each cached stage, changed: (the change, what the error names).
+STALE_CASES = {
+    "sample set": (
+        lambda c: setattr(c.sampler, "num_steps", 4),
+        "sample/heterogeneous/superdiff_or: .* sampler.num_steps: 8 -> 4",
+    ),
+    "the sets' seed": (
+        lambda c: setattr(c, "seed", 1),
+        "sample/heterogeneous/paper: .* sampler.seed: 0 -> 1",
+    ),
+    "an aggregator's setting": (
+        lambda c: setattr(c.runs.heterogeneous.aggregator.superdiff_or, "temperature", 0.5),
+        r"sample/heterogeneous/superdiff_or: .*aggregator.superdiff_or.temperature: 1.0 -> 0.5",
+    ),
+    "claim set": (
+        lambda c: setattr(c, "claim_per_class", 2),
+        r"claim/heterogeneous/\w+: .*sampler.num_per_class: 1 -> 2",
+    ),
+    "agreement": (
+        lambda c: setattr(c, "agreement_samples", 5),
+        r"agreement: .*agreement.json .*agreement_samples: 10 -> 5",
+    ),
+    "classifier": (
+        lambda c: setattr(c.classifier.train, "num_steps", 21),
+        r"classifier: .*classifier .*train.num_steps: 20 -> 21",
+    ),
+    "training": (
+        lambda c: setattr(c.runs.heterogeneous.train, "learning_rate", 1e-3),
+        r"the run in .*heterogeneous was trained with other settings \(train.learning_rate: "
+        r"0.002 -> 0.001\)",
+    ),
+}
+
+
+def _smoke_pipeline_config():
+    """``run_reproduce``'s config (conftest), in process."""
+    config = reproduce.get_config("smoke")
+    config.regimes, config.procedures = ("heterogeneous",), PROCEDURES
+    return config
+
+
+def test_a_rerun_with_other_settings_stops_before_any_work(reproduced, tmp_path):
+    """Each cached stage with one determining field changed: the rerun stops with an error that
+    names the stage and the field (old -> new), and nothing in the output folder changes."""
+    outdir = tmp_path / "out"
+    shutil.copytree(reproduced[0], outdir)
+    before = _files(outdir)
+    for name, (change, message) in STALE_CASES.items():
+        config = _smoke_pipeline_config()
+        change(config)
+        with pytest.raises(errors.UserError, match=message):
+            pipeline.run(config, str(outdir))
+        assert _files(outdir) == before, name
+
+
+def test_recompute_redoes_only_what_changed(reproduced, tmp_path):
+    """``--recompute``: the agreement tables, made with 10 points, are made again with 5 and
+    replaced; the sample sets, whose inputs did not change, are not touched."""
+    outdir = tmp_path / "out"
+    shutil.copytree(reproduced[0], outdir)
+    sets = [p for p in _files(outdir) if p.name == "samples.npz"]
+    before = {p: p.stat().st_mtime_ns for p in sets}
+    config = _smoke_pipeline_config()
+    config.agreement_samples = 5
+    pipeline.run(config, str(outdir), recompute=True)
+    assert {p: p.stat().st_mtime_ns for p in sets} == before
+    agreement = json.loads((outdir / "agreement.json").read_text())
+    assert agreement["made_by"]["inputs"]["agreement_samples"] == 5
+    assert agreement["made_by"]["inputs"] == pipeline.agreement_inputs(config)
+    pipeline.check_outputs(config, str(outdir))  # everything now matches the new settings
 
 
 def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from fedinf_jax import aggregators, errors, sampling, solvers, study
+from fedinf_jax import aggregators, errors, provenance, sampling, solvers, study
 from fedinf_jax.sde import VPSDE
 from tests.test_sampling import MUS, gaussian_agents
 
@@ -235,11 +235,35 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
     assert "Every cell finished" in summary and "No finished adaptive cells." in summary
     assert "## Sample quality" in summary
 
-    def no_solving(*args, **kwargs):
+    solved = []
+
+    def no_solving(cell, *args, **kwargs):
+        solved.append(cell.name)
         raise AssertionError("a cached cell was solved again")
 
     monkeypatch.setattr(study, "measure", no_solving)
     study.run_study(config, str(workdir))
+    # Other draws: the cached cells were made from other inputs. Refused before any solve, or
+    # solved again with recompute (the patched solve is reached).
+    config.study.seed = 1
+    with pytest.raises(
+        provenance.StaleOutputError,
+        match=r"study cell ode-euler-uniform4-mean: .*study.seed: 0 -> 1",
+    ):
+        study.run_study(config, str(workdir))
+    with pytest.raises(AssertionError, match="a cached cell was solved again"):
+        study.run_study(config, str(workdir), recompute=True)
+    config.study.seed = 0
+    config.sampler.t_end = 2e-3  # a sampler setting the cells share
+    with pytest.raises(provenance.StaleOutputError, match=r"sampler.t_end: 0.001 -> 0.002"):
+        study.run_study(config, str(workdir))
+    config.sampler.t_end = 1e-3
+    config.study.num_steps = (4, 8)  # a grown grid: only its new cell is solved
+    solved.clear()
+    with pytest.raises(AssertionError, match="a cached cell was solved again"):
+        study.run_study(config, str(workdir))
+    assert solved == ["ode-euler-uniform8-mean"]
+    config.study.num_steps = (4,)
     config.study.solvers.ode = ("rk4",)
     with pytest.raises(errors.ConfigError, match="unknown ode solver 'rk4'"):
         study.run_study(config, str(tmp_path / "nothing"))

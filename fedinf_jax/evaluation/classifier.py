@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from fedinf_jax import checkpoint, data, files, train_lib
+from fedinf_jax import checkpoint, data, files, provenance, train_lib
 from fedinf_jax.models.layers import GroupNorm
 
 
@@ -167,19 +167,69 @@ def evaluate_accuracy(
     return float(np.mean(probs.argmax(axis=1) == labels))
 
 
-def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier:
-    """Trains the classifier ``config`` describes (``configs/classifier.py``), saves it with
-    its test accuracy under ``workdir``, and returns it; reuses a finished one.
+NOT_INPUTS = ("preset", "min_test_accuracy", "data.mnist_dir", "data.tfds_data_dir")
+"""Fields of a classifier's config that do not determine it: a name, the floor it is checked
+against, where MNIST is read from (every source gives the same arrays); and ``train.log_every``."""
+
+
+def classifier_inputs(config) -> dict:
+    """What determines a trained classifier (``provenance``): its config but ``NOT_INPUTS`` and
+    the logging cadence."""
+    fields = provenance.flatten(config.to_dict() if hasattr(config, "to_dict") else config)
+    return {k: v for k, v in fields.items() if k not in (*NOT_INPUTS, "train.log_every")}
+
+
+def check_reuse(config: ml_collections.ConfigDict, workdir: str, recompute: bool) -> bool:
+    """Whether ``workdir`` holds a classifier trained from ``config``'s inputs
+    (``provenance.check_reuse``; reads only its record).
 
     Raises:
+      StaleOutputError: it was trained with other settings, and ``recompute`` is not set.
+    """
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        return False
+    manager = checkpoint.make_manager(workdir, create=False)
+    try:
+        if manager.latest_step() is None:
+            return False
+        stored = classifier_inputs(checkpoint.restore_meta(manager)["config"])
+    finally:
+        manager.close()
+    return provenance.check_reuse(
+        "classifier", workdir, stored, classifier_inputs(config), recompute
+    )
+
+
+def train_classifier(
+    config: ml_collections.ConfigDict, workdir: str, recompute: bool = False
+) -> TrainedClassifier:
+    """Trains the classifier ``config`` describes (``configs/classifier.py``), saves it with
+    its test accuracy under ``workdir``, and returns it; reuses a finished one trained from the
+    same inputs (``check_reuse``). With ``recompute``, one trained with other settings is
+    trained again and replaces the old folder once saved.
+
+    Raises:
+      StaleOutputError: ``workdir`` holds a classifier trained with other settings, and
+        ``recompute`` is not set.
       ValueError: the trained classifier's test accuracy is below ``config.min_test_accuracy``
         (the checkpoint is kept, so the number can be inspected).
     """
-    found = load_classifier(workdir)
-    if found is not None:
+    if check_reuse(config, workdir, recompute):
+        found = load_classifier(workdir)
         logging.info("classifier in %s: test accuracy %.4f (reused)", workdir, found.test_accuracy)
         check_accuracy(found.test_accuracy, config, workdir)
         return found
+    if os.path.isdir(checkpoint.checkpoint_dir(workdir)):  # recompute: replaced once saved
+        with files.atomic_path(workdir, folder=True) as fresh:
+            trained = _train(config, fresh)
+    else:
+        trained = _train(config, workdir)
+    check_accuracy(trained.test_accuracy, config, workdir)
+    return trained
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier:
+    """Trains and saves the classifier under ``workdir``."""
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     model = make_classifier(config.model)
     tx = train_lib.make_optimizer(config.train)
@@ -228,7 +278,6 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> Trained
         checkpoint.save(manager, config.train.num_steps, params, meta)
     finally:
         manager.close()
-    check_accuracy(accuracy, config, workdir)
     return TrainedClassifier(model, params, accuracy, config.data.centered)
 
 
