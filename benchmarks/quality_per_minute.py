@@ -60,6 +60,10 @@ RECIPES = {
 # ln sigma uniform over the SDE's range: as often at high noise (where the digit's shape is
 # decided) as at low noise (where its strokes are cleaned), the rest as baseline.
 RECIPES["log_snr"] = dict(RECIPES["baseline"], **{"train.noise": "log_snr"})
+# Classifier-free guidance's training: the baseline with each label replaced by the null label
+# 10% or 20% of the time (the agent learns its unconditional score too).
+for _p in (10, 20):
+    RECIPES[f"dropout{_p}"] = dict(RECIPES["baseline"], **{"train.label_dropout": _p / 100})
 # The baseline's training with another U-Net of candidates.py.
 for _name in ("wide16", "wide32", "wide_noattn", "two_level", "stem32", "stem64", "stem3"):
     RECIPES[_name] = dict(RECIPES["baseline"], architecture=_name)
@@ -80,6 +84,10 @@ SAMPLERS = {
     "em25": {"method": "sde", "solver": "euler", "num_steps": 25, "schedule": "uniform"},
     "em25_karras": {"method": "sde", "solver": "euler", "num_steps": 25, "schedule": "karras"},
 }
+# em100 with classifier-free guidance w (sampler.guidance; 1 is em100): for the dropout recipes,
+# skipped for a recipe trained without the null label.
+for _w in (1.5, 2, 3, 4):
+    SAMPLERS[f"em100_w{_w:g}"] = dict(SAMPLERS["em100"], guidance=float(_w))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/quality_per_minute", "Where the cells are kept (resumable).")
@@ -171,6 +179,10 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
         metrics_path = os.path.join(workdir, "samples", sampler, "metrics.json")
         if FLAGS.report_only and not os.path.exists(metrics_path):
             continue
+        guidance = SAMPLERS[sampler].get("guidance", 1.0)
+        if guidance != 1 and not train_lib.guidable(config):
+            logging.info("%s: no null label in recipe %s, not guided", sampler, recipe)
+            continue
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = json.load(f)
@@ -189,6 +201,8 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
                 batch_size=config.train.batch_size,
                 train_minutes=cost["train_wall_s"] / 60,
                 sampling_s=metrics["sampling_wall_time_s"],
+                guidance=guidance,
+                label_dropout=config.train.label_dropout,
                 **cost,
                 **{k: metrics[k] for k in keep},
             )
@@ -254,6 +268,37 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_guidance(rows: list[dict], path: str) -> None:
+    """Accuracy, noise rate and FID against the guidance w, a line per recipe and budget (the
+    em100 family: unguided w = 1 and its guided samplers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    em100 = [r for r in rows if r["sampler"] == "em100" or r["sampler"].startswith("em100_w")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+    for i, line in enumerate(dict.fromkeys((r["recipe"], r["steps"]) for r in em100)):
+        mine = sorted(
+            (r for r in em100 if (r["recipe"], r["steps"]) == line), key=lambda r: r["guidance"]
+        )
+        for ax, key in zip(axes, ("accuracy", "noise_rate", "fid"), strict=True):
+            ax.plot(
+                [r.get("guidance", 1.0) for r in mine],
+                [r[key] for r in mine],
+                "o-",
+                color=f"C{i % 10}",
+                label=f"{line[0]}, {line[1]} steps",
+            )
+    for ax, title in zip(axes, ("label accuracy", "noise rate", "FID"), strict=True):
+        ax.set(title=title, xlabel="guidance w (1: unguided)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"control agent, preset {FLAGS.preset}: classifier-free guidance, em100")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv):
     del argv
     for recipe in FLAGS.recipes:  # every setting checked before anything is trained
@@ -297,6 +342,8 @@ def main(argv):
     files.write_json(FLAGS.output, {"preset": FLAGS.preset, "rows": rows})
     files.write_text(stem + ".md", table(rows))
     plot(rows, stem + ".png")
+    if any(r.get("guidance", 1.0) != 1 for r in rows):
+        plot_guidance(rows, stem + "_guidance.png")
     print(table(rows))
 
 

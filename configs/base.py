@@ -111,6 +111,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.noise = "uniform_t"
     config.train.p_mean = -1.2  # EDM's (Karras et al. 2022, Table 1)
     config.train.p_std = 1.2
+    # Classifier-free guidance (Ho and Salimans 2022): the share of training examples whose
+    # label is replaced by a null label (one more class of the model), so that each agent also
+    # learns its unconditional score; > 0 lets sampler.guidance guide it. 0: no null label.
+    config.train.label_dropout = 0.0
     config.train.log_every = 50
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 3
@@ -166,6 +170,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the steps).
     config.sampler.brownian = "auto"
     config.sampler.denoise = True  # a final Tweedie step x0 = (x + std^2 s) / alpha at t_end
+    # Classifier-free guidance w (Ho and Salimans 2022): s = s_null + w (s_y - s_null), the
+    # federation's unconditional score s_null aggregated like its conditional one (at the null
+    # label, whose prior is the label-free one; aggregators.guided). 1: unguided; > 1 needs agents
+    # trained with train.label_dropout > 0.
+    config.sampler.guidance = 1.0
     config.sampler.num_per_class = 10  # samples per digit
     config.sampler.batch_size = 100  # samples per jitted solve (memory bound)
     config.sampler.use_ema = True  # sample with the agents' EMA parameters

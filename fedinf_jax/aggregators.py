@@ -577,6 +577,72 @@ def config_section(name: str = "mean"):
     return section
 
 
+def with_null_class(counts) -> np.ndarray:
+    """The count matrix n[agent, class] with one more class, the null label of classifier-free
+    guidance, holding each agent's whole shard n_i: a member's label prior at the null label is
+    then its label-free prior (``label_prior``: the data shares n_i / N)."""
+    n = _count_matrix(counts)
+    return np.concatenate([n, n.sum(axis=1, keepdims=True)], axis=1)
+
+
+def _halves(tree):
+    """(conditional, null) halves of a pytree of (2K, ...) arrays (``guided``)."""
+    first = jax.tree.map(lambda a: a[: a.shape[0] // 2], tree)
+    return first, jax.tree.map(lambda a: a[a.shape[0] // 2 :], tree)
+
+
+def guided(member: Aggregator, guidance: float, null_label: int) -> Aggregator:
+    """Classifier-free guidance of the federation (Ho and Salimans 2022), guiding the aggregate:
+
+        s = S_null + w (S_y - S_null),
+
+    with S_y the member's aggregate of the agents' conditional scores s_i(x, y) at the label y,
+    and S_null its aggregate of their null-label (unconditional) scores s_i(x, null) at the null
+    label, where a member's label prior is its label-free prior (``with_null_class``); w = 1 is
+    S_y. The agent scores come stacked as (2K, batch, ...), the K conditional ones first
+    (``federated_score.with_null_label``), and so does a ``divergence``.
+
+    A member with state keeps two, (conditional, null), each driven along the path actually
+    taken by its own agents' scores: the density-weighted members track every agent's
+    conditional and unconditional log-density (``fedinf_jax.density`` holds along any path), so
+    S_y and S_null are the pooled data's conditional and unconditional scores and the guided
+    field is the pooled data's, guided. A member's own noise (``superdiff_and``) acts as for its
+    conditional aggregate; its ``weights`` are the conditional ones.
+    """
+    null_of = lambda y: jnp.full_like(y, null_label)  # noqa: E731
+
+    def init(num_agents, x, y, keys=None):
+        return member.init(num_agents, x, y, keys), member.init(num_agents, x, null_of(y), keys)
+
+    def aggregate(scores, t, x, y, state, **extra):
+        (sc, ec), (su, eu) = zip(*map(_halves, (scores, extra)), strict=True)
+        score_y, state_y = member.aggregate(sc, t, x, y, state[0], **ec)
+        score_null, state_null = member.aggregate(su, t, x, null_of(y), state[1], **eu)
+        return score_null + guidance * (score_y - score_null), (state_y, state_null)
+
+    def tendency(scores, t, x, y, state, dx, dt, **extra):
+        (sc, ec), (su, eu) = zip(*map(_halves, (scores, extra)), strict=True)
+        return (
+            member.tendency(sc, t, x, y, state[0], dx, dt, **ec),
+            member.tendency(su, t, x, null_of(y), state[1], dx, dt, **eu),
+        )
+
+    def noise(scores, t, x, y, state, g_dw):
+        return member.noise(_halves(scores)[0], t, x, y, state[0], g_dw)
+
+    def weights(state, y):
+        return member.weights(state[0], y)
+
+    return Aggregator(
+        init,
+        aggregate,
+        tendency if member.tendency is not None else None,
+        noise if member.noise is not None else None,
+        weights if member.weights is not None else None,
+        member.divergence_probes,
+    )
+
+
 def from_config(
     agg_config,
     counts=None,

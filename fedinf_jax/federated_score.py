@@ -37,6 +37,25 @@ class Evaluation(NamedTuple):
     extra: dict
 
 
+def with_null_label(agent_score_fn: Callable, null_label: int) -> Callable:
+    """``(params, x, t, y) -> (2K, batch, ...)``: every agent's score at (x, y), then every agent's
+    score at (x, null label), from one call of ``agent_score_fn`` on the doubled batch (what
+    ``aggregators.guided`` combines; one network call, the images twice)."""
+
+    def scores(params, x, t, y):
+        both = agent_score_fn(
+            params,
+            jnp.concatenate([x, x]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([y, jnp.full_like(y, null_label)]),
+        )
+        k, b = both.shape[0], x.shape[0]
+        both = both.reshape(k, 2, b, *both.shape[2:])
+        return jnp.swapaxes(both, 0, 1).reshape(2 * k, b, *both.shape[3:])
+
+    return scores
+
+
 @dataclasses.dataclass
 class SolveMonitor:
     """What the evaluations of one solve reported to the host: how many there were, and the

@@ -57,17 +57,23 @@ SINGLE_AGENT_PROCEDURES = ("paper", "mean")
 
 
 def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list[str]:
-    """With one agent every aggregator is that agent: only the paper's and the corrected mean."""
+    """With one agent every aggregator is that agent: only the paper's and the corrected mean
+    (with its settings, ``mean:guidance=2``)."""
     if regime_config.partition.num_agents == 1:
-        return [p for p in procedures if p in SINGLE_AGENT_PROCEDURES]
+        return [p for p in procedures if p.partition(":")[0] in SINGLE_AGENT_PROCEDURES]
     return list(procedures)
+
+
+SAMPLER_SETTINGS = ("guidance",)
+"""Sampler fields a procedure may set after its colon, beside its member's settings
+(``mean:guidance=2``: the corrected sampler with classifier-free guidance)."""
 
 
 def parse_procedure(procedure: str) -> tuple[str, dict]:
     """A procedure's aggregator and settings: ``paper`` or a member's name alone (its defaults),
     or with settings after a colon, ``label_prior:top_k=1``,
-    ``superdiff_or:top_k=2,temperature=0.5`` (values as Python literals; a bare word is a
-    string).
+    ``superdiff_or:top_k=2,temperature=0.5``, ``mean:guidance=2`` (a member's settings or
+    ``SAMPLER_SETTINGS``; values as Python literals; a bare word is a string).
 
     Raises:
       ValueError: an unknown member or setting (the valid ones listed), or an item that is not
@@ -75,7 +81,7 @@ def parse_procedure(procedure: str) -> tuple[str, dict]:
     """
     name = procedure.partition(":")[0]
     check_choice("procedure", name, ("paper", *aggregators.AGGREGATORS))
-    valid = aggregators.settings_of(name) if name != "paper" else {}
+    valid = [*aggregators.settings_of(name), *SAMPLER_SETTINGS] if name != "paper" else []
     return _parse_spec("procedure", procedure, valid)
 
 
@@ -178,7 +184,7 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
         cfg.sampler.update(config.sampler.to_dict())
         cfg.aggregator.name = name
         for key, value in settings.items():
-            cfg.aggregator[name][key] = value
+            (cfg.sampler if key in SAMPLER_SETTINGS else cfg.aggregator[name])[key] = value
         if procedure in config.get("trajectory_procedures", ()):
             cfg.sampler.save_trajectory = config.trajectory_times
     cfg.sampler.num_per_class = config.eval_per_class

@@ -46,7 +46,8 @@ from fedinf_jax import (
     solvers,
     train_lib,
 )
-from fedinf_jax.score import make_score_fn
+from fedinf_jax.federated_score import with_null_label
+from fedinf_jax.score import make_score_fn, null_label
 from fedinf_jax.types import AgentParams
 
 EXECUTION_FIELDS = ("sampler.batch_size", "sampler.progress", "sampler.checkpoint_step")
@@ -75,6 +76,7 @@ class Federation:
 
 
 _SAMPLER_RULES = {
+    "guidance": (lambda v: v >= 0, ">= 0 (1: unguided, 0: the unconditional score)"),
     "num_per_class": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "checkpoint_step": (lambda v: v >= -1, ">= 0, or -1 for the latest"),
@@ -92,12 +94,20 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
     components, expected = train_lib.check_config(config)
     counts = expected if counts is None else counts
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
+    guidance = config.sampler.get("guidance", 1.0)
+    if guidance != 1 and not train_lib.guidable(config):
+        raise errors.ConfigError(
+            f"sampler.guidance = {guidance} needs agents that learnt the unconditional score too, "
+            "trained with train.label_dropout > 0 (e.g. 0.15); these are trained with "
+            f"train.label_dropout = {config.train.get('label_dropout', 0.0)}. Sample them with "
+            "sampler.guidance = 1, or train a run with label dropout"
+        )
     with errors.as_config_error():
         spec = solvers.SolverSpec.from_config(config.sampler, components.sde)
         aggregators.AGGREGATORS.check(config.aggregator.name)
     with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
-        aggregator = aggregators.from_config(
-            config.aggregator, counts, len(counts), components.sde, spec.method
+        aggregator = make_aggregator(
+            config.aggregator, counts, len(counts), components, spec.method, guidance
         )
     with errors.as_config_error():
         solvers.check_solver_for(aggregator, spec)
@@ -207,6 +217,24 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
     return merged
 
 
+def make_aggregator(
+    section, counts, num_agents: int, components, method: str, guidance: float = 1.0
+) -> aggregators.Aggregator:
+    """The member ``section`` names, for the run's count matrix, K and SDE; with ``guidance``
+    w != 1, that member guided (``aggregators.guided``: the agents' unconditional scores
+    aggregated at the null label, whose prior is the label-free one,
+    ``aggregators.with_null_class``).
+
+    Raises:
+      ValueError: an unknown member or settings it refuses.
+    """
+    if guidance == 1:
+        return aggregators.from_config(section, counts, num_agents, components.sde, method)
+    counts = None if counts is None else aggregators.with_null_class(counts)
+    member = aggregators.from_config(section, counts, num_agents, components.sde, method)
+    return aggregators.guided(member, guidance, null_label(components.model))
+
+
 def build_sampler(
     federation: Federation,
     spec: solvers.SolverSpec | None = None,
@@ -224,11 +252,15 @@ def build_sampler(
     section = config.aggregator
     if aggregator_name is not None:
         section = ml_collections.ConfigDict({**section.to_dict(), "name": aggregator_name})
-    aggregator = aggregators.from_config(
-        section, federation.counts, federation.num_agents, comp.sde, spec.method
+    guidance = config.sampler.get("guidance", 1.0)
+    aggregator = make_aggregator(
+        section, federation.counts, federation.num_agents, comp, spec.method, guidance
     )
+    scores = agent_score_fn(comp, agent_mesh=agent_mesh)
+    if guidance != 1:
+        scores = with_null_label(scores, null_label(comp.model))
     return sampling.FederatedSampler(
-        agent_score_fn(comp, agent_mesh=agent_mesh),
+        scores,
         comp.sde,
         aggregator,
         spec,
@@ -413,7 +445,10 @@ def run(
         "num_agents": federation.num_agents,
         "checkpoint_step": federation.step,
         "score_evaluations": int(per_batch["score_evaluations"].sum()),
-        "network_evaluations": int(per_batch["score_evaluations"].sum()) * federation.num_agents,
+        # Each evaluation asks every agent once, twice under guidance (the null label too).
+        "network_evaluations": int(per_batch["score_evaluations"].sum())
+        * federation.num_agents
+        * (1 if cfg.sampler.get("guidance", 1.0) == 1 else 2),
         "steps": int(per_batch["num_steps"].sum()),
         "accepted_steps": int(per_batch["num_accepted_steps"].sum()),
         "rejected_steps": int(per_batch["num_rejected_steps"].sum()),

@@ -175,20 +175,36 @@ def make_time_sampler(
     return build(sde, eps, p_mean, p_std)
 
 
+def null_label(model: nn.Module) -> int:
+    """The label of the unconditional score: the last class of a model built with a null class
+    (``models.make_unet(..., null_label=True)``)."""
+    return model.num_classes - 1
+
+
 def make_loss_fn(
     model: nn.Module,
     sde: SDE,
     eps: float = 1e-5,
     param: Parametrization = Parametrization(),
     times: Callable[[Key, int], Times] | None = None,
+    label_dropout: float = 0.0,
 ):
     """loss(params, x0, y, key) -> scalar DSM loss for one agent's batch, at training times from
-    ``times`` (default t ~ U(eps, T))."""
+    ``times`` (default t ~ U(eps, T)).
+
+    ``label_dropout`` > 0 (classifier-free guidance, Ho and Salimans 2022): each example's label
+    is replaced by the null label ``model.num_classes - 1`` (the model's extra class, see
+    ``null_label``) with that probability, so that one network learns both the conditional and
+    the unconditional score. 0 draws nothing: the loss of a run without dropout is unchanged.
+    """
     network = _network(model, param, sde)
     times = times or make_time_sampler(sde, "uniform_t", eps)
 
     def loss_fn(params: Params, x0: Images, y: Labels, key: Key) -> Array:
         t_key, z_key = jax.random.split(key)
+        if label_dropout > 0:  # its own key: the times and noise are those of a run without
+            dropped = jax.random.bernoulli(jax.random.fold_in(key, 1), label_dropout, y.shape)
+            y = jnp.where(dropped, null_label(model), y)
         t = times(t_key, x0.shape[0])
         z = jax.random.normal(z_key, x0.shape)
         out, alpha, std = network(params, sde.perturb(x0, t, z), t, y)

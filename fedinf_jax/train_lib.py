@@ -220,6 +220,12 @@ class Components:
     times: Callable  # (key, n) -> training times
 
 
+def guidable(config) -> bool:
+    """Whether a run's agents learn the unconditional score too (``train.label_dropout`` > 0):
+    their model has the null label, and they can be sampled with classifier-free guidance."""
+    return config.train.get("label_dropout", 0.0) > 0
+
+
 def resolve_score(config: ml_collections.ConfigDict) -> ScoreComponents:
     """Builds the model, SDE, parametrization and score strategy a config names (no optimizer:
     what sampling needs).
@@ -229,7 +235,7 @@ def resolve_score(config: ml_collections.ConfigDict) -> ScoreComponents:
         (``check_config`` checks all of a config).
     """
     return ScoreComponents(
-        model=make_unet(config.model, config.get("conv_impl", "auto")),
+        model=make_unet(config.model, config.get("conv_impl", "auto"), guidable(config)),
         sde=make_sde(config.sde),
         score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
         map_unroll=config.agent_axis.get("map_unroll", 1),
@@ -271,6 +277,7 @@ _TRAIN_RULES = {
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "grad_clip": (lambda v: v > 0, "> 0"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "p_std": (lambda v: v > 0, "> 0"),
     "log_every": (lambda v: v >= 1, ">= 1"),
     "checkpoint_every": (lambda v: v >= 1, ">= 1"),
@@ -479,7 +486,11 @@ def components_train_step(
     """The jitted train step of resolved ``components`` lifted over agents by ``strategy`` (on
     ``agent_mesh`` when given): what ``build_train_step`` compiles, for a chosen strategy."""
     loss_fn = make_loss_fn(
-        components.model, components.sde, param=components.param, times=components.times
+        components.model,
+        components.sde,
+        param=components.param,
+        times=components.times,
+        label_dropout=config.train.get("label_dropout", 0.0),
     )
     step = make_train_step(
         loss_fn,

@@ -32,8 +32,9 @@ def _inputs(k=K, seed=0):
     return scores, t, x, y
 
 
-def _apply(agg, scores, t, x, y):
-    state = agg.init(scores.shape[0], x, y, jax.random.split(jax.random.key(1), len(y)))
+def _apply(agg, scores, t, x, y, num_agents=None):
+    keys = jax.random.split(jax.random.key(1), len(y))
+    state = agg.init(num_agents or scores.shape[0], x, y, keys)
     return jax.jit(agg.aggregate)(scores, t, x, y, state)
 
 
@@ -256,3 +257,113 @@ def test_bad_arguments():
     scores, t, x, y = _inputs(k=2)
     with pytest.raises(ValueError, match="needs more than 2 agents"):
         _apply(A.trimmed_mean(1), scores, t, x, y)
+
+
+# Classifier-free guidance of the federation (aggregators.guided): the agents' scores stacked as
+# (2K, batch, ...), the conditional ones first; COUNTS has two classes, so the null label is 2.
+W, NULL = 2.5, 2
+
+
+def _guided_pair(name, k=K):
+    """(member, the member guided) for the count matrix with its null class."""
+    counts = A.with_null_class(COUNTS[:k])
+    section = A.config_section(name)
+    section.trimmed_mean.trim = 1 if k > 2 else 0
+    member = A.from_config(section, counts, k, VPSDE())
+    return member, A.guided(member, W, NULL)
+
+
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
+def test_guided_is_the_null_aggregate_plus_w_times_the_difference(name):
+    """Every member, guided: S_null + w (S_y - S_null), S_null its aggregate of the null-label
+    scores at the null label; the state is the pair (conditional, null)."""
+    scores, t, x, y = _inputs()
+    null_scores = _inputs(seed=1)[0]
+    member, guided = _guided_pair(name)
+    out, state = _apply(guided, jnp.concatenate([scores, null_scores]), t, x, y, K)
+    score_y, state_y = _apply(member, scores, t, x, y)
+    score_null, state_null = _apply(member, null_scores, t, x, jnp.full_like(y, NULL))
+    np.testing.assert_allclose(out, score_null + W * (score_y - score_null), rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves(state), jax.tree.leaves((state_y, state_null)), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
+def test_guided_identical_agents_give_the_guided_agent(name):
+    scores, t, x, y = _inputs()
+    null_scores = _inputs(seed=1)[0]
+    same = jnp.concatenate(
+        [
+            jnp.broadcast_to(scores[:1], scores.shape),
+            jnp.broadcast_to(null_scores[:1], scores.shape),
+        ]
+    )
+    out, _ = _apply(_guided_pair(name)[1], same, t, x, y, K)
+    want = null_scores[0] + W * (scores[0] - null_scores[0])
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_guided_label_prior_weighs_the_null_label_by_the_data_shares():
+    """label_prior's null-label weights are the agents' data shares n_i / N (the label-free
+    prior), its conditional ones n_{i,y} / n_y."""
+    _, guided = _guided_pair("label_prior")
+    unit = jnp.eye(K)[:, None, :]  # agent i's "score" is the unit vector e_i
+    y = jnp.array([1])
+    out, _ = _apply(guided, jnp.concatenate([unit, unit]), 0.5, jnp.zeros((1, K)), y, K)
+    shares = COUNTS.sum(axis=1) / COUNTS.sum()
+    rho = COUNTS[:, 1] / COUNTS[:, 1].sum()
+    np.testing.assert_allclose(out[0], shares + W * (rho - shares), rtol=1e-5)
+
+
+def test_guided_superdiff_or_with_exact_densities_is_the_pooled_model_guided():
+    """Gaussian agents with their exact log-densities in the state: the guided density-weighted
+    member is the score of the pooled data's class-conditional mixture, guided by the pooled
+    data's unconditional mixture (weights n_{i,y} and n_i)."""
+    sde, s0, t = VPSDE(), 0.5, jnp.float32(0.3)
+    alpha, std = (float(v) for v in sde.marginal(t))
+    var = alpha**2 * s0**2 + std**2
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(K, 3, 4))  # agent i's data mean for labels 0, 1 and the null label
+    x = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    y = jnp.array([0, 1])
+
+    def scores_and_log_q(label):
+        mu = alpha * means[:, label]  # (K, batch, D)
+        log_q = -0.5 * jnp.sum((x - mu) ** 2, -1) / var - 2 * jnp.log(2 * jnp.pi * var)
+        return -(x - mu) / var, log_q
+
+    def mixture_score(weights, label):  # the score of sum_i w_i N(alpha mu_i, var)
+        scores, log_q = scores_and_log_q(label)
+        post = jax.nn.softmax(jnp.log(weights) + log_q, axis=0)
+        return jnp.sum(post[..., None] * scores, axis=0)
+
+    (s_y, q_y), (s_null, q_null) = scores_and_log_q(y), scores_and_log_q(jnp.full_like(y, NULL))
+    guided = A.guided(A.superdiff_or(sde, "sde", counts=A.with_null_class(COUNTS)), W, NULL)
+    state = (A.DensityState(q_y), A.DensityState(q_null))
+    out, _ = guided.aggregate(jnp.concatenate([s_y, s_null]), t, x, y, state)
+    pooled_y = mixture_score(jnp.asarray(COUNTS[:, y], jnp.float32), y)
+    pooled_null = mixture_score(
+        jnp.asarray(COUNTS.sum(1), jnp.float32)[:, None], jnp.full_like(y, NULL)
+    )
+    np.testing.assert_allclose(
+        out, pooled_null + W * (pooled_y - pooled_null), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_guidance_one_builds_the_member_itself():
+    """w = 1 is no guidance: make_aggregator returns the member, bitwise the unguided one."""
+    from configs import base
+    from fedinf_jax import sample_lib, train_lib
+
+    config = base.get_config("smoke")
+    components = train_lib.resolve_score(config)
+    scores, t, x, y = _inputs(k=2)
+    for name in ("mean", "superdiff_or"):
+        config.aggregator.name = name
+        plain = A.from_config(config.aggregator, COUNTS[:2], 2, components.sde)
+        unguided = sample_lib.make_aggregator(config.aggregator, COUNTS[:2], 2, components, "sde")
+        np.testing.assert_array_equal(
+            _apply(unguided, scores, t, x, y)[0], _apply(plain, scores, t, x, y)[0]
+        )

@@ -312,7 +312,13 @@ def test_a_procedure_can_set_its_members_settings():
         probes=1, top_k=2, temperature=0.5, prior="shares"
     )
     assert pipeline.parse_procedure("route") == ("route", {})
-    with pytest.raises(ValueError, match=r"unknown setting of label_prior 'k'; valid: \['top_k'\]"):
+    guided = pipeline.regime_config(config, "heterogeneous", "label_prior:top_k=1,guidance=2")
+    assert guided.sampler.guidance == 2 and guided.aggregator.label_prior.top_k == 1
+    assert top1.sampler.guidance == 1 and "guidance" not in guided.aggregator.label_prior
+    assert pipeline.regime_config(config, "heterogeneous", "paper").sampler.guidance == 1
+    with pytest.raises(
+        ValueError, match=r"unknown setting of label_prior 'k'; valid: \['top_k', 'guidance'\]"
+    ):
         pipeline.parse_procedure("label_prior:k=1")
     with pytest.raises(ValueError, match="settings are name=value, got 'top_k'"):
         pipeline.parse_procedure("label_prior:top_k")
@@ -321,6 +327,12 @@ def test_a_procedure_can_set_its_members_settings():
         errors.ConfigError, match=r"homogeneous/label_prior:top_k=11: .* top_k must"
     ):
         pipeline.check_config(config)
+    config.procedures = ("mean:guidance=2",)  # the regimes' agents train without a null label
+    with pytest.raises(errors.ConfigError, match=r"control/mean:guidance=2: sampler.guidance"):
+        pipeline.check_config(config)
+    for run in config.runs.values():
+        run.train.label_dropout = 0.15
+    pipeline.check_config(config)
 
 
 def test_ratios_to_control_and_the_papers():

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import agents, aggregators, reverse, runtime, sample_lib, sampling, solvers
+from fedinf_jax import (
+    agents,
+    aggregators,
+    errors,
+    federated_score,
+    reverse,
+    runtime,
+    sample_lib,
+    sampling,
+    solvers,
+)
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
 from tests.conftest import count_traces, zero_fill_largest_file
 
@@ -82,14 +92,45 @@ def test_gaussian_federation_matches_closed_form(case):
     _assert_closed_form(np.asarray(draw(sampler, 4000).images), sde, w, t_end, denoise)
 
 
-def _assert_closed_form(x, sde, w, t_end, denoise):
-    m = w @ np.asarray(MUS)
+def _assert_closed_form(x, sde, w, t_end, denoise, mus=MUS):
+    m = w @ np.asarray(mus)
     alpha, std = (float(v) for v in sde.marginal(jnp.asarray(t_end)))
     spread = np.sqrt(alpha**2 * S0**2 + std**2)
     want_mean, want_std = (m, S0**2 * alpha / spread) if denoise else (alpha * m, spread)
     # Standard errors with 4000 samples: mean 0.008, std 0.006.
     np.testing.assert_allclose(x.mean(axis=0), want_mean, atol=0.04)
     np.testing.assert_allclose(x.std(axis=0), want_std, atol=0.025)
+
+
+def test_guided_gaussian_federation_matches_the_tilted_closed_form():
+    """Agents whose data for label y is N(mu_{i,y}, S0^2 I) and whose null-label model is
+    N(mu_{i,null}, S0^2 I): under the guided mean, s = S_null + w (S_y - S_null) is at every t the
+    exact score of the diffused N(m_null + w (m_y - m_null), S0^2 I) (m: the agents' average
+    means), so the samples have its moments; the null-label scores come from the same call."""
+    sde, w, null = VPSDE(), 2.0, 1
+
+    def score(params, x, t, y):
+        alpha, std = sde.marginal(t)
+        alpha, var = alpha[:, None], (alpha**2 * S0**2 + std**2)[:, None]
+        return -(x - alpha * params["mu"][y]) / var
+
+    lifted = agents.over_agents(score, "vmap", in_axes=(0, None, None, None))
+    mus = jnp.stack([MUS, MUS[::-1] - 1.0], axis=1)  # (agents, label 0 and the null label, 2)
+    spec = solvers.SolverSpec(
+        method="ode", solver=solvers.make_solver("ode", "tsit5"), adaptive=True, rtol=1e-4,
+        atol=1e-4, t_end=1e-3,
+    )  # fmt: skip
+    sampler = sampling.FederatedSampler(
+        federated_score.with_null_label(lifted, null),
+        sde,
+        aggregators.guided(aggregators.mean(), w, null),
+        spec,
+        (2,),
+        num_agents=3,
+    )
+    x = draw(sampler, 4000, mus=mus).images
+    m_y, m_null = np.asarray(mus).mean(axis=0)
+    _assert_closed_form(np.asarray(x), sde, np.ones(1), 1e-3, True, [m_null + w * (m_y - m_null)])
 
 
 _CLOSED_FORM_SDE_SOLVERS = {c[2] for c in CLOSED_FORM_CASES if c[1] == "sde"}
@@ -434,6 +475,16 @@ def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
     config.aggregator.name = "superdiff"
     with pytest.raises(ValueError, match="unknown aggregator 'superdiff'"):
         sample_lib.build_sampler(sample_lib.load_federation(config, str(smoke_run)))
+    config.aggregator.name, config.sampler.guidance = "mean", 2.0  # no null label in this run
+    with pytest.raises(
+        errors.ConfigError,
+        match=r"sampler.guidance = 2.0 needs agents .* train.label_dropout > 0 .* trained with "
+        r"train.label_dropout = 0.0",
+    ):
+        sample_lib.load_federation(config, str(smoke_run))
+    config.sampler.guidance = -1.0
+    with pytest.raises(errors.ConfigError, match=r"sampler.guidance must be >= 0"):
+        sample_lib.check_config(config)
 
 
 def test_a_damaged_checkpoint_is_one_error_line_naming_the_step(smoke_run, tmp_path, capsys):

@@ -107,3 +107,26 @@ def test_uniform_training_noise_and_bad_names():
         make_time_sampler(sde, "edm")
     with pytest.raises(ValueError, match="p_std must be > 0"):
         make_time_sampler(sde, "lognormal", p_std=0.0)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label():
+    """A model with the null label has one more class; with dropout 1 every label is the null
+    label, and the times and noise are those of the same key without dropout."""
+    from fedinf_jax import train_lib
+    from fedinf_jax.score import make_loss_fn, null_label
+    from tests.conftest import micro_config
+
+    config = micro_config()
+    config.train.label_dropout = 0.2
+    model = train_lib.resolve_score(config).model
+    assert model.num_classes == 11 and null_label(model) == 10
+    sde = sde_lib.make_sde(config.sde)
+    params = model.init(
+        jax.random.key(0), jnp.zeros((4, 28, 28, 1)), jnp.zeros(4), jnp.zeros(4, int)
+    )
+    x0 = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    y, key = jnp.array([0, 3, 7, 9]), jax.random.key(2)
+    always = make_loss_fn(model, sde, label_dropout=1.0)(params, x0, y, key)
+    never = make_loss_fn(model, sde)(params, x0, jnp.full_like(y, 10), key)
+    assert always == never
+    assert make_loss_fn(model, sde)(params, x0, y, key) != never  # the label matters

@@ -1,6 +1,7 @@
 """End to end: train.py in a subprocess, resume equivalence, checkpoints, bad inputs."""
 
 import glob
+import json
 import os
 import shutil
 
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from configs import base, hetero
-from fedinf_jax import checkpoint, data, plots, train_lib
+from fedinf_jax import checkpoint, data, plots, sample_lib, train_lib
 from tests.conftest import count_compiles, micro_config, zero_fill_largest_file
 
 
@@ -227,3 +228,24 @@ def test_the_loop_checks_every_step_at_log_steps(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"step 7 for agent\(s\) \[1\].*step 5\) is kept"):
         train_lib.train_and_evaluate(config, str(tmp_path))
     assert checkpoint.latest_step(str(tmp_path)) == 5
+
+
+def test_agents_trained_with_label_dropout_sample_guided(tmp_path):
+    """A run with ``train.label_dropout`` records it, and its agents sample with guidance
+    through sample.py's path: finite images, every agent asked twice per evaluation."""
+    config = micro_config()
+    config.train.num_steps, config.train.label_dropout = 4, 0.5
+    config.train.checkpoint_every = config.train.log_every = 4
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    config.sampler.guidance, config.sampler.num_steps = 2.0, 4
+    config.sampler.num_per_class, config.sampler.progress = 1, False
+    config.train.label_dropout = 0.0  # sampling takes the run's record
+    outdir = sample_lib.run(config, str(tmp_path / "run"), str(tmp_path / "guided"))
+    with np.load(os.path.join(outdir, "samples.npz")) as f:
+        assert f["images"].shape == (10, 28, 28)
+    record = json.loads((tmp_path / "guided" / "samples.json").read_text())
+    assert record["config"]["train"]["label_dropout"] == 0.5
+    assert record["config"]["sampler"]["guidance"] == 2.0
+    stats = record["stats"]
+    assert stats["network_evaluations"] == 2 * 2 * stats["score_evaluations"]  # K = 2
+    assert record["made_by"]["inputs"]["sampler.guidance"] == 2.0

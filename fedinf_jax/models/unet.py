@@ -272,8 +272,10 @@ def check_model_config(model_config, image_shape=(28, 28)) -> None:
         raise ValueError(f"model.dtype {m.dtype!r} is not a dtype (float32, bfloat16)") from None
 
 
-def make_unet(model_config, conv_impl: str = "auto") -> UNet:
-    """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``layers.Conv``.
+def make_unet(model_config, conv_impl: str = "auto", null_label: bool = False) -> UNet:
+    """Builds the U-Net from a ``config.model`` section; ``conv_impl``: see ``layers.Conv``;
+    ``null_label``: one more class, the null label of classifier-free guidance
+    (``score.null_label``), for agents trained with ``train.label_dropout`` > 0.
 
     Raises:
       ValueError: an unknown ``conv_impl`` (the message lists the valid ones), or a section
@@ -289,7 +291,7 @@ def make_unet(model_config, conv_impl: str = "auto") -> UNet:
         mid_attention=model_config.mid_attention,
         norm_groups=model_config.norm_groups,
         num_heads=model_config.num_heads,
-        num_classes=model_config.num_classes,
+        num_classes=model_config.num_classes + int(null_label),
         class_embedding=model_config.class_embedding,
         dtype=jnp.dtype(model_config.dtype),
         conv_impl=conv_impl,
