@@ -175,6 +175,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # label, whose prior is the label-free one; aggregators.guided). 1: unguided; > 1 needs agents
     # trained with train.label_dropout > 0.
     config.sampler.guidance = 1.0
+    # Autoguidance (Karras et al. 2024): guide with weaker versions of the same agents instead of
+    # the null label, s = s_weak + w (s_y - s_weak): "N" (this run's checkpoint step N, kept by
+    # training), "DIR" or "DIR@N" (another run with the same model and partition). "": none.
+    config.sampler.guide = ""
     config.sampler.num_per_class = 10  # samples per digit
     config.sampler.batch_size = 100  # samples per jitted solve (memory bound)
     config.sampler.use_ema = True  # sample with the agents' EMA parameters

@@ -591,7 +591,7 @@ def _halves(tree):
     return first, jax.tree.map(lambda a: a[a.shape[0] // 2 :], tree)
 
 
-def guided(member: Aggregator, guidance: float, null_label: int) -> Aggregator:
+def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggregator:
     """Classifier-free guidance of the federation (Ho and Salimans 2022), guiding the aggregate:
 
         s = S_null + w (S_y - S_null),
@@ -602,6 +602,10 @@ def guided(member: Aggregator, guidance: float, null_label: int) -> Aggregator:
     S_y. The agent scores come stacked as (2K, batch, ...), the K conditional ones first
     (``federated_score.with_null_label``), and so does a ``divergence``.
 
+    ``null_label`` None is autoguidance (Karras et al. 2024): the second K scores are those of
+    weaker versions of the same agents at the same label y (an earlier checkpoint), aggregated at
+    y, s = S_weak + w (S_y - S_weak).
+
     A member with state keeps two, (conditional, null), each driven along the path actually
     taken by its own agents' scores: the density-weighted members track every agent's
     conditional and unconditional log-density (``fedinf_jax.density`` holds along any path), so
@@ -609,7 +613,7 @@ def guided(member: Aggregator, guidance: float, null_label: int) -> Aggregator:
     field is the pooled data's, guided. A member's own noise (``superdiff_and``) acts as for its
     conditional aggregate; its ``weights`` are the conditional ones.
     """
-    null_of = lambda y: jnp.full_like(y, null_label)  # noqa: E731
+    null_of = (lambda y: y) if null_label is None else (lambda y: jnp.full_like(y, null_label))
 
     def init(num_agents, x, y, keys=None):
         return member.init(num_agents, x, y, keys), member.init(num_agents, x, null_of(y), keys)

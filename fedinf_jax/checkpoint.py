@@ -112,6 +112,26 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
         manager.close()
 
 
+def all_steps(workdir: str | os.PathLike) -> list[int]:
+    """The checkpointed steps under ``workdir``, in order (none: no checkpoint, or no folder)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    manager = make_manager(workdir, create=False)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def read_meta(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The JSON run record of checkpoint ``step`` under ``workdir`` (``restore_meta``)."""
+    manager = make_manager(workdir, create=False)
+    try:
+        return restore_meta(manager, step)
+    finally:
+        manager.close()
+
+
 def save(manager, step: int, state, meta: dict[str, Any]) -> None:
     """Saves ``state`` and the JSON-serialisable ``meta`` as checkpoint ``step``."""
     manager.save(

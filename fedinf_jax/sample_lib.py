@@ -67,12 +67,43 @@ class Federation:
     components: train_lib.ScoreComponents
     # Several devices: the mesh ``params`` are padded and laid out on (fedinf_jax/sharding.py).
     agent_mesh: sharding.AgentMesh | None = None
+    # Autoguidance (sampler.guide): the same agents' weaker parameters, stacked like ``params``.
+    guide_params: AgentParams | None = None
 
     @property
     def num_agents(self) -> int:
         if self.agent_mesh is not None:
             return self.agent_mesh.num_agents
         return agents.num_agents_of(self.params)
+
+    @property
+    def sampler_params(self) -> AgentParams:
+        """What the sampler evaluates: ``params``, then ``guide_params`` on the same agent axis
+        (2K agents in one call) under autoguidance."""
+        if self.guide_params is None:
+            return self.params
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self.params, self.guide_params)
+
+
+def parse_guide(guide: str) -> tuple[str | None, int] | None:
+    """``sampler.guide``: "" (no guide: classifier-free guidance uses the null label), "N" (this
+    run's checkpoint step N), "DIR" or "DIR@N" (another run of the same agents, its latest step
+    or step N) -> None, (None, N), (DIR, -1), (DIR, N).
+
+    Raises:
+      ValueError: a step that is not an integer.
+    """
+    if not guide:
+        return None
+    where, at, step = guide.rpartition("@")
+    if not at:
+        where, step = (None, guide) if guide.isdigit() else (guide, "-1")
+    try:
+        return where or None, int(step)
+    except ValueError:
+        raise ValueError(
+            f"sampler.guide {guide!r}: give a checkpoint step N, a run DIR or DIR@N"
+        ) from None
 
 
 _SAMPLER_RULES = {
@@ -95,7 +126,14 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
     counts = expected if counts is None else counts
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
     guidance = config.sampler.get("guidance", 1.0)
-    if guidance != 1 and not train_lib.guidable(config):
+    with errors.as_config_error():
+        guide = parse_guide(config.sampler.get("guide", ""))
+    if guide is not None and guidance == 1:
+        raise errors.ConfigError(
+            f"sampler.guide = {config.sampler.guide!r} guides with a weaker model, but "
+            "sampler.guidance = 1 is unguided: set sampler.guidance > 1 (e.g. 2)"
+        )
+    if guide is None and guidance != 1 and not train_lib.guidable(config):
         raise errors.ConfigError(
             f"sampler.guidance = {guidance} needs agents that learnt the unconditional score too, "
             "trained with train.label_dropout > 0 (e.g. 0.15); these are trained with "
@@ -107,7 +145,7 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
         aggregators.AGGREGATORS.check(config.aggregator.name)
     with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
         aggregator = make_aggregator(
-            config.aggregator, counts, len(counts), components, spec.method, guidance
+            config.aggregator, counts, len(counts), components, spec.method, guidance, guide
         )
     with errors.as_config_error():
         solvers.check_solver_for(aggregator, spec)
@@ -196,8 +234,48 @@ def load_federation(
     if agent_mesh is not None:
         abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
     field = "ema_params" if config.sampler.use_ema else "params"
+    guide = _guide_checkpoint(merged, workdir, counts, agent_mesh)
     params = checkpoint.restore_params(workdir, abstract, step, field, num_agents)
-    return Federation(merged, params, counts, int(step), components, agent_mesh)
+    guide_params = None
+    if guide is not None:
+        guide_params = checkpoint.restore_params(guide[0], abstract, guide[1], field, num_agents)
+    return Federation(merged, params, counts, int(step), components, agent_mesh, guide_params)
+
+
+def _guide_checkpoint(config, workdir: str, counts, agent_mesh) -> tuple[str, int] | None:
+    """(workdir, step) of ``sampler.guide``'s checkpoint, once its record shows the same agents
+    (model and count matrix): autoguidance stacks its parameters beside the run's.
+
+    Raises:
+      MissingInputError: no such run or step.
+      ConfigError: another model or partition, or several devices.
+    """
+    guide = parse_guide(config.sampler.get("guide", ""))
+    if guide is None:
+        return None
+    if agent_mesh is not None:
+        raise errors.ConfigError("sampler.guide (autoguidance) runs on one device for now")
+    where, want = guide[0] or workdir, guide[1]
+    steps = checkpoint.all_steps(where)
+    step = (steps[-1] if steps else None) if want < 0 else want
+    if step not in steps:
+        raise errors.MissingInputError(
+            f"sampler.guide = {config.sampler.guide!r}: no checkpoint "
+            f"{'' if want < 0 else f'step {want} '}under {checkpoint.checkpoint_dir(where)} "
+            f"(steps there: {steps})"
+        )
+    meta = checkpoint.read_meta(where, step)
+    record = meta.get("config", {})
+    same_model = provenance.flatten({"model": record.get("model", {})}) == provenance.config_fields(
+        config, ("model",)
+    )
+    if not same_model or not np.array_equal(np.asarray(meta.get("counts")), counts):
+        raise errors.ConfigError(
+            f"sampler.guide = {config.sampler.guide!r}: the guide must be the same agents "
+            f"(model and partition) at another training stage; {where} step {step} has "
+            f"{'another model' if not same_model else 'another count matrix'}"
+        )
+    return where, step
 
 
 def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections.ConfigDict:
@@ -218,21 +296,31 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
 
 
 def make_aggregator(
-    section, counts, num_agents: int, components, method: str, guidance: float = 1.0
+    section,
+    counts,
+    num_agents: int,
+    components,
+    method: str,
+    guidance: float = 1.0,
+    guide: tuple | None = None,
 ) -> aggregators.Aggregator:
     """The member ``section`` names, for the run's count matrix, K and SDE; with ``guidance``
-    w != 1, that member guided (``aggregators.guided``: the agents' unconditional scores
-    aggregated at the null label, whose prior is the label-free one,
-    ``aggregators.with_null_class``).
+    w != 1, that member guided (``aggregators.guided``): by the agents' unconditional scores
+    aggregated at the null label, whose prior is the label-free one
+    (``aggregators.with_null_class``), or with a ``guide`` (``parse_guide``) by the weaker agents'
+    scores at the same label (autoguidance).
 
     Raises:
       ValueError: an unknown member or settings it refuses.
     """
     if guidance == 1:
         return aggregators.from_config(section, counts, num_agents, components.sde, method)
-    counts = None if counts is None else aggregators.with_null_class(counts)
+    if guide is None and counts is not None:
+        counts = aggregators.with_null_class(counts)
     member = aggregators.from_config(section, counts, num_agents, components.sde, method)
-    return aggregators.guided(member, guidance, null_label(components.model))
+    return aggregators.guided(
+        member, guidance, null_label(components.model) if guide is None else None
+    )
 
 
 def build_sampler(
@@ -253,11 +341,12 @@ def build_sampler(
     if aggregator_name is not None:
         section = ml_collections.ConfigDict({**section.to_dict(), "name": aggregator_name})
     guidance = config.sampler.get("guidance", 1.0)
+    guide = parse_guide(config.sampler.get("guide", ""))
     aggregator = make_aggregator(
-        section, federation.counts, federation.num_agents, comp, spec.method, guidance
+        section, federation.counts, federation.num_agents, comp, spec.method, guidance, guide
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
-    if guidance != 1:
+    if guidance != 1 and guide is None:  # the guide's scores: the params' second K agents
         scores = with_null_label(scores, null_label(comp.model))
     return sampling.FederatedSampler(
         scores,
@@ -431,7 +520,7 @@ def run(
     start = time.time()
     drawn = sample_in_batches(
         sampler,
-        federation.params,
+        federation.sampler_params,
         labels,
         cfg.sampler.batch_size,
         cfg.sampler.seed,

@@ -716,7 +716,7 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
     rows = run(
         cells,
         lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),
-        federation.params,
+        federation.sampler_params,
         keys,
         labels,
         cache,

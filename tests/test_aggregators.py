@@ -264,25 +264,29 @@ def test_bad_arguments():
 W, NULL = 2.5, 2
 
 
-def _guided_pair(name, k=K):
-    """(member, the member guided) for the count matrix with its null class."""
-    counts = A.with_null_class(COUNTS[:k])
+def _guided_pair(name, k=K, guide_label=NULL):
+    """(member, the member guided): by the null label, for the count matrix with its null class;
+    with ``guide_label`` None by weaker agents at the same label (autoguidance)."""
+    counts = COUNTS[:k] if guide_label is None else A.with_null_class(COUNTS[:k])
     section = A.config_section(name)
     section.trimmed_mean.trim = 1 if k > 2 else 0
     member = A.from_config(section, counts, k, VPSDE())
-    return member, A.guided(member, W, NULL)
+    return member, A.guided(member, W, guide_label)
 
 
+@pytest.mark.parametrize("guide_label", [NULL, None], ids=["null_label", "autoguidance"])
 @pytest.mark.parametrize("name", A.AGGREGATORS.names())
-def test_guided_is_the_null_aggregate_plus_w_times_the_difference(name):
-    """Every member, guided: S_null + w (S_y - S_null), S_null its aggregate of the null-label
-    scores at the null label; the state is the pair (conditional, null)."""
+def test_guided_is_the_null_aggregate_plus_w_times_the_difference(name, guide_label):
+    """Every member, guided: S_null + w (S_y - S_null), S_null its aggregate of the guide's
+    scores at the null label (autoguidance: at the label itself); the state is the pair
+    (conditional, guide)."""
     scores, t, x, y = _inputs()
     null_scores = _inputs(seed=1)[0]
-    member, guided = _guided_pair(name)
+    member, guided = _guided_pair(name, guide_label=guide_label)
     out, state = _apply(guided, jnp.concatenate([scores, null_scores]), t, x, y, K)
     score_y, state_y = _apply(member, scores, t, x, y)
-    score_null, state_null = _apply(member, null_scores, t, x, jnp.full_like(y, NULL))
+    y_guide = y if guide_label is None else jnp.full_like(y, NULL)
+    score_null, state_null = _apply(member, null_scores, t, x, y_guide)
     np.testing.assert_allclose(out, score_null + W * (score_y - score_null), rtol=1e-5, atol=1e-5)
     for got, want in zip(
         jax.tree.leaves(state), jax.tree.leaves((state_y, state_null)), strict=True

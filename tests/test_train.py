@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import base, hetero
-from fedinf_jax import checkpoint, data, plots, sample_lib, train_lib
+from fedinf_jax import checkpoint, data, errors, plots, sample_lib, train_lib
 from tests.conftest import count_compiles, micro_config, zero_fill_largest_file
 
 
@@ -249,3 +249,24 @@ def test_agents_trained_with_label_dropout_sample_guided(tmp_path):
     stats = record["stats"]
     assert stats["network_evaluations"] == 2 * 2 * stats["score_evaluations"]  # K = 2
     assert record["made_by"]["inputs"]["sampler.guidance"] == 2.0
+
+
+def test_autoguidance_by_an_earlier_checkpoint_of_the_same_agents(micro_straight, tmp_path):
+    """``sampler.guide``: the run's step 4 guides its step 12 (no null label needed): finite
+    images, every agent asked twice per evaluation; a step that is not kept, and a guide without
+    guidance, are refused with what is valid."""
+    config = _micro_resume_config()
+    config.sampler.guidance, config.sampler.guide, config.sampler.num_steps = 2.0, "4", 4
+    config.sampler.num_per_class, config.sampler.progress = 1, False
+    outdir = sample_lib.run(config, str(micro_straight), str(tmp_path / "auto"))
+    with np.load(os.path.join(outdir, "samples.npz")) as f:
+        assert np.isfinite(f["images"].astype(float)).all() and f["images"].shape == (10, 28, 28)
+    record = json.loads((tmp_path / "auto" / "samples.json").read_text())
+    assert record["stats"]["network_evaluations"] == 4 * record["stats"]["score_evaluations"]
+    assert record["made_by"]["inputs"]["sampler.guide"] == "4"
+    config.sampler.guide = "5"
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step 5 .*\[4, 8, 12\]"):
+        sample_lib.load_federation(config, str(micro_straight))
+    config.sampler.guide, config.sampler.guidance = "4", 1.0
+    with pytest.raises(errors.ConfigError, match=r"sampler\.guidance = 1 is unguided"):
+        sample_lib.check_config(config)
