@@ -22,6 +22,8 @@ def get_config(preset: str | None = None):
     s.solvers = ml_collections.ConfigDict(
         {"ode": ("euler", "heun", "tsit5"), "sde": ("euler", "heun", "shark")}
     )
+    # Aggregators, each a member with its settings after a colon as in reproduce.py's
+    # procedures: "label_prior:top_k=1"; guidance is an axis this way, "mean:guidance=2".
     s.aggregators = ("mean", "label_prior", "superdiff_or")
     s.num_steps = (10, 25, 50, 100)  # constant budgets, on each schedule
     s.schedules = ("uniform", "karras")

@@ -30,7 +30,6 @@ the mean and standard error over the seeds (``sweep_summary``).
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import time
@@ -51,7 +50,7 @@ from fedinf_jax import (
     train_lib,
 )
 from fedinf_jax.evaluation import agreement, classifier, communication, metrics, report
-from fedinf_jax.registry import check_choice
+from fedinf_jax.registry import check_choice, parse_spec
 
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
 
@@ -64,41 +63,13 @@ def procedures_for(regime_config: ml_collections.ConfigDict, procedures) -> list
     return list(procedures)
 
 
-SAMPLER_SETTINGS = ("guidance",)
-"""Sampler fields a procedure may set after its colon, beside its member's settings
-(``mean:guidance=2``: the corrected sampler with classifier-free guidance)."""
-
-
 def parse_procedure(procedure: str) -> tuple[str, dict]:
-    """A procedure's aggregator and settings: ``paper`` or a member's name alone (its defaults),
-    or with settings after a colon, ``label_prior:top_k=1``,
-    ``superdiff_or:top_k=2,temperature=0.5``, ``mean:guidance=2`` (a member's settings or
-    ``SAMPLER_SETTINGS``; values as Python literals; a bare word is a string).
-
-    Raises:
-      ValueError: an unknown member or setting (the valid ones listed), or an item that is not
-        ``name=value``.
-    """
-    name = procedure.partition(":")[0]
-    check_choice("procedure", name, ("paper", *aggregators.AGGREGATORS))
-    valid = [*aggregators.settings_of(name), *SAMPLER_SETTINGS] if name != "paper" else []
-    return _parse_spec("procedure", procedure, valid)
-
-
-def _parse_spec(family: str, spec: str, valid) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,...`` -> (name, {key: value}); keys must be in ``valid``."""
-    name, _, rest = spec.partition(":")
-    settings = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep:
-            raise ValueError(f"{family} {spec!r}: settings are name=value, got {item!r}")
-        check_choice(f"setting of {name}", key, valid)
-        try:
-            settings[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            settings[key] = value
-    return name, settings
+    """A procedure's aggregator and settings: ``paper`` (no settings) or a member with its
+    settings (``sample_lib.parse_procedure``: ``label_prior:top_k=1``, ``mean:guidance=2``)."""
+    check_choice("procedure", procedure.partition(":")[0], ("paper", *aggregators.AGGREGATORS))
+    if procedure == "paper":
+        return "paper", {}
+    return sample_lib.parse_procedure(procedure)
 
 
 SWEEP_PREFIX = "sweep_"
@@ -138,7 +109,7 @@ def _sweep_run(config, spec: str, seed: int) -> ml_collections.ConfigDict:
 
     fn = partitions.PARTITIONS.get(spec.partition(":")[0])
     valid = [p for p in inspect.signature(fn).parameters if p not in ("labels", "seed")]
-    name, settings = _parse_spec("partition", spec, valid)
+    name, settings = parse_spec("partition", spec, valid)
     cfg = ml_collections.ConfigDict(config.runs.heterogeneous.to_dict())
     cfg.partition.name = name
     cfg.partition.num_agents = 1 if name == "control" else config.sweep.num_agents
@@ -180,11 +151,9 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
         cfg.sampler.update(config.paper_sampler.to_dict())
         cfg.aggregator.name = "mean"
     elif procedure is not None:
-        name, settings = parse_procedure(procedure)
+        parse_procedure(procedure)  # "paper" among the valid names of an unknown one
         cfg.sampler.update(config.sampler.to_dict())
-        cfg.aggregator.name = name
-        for key, value in settings.items():
-            (cfg.sampler if key in SAMPLER_SETTINGS else cfg.aggregator[name])[key] = value
+        cfg = sample_lib.with_procedure(cfg, procedure)
         if procedure in config.get("trajectory_procedures", ()):
             cfg.sampler.save_trajectory = config.trajectory_times
     cfg.sampler.num_per_class = config.eval_per_class

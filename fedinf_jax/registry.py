@@ -14,6 +14,7 @@ sampler method, a prior) check their names with ``check_choice``, which raises t
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -91,3 +92,19 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {list(self._members)})"
+
+
+def parse_spec(family: str, spec: str, valid) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,...`` -> (name, {key: value}); keys must be in ``valid``."""
+    name, _, rest = spec.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise ValueError(f"{family} {spec!r}: settings are name=value, got {item!r}")
+        check_choice(f"setting of {name}", key, valid)
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return name, settings

@@ -47,6 +47,7 @@ from fedinf_jax import (
     train_lib,
 )
 from fedinf_jax.federated_score import with_null_label
+from fedinf_jax.registry import check_choice, parse_spec
 from fedinf_jax.score import make_score_fn, null_label
 from fedinf_jax.types import AgentParams
 
@@ -125,21 +126,7 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
     components, expected = train_lib.check_config(config)
     counts = expected if counts is None else counts
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
-    guidance = config.sampler.get("guidance", 1.0)
-    with errors.as_config_error():
-        guide = parse_guide(config.sampler.get("guide", ""))
-    if guide is not None and guidance == 1:
-        raise errors.ConfigError(
-            f"sampler.guide = {config.sampler.guide!r} guides with a weaker model, but "
-            "sampler.guidance = 1 is unguided: set sampler.guidance > 1 (e.g. 2)"
-        )
-    if guide is None and guidance != 1 and not train_lib.guidable(config):
-        raise errors.ConfigError(
-            f"sampler.guidance = {guidance} needs agents that learnt the unconditional score too, "
-            "trained with train.label_dropout > 0 (e.g. 0.15); these are trained with "
-            f"train.label_dropout = {config.train.get('label_dropout', 0.0)}. Sample them with "
-            "sampler.guidance = 1, or train a run with label dropout"
-        )
+    guidance, guide = guidance_of(config)
     with errors.as_config_error():
         spec = solvers.SolverSpec.from_config(config.sampler, components.sde)
         aggregators.AGGREGATORS.check(config.aggregator.name)
@@ -149,6 +136,37 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
         )
     with errors.as_config_error():
         solvers.check_solver_for(aggregator, spec)
+
+
+SAMPLER_SETTINGS = ("guidance",)
+"""Sampler fields a procedure may set after its colon, beside its member's settings
+(``mean:guidance=2``: the member with classifier-free guidance)."""
+
+
+def parse_procedure(procedure: str) -> tuple[str, dict]:
+    """A sampling procedure: a member's name alone (its defaults), or with settings after a
+    colon, ``label_prior:top_k=1``, ``superdiff_or:top_k=2,temperature=0.5``,
+    ``mean:guidance=2`` (the member's settings or ``SAMPLER_SETTINGS``; values as Python
+    literals, a bare word a string).
+
+    Raises:
+      ValueError: an unknown member or setting (the valid ones listed), or an item that is not
+        ``name=value``.
+    """
+    name = procedure.partition(":")[0]
+    check_choice("procedure", name, aggregators.AGGREGATORS)
+    return parse_spec("procedure", procedure, [*aggregators.settings_of(name), *SAMPLER_SETTINGS])
+
+
+def with_procedure(config: ml_collections.ConfigDict, procedure: str) -> ml_collections.ConfigDict:
+    """A copy of ``config`` sampling with ``procedure`` (``parse_procedure``): its member as the
+    aggregator, its settings in the member's section or the sampler's."""
+    name, settings = parse_procedure(procedure)
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.aggregator.name = name
+    for key, value in settings.items():
+        (cfg.sampler if key in SAMPLER_SETTINGS else cfg.aggregator[name])[key] = value
+    return cfg
 
 
 def contradicted_fields(overrides: dict, record: dict) -> list[str]:
@@ -295,6 +313,31 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
     return merged
 
 
+def guidance_of(config: ml_collections.ConfigDict) -> tuple[float, tuple | None]:
+    """(``sampler.guidance``, its ``parse_guide``d ``sampler.guide``), checked against the run.
+
+    Raises:
+      ConfigError: a guide without guidance, or guidance by the null label for agents trained
+        without it (``train.label_dropout`` = 0).
+    """
+    guidance = config.sampler.get("guidance", 1.0)
+    with errors.as_config_error():
+        guide = parse_guide(config.sampler.get("guide", ""))
+    if guide is not None and guidance == 1:
+        raise errors.ConfigError(
+            f"sampler.guide = {config.sampler.guide!r} guides with a weaker model, but "
+            "sampler.guidance = 1 is unguided: set sampler.guidance > 1 (e.g. 2)"
+        )
+    if guide is None and guidance != 1 and not train_lib.guidable(config):
+        raise errors.ConfigError(
+            f"sampler.guidance = {guidance} needs agents that learnt the unconditional score too, "
+            "trained with train.label_dropout > 0 (e.g. 0.15); these are trained with "
+            f"train.label_dropout = {config.train.get('label_dropout', 0.0)}. Sample them with "
+            "sampler.guidance = 1, or train a run with label dropout"
+        )
+    return guidance, guide
+
+
 def make_aggregator(
     section,
     counts,
@@ -326,24 +369,28 @@ def make_aggregator(
 def build_sampler(
     federation: Federation,
     spec: solvers.SolverSpec | None = None,
-    aggregator_name: str | None = None,
+    procedure: str | None = None,
 ) -> sampling.FederatedSampler:
     """The federation's sampler: its agents' scores through the configured agent-axis strategy,
-    the configured aggregator and solver (or ``spec`` and the aggregator ``aggregator_name``,
-    its settings from the config).
+    the configured aggregator and solver (or ``spec``, and the ``procedure`` (``parse_procedure``:
+    a member's name, with settings after a colon) over the config's).
 
     Raises:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
     """
     config, comp, agent_mesh = federation.config, federation.components, federation.agent_mesh
+    if procedure is not None:
+        config = with_procedure(config, procedure)
     spec = spec or solvers.SolverSpec.from_config(config.sampler, comp.sde)
-    section = config.aggregator
-    if aggregator_name is not None:
-        section = ml_collections.ConfigDict({**section.to_dict(), "name": aggregator_name})
-    guidance = config.sampler.get("guidance", 1.0)
-    guide = parse_guide(config.sampler.get("guide", ""))
+    guidance, guide = guidance_of(config)
     aggregator = make_aggregator(
-        section, federation.counts, federation.num_agents, comp, spec.method, guidance, guide
+        config.aggregator,
+        federation.counts,
+        federation.num_agents,
+        comp,
+        spec.method,
+        guidance,
+        guide,
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
     if guidance != 1 and guide is None:  # the guide's scores: the params' second K agents

@@ -134,13 +134,9 @@ def cell_inputs(config, step: int, cell: Cell) -> dict:
     inputs (``sample_lib.sample_set_inputs``: the run, ``step``, the sampler and the aggregator's
     settings) under the cell's aggregator with the study's draws (``study.num_per_class``,
     ``study.seed``), less the sampler fields the cell sets, and the cell itself."""
-    import ml_collections
-
     from fedinf_jax import sample_lib
 
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.aggregator.name = cell.aggregator
-    inputs = sample_lib.sample_set_inputs(cfg, step)
+    inputs = sample_lib.sample_set_inputs(sample_lib.with_procedure(config, cell.aggregator), step)
     set_by_study = ["num_per_class", "seed", "method", "solver", "adaptive", "schedule"]
     set_by_study += ["brownian", "save_trajectory", *(("rtol", "atol") if cell.adaptive else ())]
     for field in [*set_by_study, *(() if cell.adaptive else ("num_steps",))]:
@@ -645,6 +641,10 @@ def cells_of(study_config) -> list[Cell]:
         raise ValueError("the study's grid is empty: give methods, solvers and budgets")
     if s.num_per_class < 1:
         raise ValueError(f"study.num_per_class must be >= 1, got {s.num_per_class}")
+    from fedinf_jax import sample_lib
+
+    for procedure in s.aggregators:  # a member, with settings after a colon (mean:guidance=2)
+        sample_lib.parse_procedure(procedure)
     return cells
 
 

@@ -264,6 +264,16 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
         study.run_study(config, str(workdir))
     assert solved == ["ode-euler-uniform8-mean"]
     config.study.num_steps = (4,)
+    # Guidance as a grid axis (a procedure's settings): these agents have no null label, so the
+    # guided cell is refused with the reason, and nothing is solved.
+    config.study.aggregators = ("mean", "mean:guidance=2")
+    solved.clear()
+    study.run_study(config, str(workdir))
+    record = json.loads((workdir / "study" / "default" / "results.json").read_text())
+    guided = [r for r in record["rows"] if r["aggregator"] == "mean:guidance=2"]
+    assert [r["status"] for r in guided] == ["refused"] and solved == []
+    assert "train.label_dropout > 0" in guided[0]["failure"]
+    config.study.aggregators = ("mean",)
     config.study.solvers.ode = ("rk4",)
     with pytest.raises(errors.ConfigError, match="unknown ode solver 'rk4'"):
         study.run_study(config, str(tmp_path / "nothing"))
