@@ -148,6 +148,25 @@ def test_sharded_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):
             np.testing.assert_allclose(out.images, ref.images, atol=2e-3)
 
 
+def test_sharded_guided_sampling_equals_one_device(num_agents=3, agent_shards=2):
+    """Classifier-free guidance on the mesh: the doubled batch (each image with its label and
+    with the null label) split along ``batch``, the agents along ``agents``; the guided
+    ``label_prior`` samples are the single device's."""
+    config = micro_config()
+    config.train.label_dropout = 0.1  # the model with the null label
+    config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
+    config.sampler.guidance, config.aggregator.name = 2.0, "label_prior"
+    config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
+    comp = train_lib.resolve_score(config)
+    agent_mesh = sharding.make_mesh(config.mesh, num_agents)
+    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    single = _federation(comp, config, num_agents, None)
+    sharded = _federation(comp, config, num_agents, agent_mesh)
+    ref = sample_lib.build_sampler(single)(single.params, keys, y)
+    out = sample_lib.build_sampler(sharded)(sharded.params, keys, y)
+    np.testing.assert_allclose(out.images, ref.images, rtol=1e-5, atol=1e-5)
+
+
 def test_only_the_aggregate_crosses_devices(comp):
     """The compiled score evaluation takes every parameter split along ``agents`` and, under
     ``mean``, reduces the agents' scores across devices (an all-reduce of one score per image)
