@@ -31,6 +31,9 @@ def test_bytes_per_sample_and_a_fedavg_round():
     }
     probed = C.sample_traffic("superdiff_or", {"probes": 2}, 2, 3, 4, probes=2)
     assert probed["bytes_to_server"] == 2 * 3 * 6 * 4
+    guided = C.sample_traffic("mean", {}, 2, 3, 4, guided=True)  # two scores back, x sent once
+    assert guided["bytes_to_agents"] == t["bytes_to_agents"]
+    assert guided["bytes_to_server"] == 2 * t["bytes_to_server"]
     routed = C.sample_traffic("route", {}, 2, 3, 4)
     assert routed["bytes"] == t["bytes"] / 2 and routed["round_trips"] == 3
     assert C.fedavg_round_bytes(10, 1000) == 2 * 10 * 1000 * 4

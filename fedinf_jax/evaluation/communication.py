@@ -47,14 +47,17 @@ def sample_traffic(
     evaluations: float,
     image_size: int,
     probes: int = 0,
+    guided: bool = False,
 ) -> dict:
     """Per generated sample: ``agents_asked``, ``round_trips`` (= ``evaluations``, the score
     evaluations of its solve), ``bytes_to_agents`` (x, t, y per agent asked per evaluation),
     ``bytes_to_server`` (a score of ``image_size`` values, plus ``probes`` divergence estimates,
-    per agent asked per evaluation) and ``bytes``, their sum."""
+    per agent asked per evaluation; ``guided``: two scores, the label's and the guide's, each
+    agent computing both from the same x) and ``bytes``, their sum."""
     asked = agents_asked(name, settings, num_agents)
     to_agents = asked * evaluations * (image_size + 2) * VALUE_BYTES
-    to_server = asked * evaluations * (image_size + probes) * VALUE_BYTES
+    scores = 2 if guided else 1
+    to_server = asked * evaluations * (scores * image_size + probes) * VALUE_BYTES
     return {
         "agents_asked": asked,
         "round_trips": evaluations,
@@ -86,9 +89,9 @@ def of_sample_dir(sample_dir: str, params_per_agent: int) -> dict:
     if config["sampler"]["method"] == "ode" and agg["name"].startswith("superdiff"):
         probes = settings.get("probes", 0)
     size = math.prod(data.IMAGE_SHAPE)
-    traffic = sample_traffic(
-        agg["name"], settings, k, stats["score_evaluations"] / stats["batches"], size, probes
-    )
+    guided = config["sampler"].get("guidance", 1.0) != 1
+    evaluations = stats["score_evaluations"] / stats["batches"]
+    traffic = sample_traffic(agg["name"], settings, k, evaluations, size, probes, guided)
     fedavg = fedavg_round_bytes(k, params_per_agent)
     return dict(
         traffic, fedavg_round_bytes=fedavg, samples_per_fedavg_round=fedavg / traffic["bytes"]
