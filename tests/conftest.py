@@ -63,12 +63,16 @@ def micro_train_step(strategy: str, agent_mesh=None):
     return train_lib.components_train_step(config, train_lib.resolve(config), strategy, agent_mesh)
 
 
-def zero_fill_largest_file(folder: pathlib.Path) -> pathlib.Path:
-    """Overwrites the largest file under ``folder`` with zeros of the same length (what a full
-    disk or an interrupted copy leaves); returns it."""
-    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    largest.write_bytes(bytes(largest.stat().st_size))
-    return largest
+def zero_fill_data_files(step: pathlib.Path) -> list[pathlib.Path]:
+    """Overwrites every TensorStore data file of checkpoint ``step`` (``.../d/<hash>``) with zeros
+    of the same length, what a full disk or an interrupted copy leaves: whichever arrays a reader
+    restores (sampling reads only the parameters, spread over these files in an order that
+    differs between runs), it meets a damaged file. Returns them."""
+    damaged = [p for p in step.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert damaged, f"no data files under {step}"
+    for path in damaged:
+        path.write_bytes(bytes(path.stat().st_size))
+    return damaged
 
 
 @contextlib.contextmanager

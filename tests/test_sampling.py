@@ -22,7 +22,7 @@ from fedinf_jax import (
     solvers,
 )
 from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
-from tests.conftest import count_traces, zero_fill_largest_file
+from tests.conftest import count_traces, zero_fill_data_files
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -488,11 +488,11 @@ def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
 
 
 def test_a_damaged_checkpoint_is_one_error_line_naming_the_step(smoke_run, tmp_path, capsys):
-    """The latest step's largest file zero-filled: sampling stops with one ``error:`` line that
+    """The latest step's data files zero-filled: sampling stops with one ``error:`` line that
     names the step and its folder, exit status 2, and writes nothing."""
     workdir = tmp_path / "run"
     shutil.copytree(smoke_run, workdir)
-    zero_fill_largest_file(workdir / "checkpoints" / "30")
+    zero_fill_data_files(workdir / "checkpoints" / "30")
     outdir = tmp_path / "out"
     main = runtime.exit_on_user_error(
         lambda argv: sample_lib.run(base.get_config("smoke"), str(workdir), str(outdir))

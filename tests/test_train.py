@@ -13,7 +13,7 @@ import pytest
 
 from configs import base, hetero
 from fedinf_jax import checkpoint, data, errors, plots, sample_lib, train_lib
-from tests.conftest import count_compiles, micro_config, zero_fill_largest_file
+from tests.conftest import count_compiles, micro_config, zero_fill_data_files
 
 
 def _abstract_state(config, num_agents):
@@ -133,13 +133,13 @@ def test_a_finished_run_refuses_other_settings_before_reading_data(micro_straigh
 
 
 def test_training_resumes_from_the_newest_intact_step(micro_straight, tmp_path, caplog):
-    """The latest step's largest file zero-filled (a full disk, an interrupted copy): the run
-    says so, moves that step aside (nothing deleted) and resumes from step 8, ending bitwise at
-    the straight run's step 12."""
+    """The latest step's data files zero-filled (a full disk, an interrupted copy): the run says
+    so, moves that step aside (nothing deleted) and resumes from step 8, ending bitwise at the
+    straight run's step 12."""
     config = _micro_resume_config()
     workdir = tmp_path / "damaged"
     shutil.copytree(micro_straight, workdir)
-    zero_fill_largest_file(workdir / "checkpoints" / "12")
+    zero_fill_data_files(workdir / "checkpoints" / "12")
     with caplog.at_level("WARNING"):
         state = train_lib.train_and_evaluate(config, str(workdir))
     assert "skipping checkpoint step 12, which cannot be read" in caplog.text
