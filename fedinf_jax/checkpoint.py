@@ -103,13 +103,8 @@ def make_manager(workdir: str | os.PathLike, keep: int = 3, create: bool = True)
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The latest checkpointed step under ``workdir``, or None (no checkpoint, or no folder)."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        return None
-    manager = make_manager(workdir, create=False)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    steps = all_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:

@@ -167,16 +167,21 @@ def evaluate_accuracy(
     return float(np.mean(probs.argmax(axis=1) == labels))
 
 
-NOT_INPUTS = ("preset", "min_test_accuracy", "data.mnist_dir", "data.tfds_data_dir")
+NOT_INPUTS = (
+    "preset",
+    "min_test_accuracy",
+    "data.mnist_dir",
+    "data.tfds_data_dir",
+    "train.log_every",
+)
 """Fields of a classifier's config that do not determine it: a name, the floor it is checked
-against, where MNIST is read from (every source gives the same arrays); and ``train.log_every``."""
+against, where MNIST is read from (every source gives the same arrays), the logging cadence."""
 
 
 def classifier_inputs(config) -> dict:
-    """What determines a trained classifier (``provenance``): its config but ``NOT_INPUTS`` and
-    the logging cadence."""
+    """What determines a trained classifier (``provenance``): its config but ``NOT_INPUTS``."""
     fields = provenance.flatten(config.to_dict() if hasattr(config, "to_dict") else config)
-    return {k: v for k, v in fields.items() if k not in (*NOT_INPUTS, "train.log_every")}
+    return {k: v for k, v in fields.items() if k not in NOT_INPUTS}
 
 
 def check_reuse(config: ml_collections.ConfigDict, workdir: str, recompute: bool) -> bool:
@@ -186,15 +191,10 @@ def check_reuse(config: ml_collections.ConfigDict, workdir: str, recompute: bool
     Raises:
       StaleOutputError: it was trained with other settings, and ``recompute`` is not set.
     """
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
         return False
-    manager = checkpoint.make_manager(workdir, create=False)
-    try:
-        if manager.latest_step() is None:
-            return False
-        stored = classifier_inputs(checkpoint.restore_meta(manager)["config"])
-    finally:
-        manager.close()
+    stored = classifier_inputs(checkpoint.read_meta(workdir, steps[-1])["config"])
     return provenance.check_reuse(
         "classifier", workdir, stored, classifier_inputs(config), recompute
     )
