@@ -46,6 +46,7 @@ RECIPES = {
         "train.ema_decay": 0.999,
         "model.parametrization": "edm",
         "train.noise": "uniform_t",
+        "train.label_dropout": 0.0,
     },
     # EDM's training noise distribution (ln sigma ~ N(-1.2, 1.2^2)), the rest as baseline.
     "lognormal": {
@@ -55,6 +56,7 @@ RECIPES = {
         "train.ema_decay": 0.999,
         "model.parametrization": "edm",
         "train.noise": "lognormal",
+        "train.label_dropout": 0.0,
     },
 }
 # ln sigma uniform over the SDE's range: as often at high noise (where the digit's shape is
@@ -72,7 +74,13 @@ for _name in ("wide16", "wide32", "wide_noattn", "two_level", "stem32", "stem64"
 # each sampler asked for, so samplers compare on the same agents.
 SAMPLERS = {
     # The cpu preset's: reverse SDE, Euler-Maruyama, 100 steps uniform in t (100 evaluations).
-    "em100": {"method": "sde", "solver": "euler", "num_steps": 100, "schedule": "uniform"},
+    "em100": {
+        "method": "sde",
+        "solver": "euler",
+        "num_steps": 100,
+        "schedule": "uniform",
+        "guidance": 1.0,
+    },
     # Probability-flow ODE, Heun, 18 steps on Karras et al.'s sigma schedule (36 evaluations).
     "heun18_karras": {"method": "ode", "solver": "heun", "num_steps": 18, "schedule": "karras"},
     # The two at equal evaluations: Heun with em100's 101, Euler-Maruyama with heun18's 37.

@@ -159,6 +159,17 @@ def test_every_presets_reproduction_passes_its_checks(preset):
     pipeline.check_config(reproduce_config.get_config(preset))
 
 
+@pytest.mark.parametrize("preset", ["smoke", "demo", "cpu", "paper"])
+def test_only_the_cpu_preset_guides_and_never_the_papers_procedure(preset):
+    config = reproduce_config.get_config(preset)
+    guided = preset == "cpu"
+    for run in config.runs.values():
+        assert run.train.label_dropout == (0.1 if guided else 0.0)
+        assert run.sampler.guidance == (2.0 if guided else 1.0)
+    assert config.sampler.guidance == (2.0 if guided else 1.0)
+    assert config.paper_sampler.guidance == 1.0 and config.paper_sampler.guide == ""
+
+
 def test_reproduce_checks_every_regime_and_procedure_first(tmp_path):
     config = reproduce_config.get_config("smoke")
     pipeline.check_config(config)
