@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PRESET ?= cpu
 REGIME ?= hetero
 
-.PHONY: install test lint demo reproduce train benchmark clean
+.PHONY: install test lint demo reproduce pretrained train benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: install
 # preset on 2 cores; rerunning resumes where it stopped.
 reproduce: install
 	$(PY) reproduce.py --config=configs/reproduce.py:$(PRESET) --outdir=runs/reproduce_$(PRESET)
+
+# The trained runs shipped in pretrained/cpu (pretrain.py): the evaluation classifier and the cpu
+# preset's three regimes, trained from scratch under runs/pretrain_cpu and written there. Hours on
+# 2 cores; rerunning resumes.
+pretrained: install
+	$(PY) pretrain.py --preset=cpu
 
 # One regime's agents: make train REGIME=homo PRESET=demo
 train: install

@@ -13,7 +13,8 @@ _EVAL_PER_CLASS = {"smoke": 2, "demo": 4, "cpu": 20, "paper": 100}
 # The sets a result rests on (the control's mean, each regime's best procedure), sampled again.
 _CLAIM_PER_CLASS = {"smoke": 1, "demo": 0, "cpu": 100, "paper": 100}
 _CLASSIFIER_PRESET = {"smoke": "smoke", "demo": "demo", "cpu": "cpu", "paper": "cpu"}
-_REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
+# Each regime's run config file (configs/<file>.py), as train.py takes it.
+REGIME_FILES = {"control": control, "homogeneous": homo, "heterogeneous": hetero}
 
 
 # The heterogeneity sweep's partitions (the Flower and NIID-Bench conventions: Dirichlet label
@@ -43,6 +44,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = preset
     config.regimes = ("control", "homogeneous", "heterogeneous")
+    # A folder of shipped runs (pretrain.py; e.g. "pretrained/cpu"): its regimes and classifier
+    # are used as they are, verified and checked against this config, instead of training them
+    # under the outdir. Empty: train them.
+    config.pretrained = ""
     # Where MNIST comes from, for every stage (classifier, regimes, metrics); fields as in
     # base.get_config().data: an IDX directory, else TFDS in tfds_data_dir.
     config.data = ml_collections.ConfigDict()
@@ -81,7 +86,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # (configs/control.py, homo.py, hetero.py at the preset): what the pipeline trains.
     config.classifier = classifier_config.get_config(_CLASSIFIER_PRESET[preset])
     config.runs = ml_collections.ConfigDict(
-        {regime: module.get_config(preset) for regime, module in _REGIME_FILES.items()}
+        {regime: module.get_config(preset) for regime, module in REGIME_FILES.items()}
     )
     # The corrected sampler (every regime and aggregator); fields as in base.get_config().sampler.
     config.sampler = base.get_config(preset).sampler

@@ -45,6 +45,7 @@ from fedinf_jax import (
     errors,
     files,
     plots,
+    pretrained,
     provenance,
     sample_lib,
     train_lib,
@@ -213,6 +214,57 @@ class Timings:
     @staticmethod
     def reuse(name: str, path: str) -> None:
         logging.info("stage %s: reused (%s)", name, path)
+
+
+def run_dir(config, outdir: str, regime: str) -> str:
+    """Where a regime's agents are: ``outdir/<regime>``, trained there, or with
+    ``config.pretrained`` the shipped run ``<pretrained>/<regime>``."""
+    return os.path.join(config.get("pretrained") or outdir, regime)
+
+
+def classifier_dir(config, outdir: str) -> str:
+    """Where the evaluation classifier is: ``outdir/classifier`` or the shipped one."""
+    return run_dir(config, outdir, "classifier")
+
+
+def check_pretrained(config) -> None:
+    """With ``config.pretrained``: every regime and the classifier are shipped runs there, intact
+    (``pretrained.verify``), trained from this config's inputs and to its number of steps;
+    nothing is trained.
+
+    Raises:
+      MissingInputError: a regime (or the classifier) that is not shipped there.
+      ShippedFileError: a shipped file is missing or damaged.
+      CheckpointMismatchError, StaleOutputError: a shipped run made with other settings.
+      ConfigError: a shipped run trained to fewer steps than the config asks.
+    """
+    folder = config.get("pretrained")
+    if not folder:
+        return
+    for name in [*all_regimes(config), "classifier"]:
+        where = os.path.join(folder, name)
+        if not pretrained.is_shipped(where):
+            shipped = (
+                sorted(
+                    n for n in os.listdir(folder) if pretrained.is_shipped(os.path.join(folder, n))
+                )
+                if os.path.isdir(folder)
+                else []
+            )
+            raise errors.MissingInputError(
+                f"pretrained = {folder!r} ships no run {name!r} ({where} has no "
+                f"{pretrained.MANIFEST}); shipped there: {shipped}"
+            )
+        pretrained.verify(where)
+    classifier.check_reuse(classifier_config(config), os.path.join(folder, "classifier"), False)
+    for regime in all_regimes(config):
+        cfg = regime_config(config, regime)
+        step = train_lib.check_workdir(cfg, os.path.join(folder, regime))
+        if step != cfg.train.num_steps:
+            raise errors.ConfigError(
+                f"the shipped run {os.path.join(folder, regime)} is trained to step {step}, "
+                f"the config asks for train.num_steps = {cfg.train.num_steps}"
+            )
 
 
 def _sample_dir(outdir: str, regime: str, procedure: str, kind: str = "samples") -> str:
@@ -396,11 +448,10 @@ def check_outputs(config, outdir: str, recompute: bool = False) -> None:
       CheckpointMismatchError: a regime's run trained with other settings (never recomputed in
         place: it would discard the run's checkpoints).
     """
-    classifier.check_reuse(
-        _classifier_config(config), os.path.join(outdir, "classifier"), recompute
-    )
+    check_pretrained(config)
+    classifier.check_reuse(classifier_config(config), classifier_dir(config, outdir), recompute)
     for regime in all_regimes(config):
-        train_lib.check_workdir(regime_config(config, regime), os.path.join(outdir, regime))
+        train_lib.check_workdir(regime_config(config, regime), run_dir(config, outdir, regime))
         for kind, make_config in (("samples", regime_config), ("claims", claim_config)):
             folder = os.path.join(outdir, regime, kind)
             names = os.listdir(folder) if os.path.isdir(folder) else []
@@ -416,7 +467,8 @@ def _stage_kind(kind: str) -> str:
     return "sample" if kind == "samples" else "claim"
 
 
-def _classifier_config(config) -> ml_collections.ConfigDict:
+def classifier_config(config) -> ml_collections.ConfigDict:
+    """The evaluation classifier's config (``config.classifier``) with the reproduction's data."""
     clf_cfg = ml_collections.ConfigDict(config.classifier.to_dict())
     clf_cfg.data.update(config.data.to_dict())
     return clf_cfg
@@ -458,8 +510,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
     timings = Timings(os.path.join(outdir, "timings.json"))
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
 
-    clf_dir = os.path.join(outdir, "classifier")
-    clf_cfg = _classifier_config(config)
+    clf_dir = classifier_dir(config, outdir)
+    clf_cfg = classifier_config(config)
     if classifier.check_reuse(clf_cfg, clf_dir, recompute):
         timings.reuse("classifier", clf_dir)
         clf = classifier.train_classifier(clf_cfg, clf_dir)  # restored; its accuracy checked
@@ -471,7 +523,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
 
     for regime in all_regimes(config):
         cfg = regime_config(config, regime)
-        workdir = os.path.join(outdir, regime)
+        workdir = run_dir(config, outdir, regime)
         if (train_lib.check_workdir(cfg, workdir) or 0) < cfg.train.num_steps:
             timings.run(
                 f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
@@ -494,7 +546,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
     def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
         """One sample set, sampled unless it exists from the same inputs, and its metrics."""
         stage = f"{_stage_kind(kind)}/{regime}/{procedure}"
-        workdir = os.path.join(outdir, regime)
+        workdir = run_dir(config, outdir, regime)
         sample_dir = _sample_dir(outdir, regime, procedure, kind)
         cfg = make_config(config, regime, procedure)
         if _reusable_set(sample_dir, stage, cfg, recompute):
@@ -536,7 +588,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
         for regime in config.regimes:
             rows += timings.run(
                 f"agreement/{regime}",
-                lambda r=regime: agreement_rows(config, r, os.path.join(outdir, r), mnist),
+                lambda r=regime: agreement_rows(config, r, run_dir(config, outdir, r), mnist),
             )
         made_by = provenance.record(agreement_inputs(config))
         files.write_json(agreement_path, {provenance.RECORD_KEY: made_by, "rows": rows})

@@ -40,6 +40,7 @@ from fedinf_jax import (
     errors,
     files,
     plots,
+    pretrained,
     provenance,
     sampling,
     sharding,
@@ -208,10 +209,19 @@ def load_federation(
     before any array is restored. Without a checkpoint the config is still checked first, so a
     bad setting is named before the missing run.
 
+    A shipped run (``pretrained``) is verified against its checksums first.
+
     Raises:
       ConfigError: an invalid setting, or an override that contradicts the run.
       MissingInputError: ``workdir`` holds no checkpoint (or not the step asked for).
+      ShippedFileError: a shipped run's file is missing or damaged.
+      ShippedRunError: the raw (non-EMA) parameters asked of a shipped run.
     """
+    if pretrained.verify(workdir) is not None and not config.sampler.use_ema:
+        raise pretrained.ShippedRunError(
+            f"{workdir} is a shipped run: it keeps only the agents' EMA parameters, so "
+            "sampler.use_ema must be true"
+        )
     ckpt_dir = checkpoint.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         check_config(config)
@@ -274,6 +284,7 @@ def _guide_checkpoint(config, workdir: str, counts, agent_mesh) -> tuple[str, in
     if agent_mesh is not None:
         raise errors.ConfigError("sampler.guide (autoguidance) runs on one device for now")
     where, want = guide[0] or workdir, guide[1]
+    pretrained.verify(where)
     steps = checkpoint.all_steps(where)
     step = (steps[-1] if steps else None) if want < 0 else want
     if step not in steps:
@@ -523,10 +534,10 @@ def sample_in_batches(
 
 def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """``workdir/samples/<method>_<solver>_<aggregator>`` (``paper_sampler`` for the paper's
-    procedure)."""
+    procedure); for a shipped run, under ``pretrained.output_root`` instead of ``workdir``."""
     s = config.sampler
     name = config.get("modifiers") or f"{s.method}_{s.solver}_{config.aggregator.name}"
-    return os.path.join(workdir, "samples", name)
+    return os.path.join(pretrained.output_root(workdir), "samples", name)
 
 
 def run(

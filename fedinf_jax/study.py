@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedinf_jax import files, plots, provenance, solvers
+from fedinf_jax import files, plots, pretrained, provenance, solvers
 from fedinf_jax.aggregators import DensityState
 from fedinf_jax.registry import check_choice
 from fedinf_jax.sampling import FederatedSampler, sample_keys, to_uint8
@@ -683,7 +683,7 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
     sde = federation.components.sde
     with errors.as_config_error():
         base = solvers.SolverSpec.from_config(federation.config.sampler, sde)
-    outdir = os.path.join(workdir, "study", s.name)
+    outdir = os.path.join(pretrained.output_root(workdir), "study", s.name)
     labels = sample_lib.class_labels(s.num_per_class)
     keys = sample_keys(s.seed, len(labels))
     ref = s.reference

@@ -24,7 +24,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from fedinf_jax import agents, checkpoint, data, errors, partitions, plots, provenance, sharding
+from fedinf_jax import (
+    agents,
+    checkpoint,
+    data,
+    errors,
+    partitions,
+    plots,
+    pretrained,
+    provenance,
+    sharding,
+)
 from fedinf_jax.input_pipeline import AgentBatcher
 from fedinf_jax.models import make_unet
 from fedinf_jax.score import (
@@ -554,6 +564,7 @@ def train_and_evaluate(
       FloatingPointError: a non-finite loss (names the agents and the step).
     """
     components, _ = check_config(config)
+    pretrained.check_writable(workdir, "training")
     resume_step = check_workdir(config, workdir)
     from clu import metric_writers, periodic_actions  # TensorFlow's import: a valid config only
 

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from fedinf_jax import checkpoint, data, files, provenance, train_lib
+from fedinf_jax import checkpoint, data, files, pretrained, provenance, train_lib
 from fedinf_jax.models.layers import GroupNorm
 
 
@@ -117,7 +117,12 @@ def _abstract_params(model: Classifier):
 
 
 def load_classifier(workdir: str) -> TrainedClassifier | None:
-    """The classifier checkpointed in ``workdir``, or None when there is none."""
+    """The classifier checkpointed in ``workdir``, or None when there is none.
+
+    Raises:
+      ShippedFileError: ``workdir`` is a shipped classifier with a missing or damaged file.
+    """
+    pretrained.verify(workdir)
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
         return None
     manager = checkpoint.make_manager(workdir, create=False)
@@ -139,13 +144,14 @@ TEST_FEATURES = "test_features.npz"
 def test_set_features(clf: TrainedClassifier, workdir: str, images: np.ndarray) -> np.ndarray:
     """``clf``'s features of ``images`` (the MNIST test set: FID's reference), kept in
     ``workdir/test_features.npz`` once computed, with a digest of the images and the parameters,
-    so that every later evaluation against the classifier in ``workdir`` reads them. A folder
-    that cannot be written only costs the cache."""
+    so that every later evaluation against the classifier in ``workdir`` reads them (a shipped
+    classifier's: in ``pretrained.output_root``). A folder that cannot be written only costs the
+    cache."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     for leaf in jax.tree.leaves(clf.params):
         digest.update(np.asarray(leaf).tobytes())
     digest = digest.hexdigest()
-    path = os.path.join(workdir, TEST_FEATURES)
+    path = os.path.join(pretrained.output_root(workdir), TEST_FEATURES)
     if os.path.exists(path):
         with np.load(path) as f:
             if str(f["digest"]) == digest:
@@ -219,6 +225,7 @@ def train_classifier(
         logging.info("classifier in %s: test accuracy %.4f (reused)", workdir, found.test_accuracy)
         check_accuracy(found.test_accuracy, config, workdir)
         return found
+    pretrained.check_writable(workdir, "training the classifier")
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)):  # recompute: replaced once saved
         with files.atomic_path(workdir, folder=True) as fresh:
             trained = _train(config, fresh)

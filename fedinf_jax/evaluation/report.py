@@ -50,6 +50,7 @@ def render(
         "",
         "## The agents",
         "",
+        *_shipped_note(config),
         *_agents_table(agents, timings),
         "",
         "## Table 1: sample quality",
@@ -128,6 +129,19 @@ def agents_row(regime: str, run_config) -> dict:
         "unet": f"{tuple(m.block_out_channels)}{stem}",
         "steps": f"{t.num_steps} x {t.batch_size}",
     }
+
+
+def _shipped_note(config) -> list[str]:
+    """With ``config.pretrained``: the agents and the classifier were not trained here."""
+    folder = config.get("pretrained")
+    if not folder:
+        return []
+    return [
+        f"The agents and the classifier are the shipped runs in `{folder}` (each with its "
+        "record, `<name>/pretrained.json`: the command that trained it); nothing was trained "
+        "here.",
+        "",
+    ]
 
 
 def _agents_table(agents: list[dict], timings: dict) -> list[str]:

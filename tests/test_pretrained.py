@@ -1,0 +1,146 @@
+"""Shipped runs (fedinf_jax/pretrained.py): a trained run exported as a read-only workdir samples
+exactly like the run it came from, is verified on load, and is never written into."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import base
+from configs import reproduce as reproduce_config
+from fedinf_jax import checkpoint, errors, pipeline, pretrained, runtime, sample_lib, train_lib
+from fedinf_jax.evaluation import classifier
+
+
+def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def shipped(reproduced, tmp_path_factory) -> pathlib.Path:
+    """The smoke pipeline's heterogeneous run and classifier, exported as shipped runs."""
+    outdir = reproduced[0]
+    dest = tmp_path_factory.mktemp("shipped")
+    record = {"command": "python pretrain.py --preset=smoke"}
+    pretrained.export_federation(
+        str(outdir / "heterogeneous"), str(dest / "heterogeneous"), "smoke", "heterogeneous", record
+    )
+    pretrained.export_classifier(
+        str(outdir / "classifier"), str(dest / "classifier"), "smoke", record
+    )
+    return dest
+
+
+def _tiny_sampler(config):
+    config.sampler.num_steps = 3
+    config.sampler.num_per_class = 1
+    config.sampler.batch_size = 10
+    config.sampler.progress = False
+    return config
+
+
+def test_a_shipped_run_records_its_making_and_samples_bitwise_like_its_workdir(
+    reproduced, shipped, tmp_path, monkeypatch
+):
+    workdir, run = reproduced[0] / "heterogeneous", shipped / "heterogeneous"
+    manifest = pretrained.verify(run)
+    meta = checkpoint.read_meta(workdir, 30)
+    assert manifest["step"] == 30 and manifest["num_agents"] == 2
+    assert manifest["counts"] == meta["counts"] and manifest["config"] == meta["config"]
+    assert manifest["command"] == "python pretrain.py --preset=smoke"
+    assert len(manifest["commit"]) >= 40 or manifest["commit"] == "unknown"
+    on_disk = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {pretrained.MANIFEST}
+    config = _tiny_sampler(base.get_config("smoke"))
+    original = sample_lib.load_federation(config, str(workdir))
+    federation = sample_lib.load_federation(config, str(run))
+    assert manifest["params_sha256"] == pretrained.params_sha256(original.params)
+    assert manifest["params_per_agent"] * 2 == train_lib.count_params(federation.params)
+    before = _listing(run)
+    monkeypatch.chdir(tmp_path)  # sample sets of a shipped run go under ./runs/pretrained
+    out = sample_lib.run(config, str(run))
+    assert out == os.path.join(
+        "runs", "pretrained", "smoke", "heterogeneous", "samples", "sde_euler_mean"
+    )
+    ref = sample_lib.run(config, str(workdir), str(tmp_path / "from_workdir"))
+    with np.load(os.path.join(out, "samples.npz")) as a, np.load(f"{ref}/samples.npz") as b:
+        np.testing.assert_array_equal(a["images"], b["images"])
+    assert _listing(run) == before  # nothing written inside
+
+
+def test_a_damaged_or_missing_shipped_file_is_one_error_line(shipped, tmp_path, capsys):
+    run = tmp_path / "heterogeneous"
+    shutil.copytree(shipped / "heterogeneous", run)
+    manifest = json.loads((run / pretrained.MANIFEST).read_text())
+    biggest = max(manifest["files"], key=lambda rel: (run / rel).stat().st_size)
+    with open(run / biggest, "r+b") as f:
+        f.truncate((run / biggest).stat().st_size // 2)
+    config = _tiny_sampler(base.get_config("smoke"))
+    main = runtime.exit_on_user_error(
+        lambda argv: sample_lib.run(config, str(run), str(tmp_path / "out"))
+    )
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: shipped file {run / biggest} is damaged")
+    assert "make pretrained" in line and not (tmp_path / "out").exists()
+    (run / biggest).unlink()
+    with pytest.raises(pretrained.ShippedFileError, match=r"shipped file .* is missing; restore"):
+        sample_lib.load_federation(config, str(run))
+    clf = tmp_path / "classifier"
+    shutil.copytree(shipped / "classifier", clf)
+    (clf / pretrained.MANIFEST).write_text("{")
+    with pytest.raises(pretrained.ShippedFileError, match=r"pretrained.json cannot be read"):
+        classifier.load_classifier(str(clf))
+
+
+def test_a_shipped_run_is_never_trained_into_and_keeps_only_ema(shipped, tmp_path, monkeypatch):
+    run = str(shipped / "heterogeneous")
+    before = _listing(shipped)
+    config = base.get_config("smoke")
+    with pytest.raises(
+        pretrained.ShippedRunError, match=r"is a shipped run \(read-only\): training"
+    ):
+        train_lib.train_and_evaluate(config, run)
+    config.sampler.use_ema = False
+    with pytest.raises(pretrained.ShippedRunError, match=r"sampler\.use_ema must be true"):
+        sample_lib.load_federation(config, run)
+    clf_config = reproduce_config.get_config("smoke").classifier
+    clf_config.train.num_steps += 1  # other settings: it would be retrained in place
+    with pytest.raises(pretrained.ShippedRunError, match="training the classifier"):
+        classifier.train_classifier(clf_config, str(shipped / "classifier"), recompute=True)
+    monkeypatch.chdir(tmp_path)
+    clf = classifier.load_classifier(str(shipped / "classifier"))
+    images = np.zeros((3, 28, 28), np.uint8)
+    classifier.test_set_features(clf, str(shipped / "classifier"), images)
+    assert (
+        tmp_path / "runs" / "pretrained" / "smoke" / "classifier" / "test_features.npz"
+    ).exists()
+    assert _listing(shipped) == before
+
+
+def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped):
+    config = reproduce_config.get_config("smoke")
+    config.regimes = ("heterogeneous",)
+    config.pretrained = str(shipped)
+    pipeline.check_pretrained(config)
+    assert pipeline.run_dir(config, "out", "heterogeneous") == str(shipped / "heterogeneous")
+    assert pipeline.classifier_dir(config, "out") == str(shipped / "classifier")
+    config.regimes = ("control", "heterogeneous")
+    with pytest.raises(
+        errors.MissingInputError,
+        match=r"ships no run 'control' .* shipped there: \['classifier', 'heterogeneous'\]",
+    ):
+        pipeline.check_pretrained(config)
+    config.regimes = ("heterogeneous",)
+    config.runs.heterogeneous.train.num_steps = 40
+    with pytest.raises(checkpoint.CheckpointMismatchError):
+        pipeline.check_pretrained(config)
