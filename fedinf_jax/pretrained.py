@@ -203,6 +203,8 @@ def export_federation(
         "params_per_agent": train_lib.count_params(params) // num_agents,
         "params_sha256": params_sha256(params),
         "counts": meta.get("counts"),
+        # The mean training loss as logged (train.log_every): [[step, loss], ...].
+        "loss": _logged_loss(workdir),
         "config": meta["config"],
     }
 
@@ -214,6 +216,13 @@ def export_federation(
             manager.close()
 
     return _write(dest, fill, manifest)
+
+
+def _logged_loss(workdir: str) -> list[list[float]]:
+    from fedinf_jax import plots
+
+    steps, values = plots.read_scalars(workdir).get("loss", ((), ()))
+    return [[int(step), float(value)] for step, value in zip(steps, values, strict=True)]
 
 
 def export_classifier(
