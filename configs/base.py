@@ -17,7 +17,7 @@ argument: ``--config=configs/hetero.py:cpu``. Presets:
 
 Modifiers follow the preset after commas, e.g. ``--config=configs/hetero.py:cpu,paper_sampler``:
 
-* ``paper_sampler``: the paper's sampling procedure, for the ablation (RESEARCH.md section 1):
+* ``paper_sampler``: the paper's sampling procedure, for the ablation (docs/results.md):
   probability-flow ODE with adaptive dopri5, uniform ``mean`` aggregation, stop at t = 0.05 and
   no final denoising step.
 """

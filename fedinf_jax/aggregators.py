@@ -31,7 +31,8 @@ probability-flow ODE's density change needs it). ``weights(state, y)``, where gi
 (agents, batch) weights the member gives the agents in that state (for plots).
 
 Weighted members compute s = sum_i w_i s_i. Only the mixture weights
-w_i proportional to pi_i p_i,t(x) give the score of the pooled data (RESEARCH.md section 2); the
+w_i proportional to pi_i p_i,t(x) give the score of the pooled data (the mixture's score,
+docs/aggregators.md); the
 uniform mean is the score of a tempered product of experts and is exact only when all agents agree.
 ``superdiff_or`` tracks log p_i,t along the trajectory (``fedinf_jax.density``) to use exactly
 those weights.
@@ -156,8 +157,8 @@ def label_prior(counts, top_k: int = 0) -> Aggregator:
     """Label-prior weights rho_i(y) = n_{i,y} / n_y from the count matrix n[agent, class].
 
     In the heterogeneous regime with equal shard sizes the owner of digit y gets 1/2 and each
-    other agent 1/18 (RESEARCH.md section 2); with ``partitions.heterogeneous``' sizes, which use
-    every class up, the owner gets (9/8)(1 - N / (18 n_y)) (0.51 for digit 3). This is the
+    other agent 1/18 (the pooled data's posterior); with ``partitions.heterogeneous``' sizes,
+    which use every class up, the owner gets (9/8)(1 - N / (18 n_y)) (0.51 for digit 3). This is the
     mixture weight without its density term. ``top_k`` > 0 keeps each class's k largest weights,
     renormalised (ties to the lower agent index): a router with nothing to train, whose other
     agents need not be asked.
@@ -300,7 +301,7 @@ PRIORS = ("label", "shares", "uniform")
 
 def log_prior_table(counts, prior: str = "label") -> np.ndarray:
     """log pi_i(y) as an (agents, classes) table from the count matrix n[agent, class]:
-    ``label``: n_{i,y} / n_y (the pooled data's posterior weights, RESEARCH.md section 2);
+    ``label``: n_{i,y} / n_y (the pooled data's posterior weights);
     ``shares``: n_i / N for every class; ``uniform``: 1 / K. Zero counts give -inf (weight 0).
 
     Raises:
@@ -424,7 +425,7 @@ def route(counts=None, num_agents=None, prior="label") -> Aggregator:
 
     Drawing the component, then sampling it, samples the mixture sum_k pi_k(y) p_k(x | y) of the
     agents' models exactly, with no per-step aggregation; with the ``label`` prior that is the
-    pooled data's class-conditional model (RESEARCH.md section 2), the target ``superdiff_or``
+    pooled data's class-conditional model (docs/aggregators.md), the target ``superdiff_or``
     reaches through its tracked densities. The sampler still evaluates every agent (stacked, in
     one call) and picks each sample's; one agent per sample is what would cross a network.
 

@@ -15,8 +15,8 @@ The parts, one job each:
 * ``fedinf_jax.federated_score``: the K agents' scores at a point, checked, with divergence
   probes when the aggregator asks, and their aggregate;
 * ``fedinf_jax.reverse``: the reverse process as Diffrax terms in tau = T - t (every solver runs
-  forward: the stochastic Runge-Kutta solvers were reported wrong backwards, RESEARCH.md
-  section 5, diffrax issue 598), its solution the pair ``(x, aggregator state)``;
+  forward: the stochastic Runge-Kutta solvers were reported wrong backwards,
+  diffrax issue 598), its solution the pair ``(x, aggregator state)``;
 * ``fedinf_jax.solvers``: which solver, which steps, what is saved (``SolverSpec``);
 * here: ``FederatedSampler``, the one jitted solve per batch, and its host side (statistics,
   and failures turned into errors from Diffrax's ``Solution.result`` and the evaluations' own

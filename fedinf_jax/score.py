@@ -11,7 +11,7 @@ Two parametrizations (``config.model.parametrization``):
 * ``eps`` (Ho et al. 2020; Song et al. 2021): F predicts the noise z: c_skip = 1 / alpha,
   c_out = -std / alpha, so s = -F / std; input scale c_in = 1 / sqrt(alpha^2 + std^2) (unit scale
   under every SDE; VE reaches sigma_max = 50). Dividing by std and scaling the input is what the
-  paper's code left out (RESEARCH.md section 1).
+  paper's code left out (docs/results.md).
 * ``edm`` (Karras et al. 2022, Table 1, in the scaled form of their eq. 4): with sigma = std /
   alpha and sigma_data = ``config.model.sigma_data``,
       c_in = 1 / sqrt(std^2 + alpha^2 sigma_data^2),

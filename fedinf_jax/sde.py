@@ -177,7 +177,7 @@ class VESDE(SDE):
 class PaperVESDE(SDE):
     """The paper's VE SDE (Song's tutorial form): f = 0, g(t) = sigma^t, so
     std(t)^2 = int_0^t sigma^(2s) ds = (sigma^(2t) - 1) / (2 ln sigma); alpha = 1
-    (RESEARCH.md section 1)."""
+    (the paper's code's SDE; docs/results.md)."""
 
     sigma: float = 25.0
 

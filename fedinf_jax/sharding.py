@@ -12,7 +12,8 @@ element-wise ``median`` and ``trimmed_mean`` and for ``superdiff_and``'s K x K s
 
 Why ``shard_map`` and not automatic partitioning of a vmapped U-Net: with jax 0.10.2 on XLA:CPU,
 ``jit(vmap(conv3x3 -> concatenate -> conv1x1))`` with the stacked weights sharded over the agent
-axis returns wrong numbers (RESEARCH.md section 9; ``tests/test_sharding.py`` keeps the pattern).
+axis returns wrong numbers (jax 0.10.2 on XLA:CPU; docs/multi_device.md, and
+``tests/multidevice_checks.py`` keeps the pattern).
 Inside ``shard_map`` each device's program is the single-device one, which is exact.
 
 Padding: when K is not a multiple of the ``agents`` axis (K = 10 over 4 devices), the agent axis

@@ -35,7 +35,7 @@ def _conv(x, w):
 
 
 def test_shard_map_is_exact_on_the_miscompiled_pattern():
-    """RESEARCH.md section 9: conv3x3 -> concatenate -> conv1x1 vmapped over agents. jax 0.10.2
+    """docs/multi_device.md: conv3x3 -> concatenate -> conv1x1 vmapped over agents. jax 0.10.2
     miscompiles it under automatic partitioning of the sharded agent axis; the project's path
     (``shard_map``, each device its own agents) must equal a loop over agents."""
     rng = np.random.default_rng(0)

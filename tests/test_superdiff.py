@@ -59,7 +59,8 @@ def solve(sde, aggregator, method, solver, steps, n, mus, save=0, denoise=True, 
 
 
 def test_log_density_rate_worked_forms():
-    """The general rate reduces to RESEARCH.md's VP and VE forms; the ODE adds -(g^2/2) div s."""
+    """The general rate reduces to its VP and VE forms (fedinf_jax/density.py); the ODE adds
+    -(g^2/2) div s."""
     k1, k2 = jax.random.split(jax.random.key(0))
     scores = jax.random.normal(k1, (3, 4, 5))
     x = jax.random.normal(k2, (4, 5))

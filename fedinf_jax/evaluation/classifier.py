@@ -1,6 +1,6 @@
 """The feature extractor for FID/IS: a small ResNet-style MNIST classifier trained here.
 
-The paper used a ResNet18 MNIST classifier's 10 logits as FID features (RESEARCH.md section 1);
+The paper used a ResNet18 MNIST classifier's 10 logits as FID features (docs/results.md);
 this one is ResNet-style too, sized for a CPU: a 3x3 stem, one pre-activation residual block per
 stage (GroupNorm, SiLU, two 3x3 convolutions; stride 2 from the second stage on), global average
 pooling to the penultimate ``features`` (used for FID and precision/recall) and a linear layer to

@@ -1,7 +1,7 @@
 """Sample-quality metrics, each a pure function of arrays (float64 throughout).
 
-Features and probabilities come from the project's own MNIST classifier (RESEARCH.md section 7:
-Inception features mean little on digits): ``features`` its penultimate layer, ``probs`` its
+Features and probabilities come from the project's own MNIST classifier (Inception
+features mean little on digits): ``features`` its penultimate layer, ``probs`` its
 softmax.
 
 * FID (Heusel et al. 2017): with (mu, Sigma) the mean and covariance of each set's features,
