@@ -10,7 +10,8 @@ with s = grad log q the agent's score and dx the step actually taken (whatever s
 On the reverse SDE the Laplacian term cancels: this is SuperDiff's Ito density estimator (Skreta
 et al., ICLR 2025, "The Superposition of Diffusion Models"), which needs only the scores
 already evaluated. On the ODE the divergence of the score stays; it is estimated with
-Hutchinson's estimator v^T (ds/dx) v over Rademacher probes v, from one linearisation of the agents' scores.
+Hutchinson's estimator v^T (ds/dx) v over Rademacher probes v, from one linearisation of the
+agents' scores.
 
 Every agent shares the prior at t = T, so every log q_i starts at log N(x_T; 0, prior_std^2 I) and
 the tracked value is the agent's log-density itself, up to the solver's error and the agent's
