@@ -21,13 +21,11 @@ temporary folder) log the loss its record holds at step 50: minutes, where regen
 import os
 import shlex
 import sys
-import tempfile
 
-import ml_collections
 from absl import app, flags, logging
 
 from configs import reproduce as reproduce_config
-from fedinf_jax import pipeline, plots, pretrained, runtime, train_lib
+from fedinf_jax import pipeline, pretrained, runtime, train_lib
 from fedinf_jax.evaluation import classifier
 
 FLAGS = flags.FLAGS
@@ -47,33 +45,6 @@ flags.DEFINE_integer(
 )
 
 
-def check_first_steps(run_dir: str, steps: int) -> bool:
-    """Trains the first ``steps`` steps of the shipped run's recorded config in a temporary
-    folder and compares the loss logged at ``steps`` with its record; logs both."""
-    manifest = pretrained.verify(run_dir)
-    recorded = dict((int(s), v) for s, v in manifest["loss"])
-    if steps not in recorded:
-        raise app.UsageError(
-            f"{run_dir} records its loss at steps {sorted(recorded)[:4]}...; --check_steps must be "
-            "one of them"
-        )
-    config = ml_collections.ConfigDict(manifest["config"])
-    with tempfile.TemporaryDirectory() as tmp:
-        train_lib.train_and_evaluate(config, tmp, stop_at=steps)
-        steps_at, values = plots.read_scalars(tmp)["loss"]
-    again = float(values[list(steps_at).index(steps)])
-    same = again == recorded[steps]
-    logging.info(
-        "%s: loss at step %d %r, recorded %r: %s",
-        run_dir,
-        steps,
-        again,
-        recorded[steps],
-        "bitwise the same" if same else f"differs by {again - recorded[steps]:.3g}",
-    )
-    return same
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -88,7 +59,7 @@ def main(argv):
     command = shlex.join(["python", *sys.argv])
     if FLAGS.check_steps > 0:
         checked = [
-            check_first_steps(os.path.join(dest, name), FLAGS.check_steps)
+            pretrained.check_first_steps(os.path.join(dest, name), FLAGS.check_steps)
             for name in FLAGS.runs
             if name != "classifier"
         ]

@@ -225,6 +225,45 @@ def _logged_loss(workdir: str) -> list[list[float]]:
     return [[int(step), float(value)] for step, value in zip(steps, values, strict=True)]
 
 
+def check_first_steps(run_dir: str, steps: int) -> bool:
+    """Trains the first ``steps`` steps of the shipped federation's recorded config in a
+    temporary folder and compares the loss logged at ``steps`` with its record (logs both):
+    whether regenerating it would start on the same path.
+
+    Raises:
+      ShippedFileError: a shipped file is missing or damaged.
+      ShippedRunError: the record has no loss logged at ``steps``.
+    """
+    import tempfile
+
+    from fedinf_jax import plots, train_lib
+
+    manifest = verify(run_dir)
+    if manifest is None:
+        raise ShippedRunError(f"{run_dir} is not a shipped run (no {MANIFEST})")
+    recorded = {int(step): value for step, value in manifest.get("loss", [])}
+    if steps not in recorded:
+        raise ShippedRunError(
+            f"{run_dir} records its loss at steps {sorted(recorded)[:4]}... (every "
+            f"train.log_every); {steps} is not one of them"
+        )
+    config = ml_collections.ConfigDict(manifest["config"])
+    with tempfile.TemporaryDirectory() as tmp:
+        train_lib.train_and_evaluate(config, tmp, stop_at=steps)
+        steps_at, values = plots.read_scalars(tmp)["loss"]
+    again = float(values[list(steps_at).index(steps)])
+    same = again == recorded[steps]
+    logging.info(
+        "%s: loss at step %d %r, recorded %r: %s",
+        run_dir,
+        steps,
+        again,
+        recorded[steps],
+        "bitwise the same" if same else f"differs by {again - recorded[steps]:.3g}",
+    )
+    return same
+
+
 def export_classifier(
     clf_dir: str, dest: str, preset: str, record: dict[str, str]
 ) -> dict[str, Any]:

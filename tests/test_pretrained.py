@@ -144,3 +144,10 @@ def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped):
     config.runs.heterogeneous.train.num_steps = 40
     with pytest.raises(checkpoint.CheckpointMismatchError):
         pipeline.check_pretrained(config)
+
+
+def test_the_first_steps_of_a_shipped_run_log_its_recorded_loss(shipped):
+    """The smoke run's first 10 steps, retrained from its record: the loss at step 10 bitwise."""
+    assert pretrained.check_first_steps(str(shipped / "heterogeneous"), 10)
+    with pytest.raises(pretrained.ShippedRunError, match=r"records its loss at steps \[10, 20, 30"):
+        pretrained.check_first_steps(str(shipped / "heterogeneous"), 15)
