@@ -11,7 +11,7 @@ from fedinf_jax import pipeline, pretrained, provenance, sample_lib, train_lib
 from fedinf_jax.evaluation import classifier
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "cpu"
-FEDERATIONS = ("control",)
+FEDERATIONS = ("control", "heterogeneous")
 CONFIG = reproduce_config.get_config("cpu")
 
 
