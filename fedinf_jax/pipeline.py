@@ -229,14 +229,11 @@ def classifier_dir(config, outdir: str) -> str:
 
 def check_pretrained(config) -> None:
     """With ``config.pretrained``: every regime and the classifier are shipped runs there, intact
-    (``pretrained.verify``), trained from this config's inputs and to its number of steps;
-    nothing is trained.
+    (``pretrained.verify``). ``check_outputs`` then checks them against the config.
 
     Raises:
       MissingInputError: a regime (or the classifier) that is not shipped there.
       ShippedFileError: a shipped file is missing or damaged.
-      CheckpointMismatchError, StaleOutputError: a shipped run made with other settings.
-      ConfigError: a shipped run trained to fewer steps than the config asks.
     """
     folder = config.get("pretrained")
     if not folder:
@@ -256,15 +253,6 @@ def check_pretrained(config) -> None:
                 f"{pretrained.MANIFEST}); shipped there: {shipped}"
             )
         pretrained.verify(where)
-    classifier.check_reuse(classifier_config(config), os.path.join(folder, "classifier"), False)
-    for regime in all_regimes(config):
-        cfg = regime_config(config, regime)
-        step = train_lib.check_workdir(cfg, os.path.join(folder, regime))
-        if step != cfg.train.num_steps:
-            raise errors.ConfigError(
-                f"the shipped run {os.path.join(folder, regime)} is trained to step {step}, "
-                f"the config asks for train.num_steps = {cfg.train.num_steps}"
-            )
 
 
 def _sample_dir(outdir: str, regime: str, procedure: str, kind: str = "samples") -> str:
@@ -449,9 +437,18 @@ def check_outputs(config, outdir: str, recompute: bool = False) -> None:
         place: it would discard the run's checkpoints).
     """
     check_pretrained(config)
-    classifier.check_reuse(classifier_config(config), classifier_dir(config, outdir), recompute)
+    shipped = bool(config.get("pretrained"))
+    # A shipped run is never recomputed: one made with other settings is an error.
+    clf_dir = classifier_dir(config, outdir)
+    classifier.check_reuse(classifier_config(config), clf_dir, recompute and not shipped)
     for regime in all_regimes(config):
-        train_lib.check_workdir(regime_config(config, regime), run_dir(config, outdir, regime))
+        cfg = regime_config(config, regime)
+        step = train_lib.check_workdir(cfg, run_dir(config, outdir, regime))
+        if shipped and step != cfg.train.num_steps:
+            raise errors.ConfigError(
+                f"the shipped run {run_dir(config, outdir, regime)} is trained to step {step}, "
+                f"the config asks for train.num_steps = {cfg.train.num_steps}"
+            )
         for kind, make_config in (("samples", regime_config), ("claims", claim_config)):
             folder = os.path.join(outdir, regime, kind)
             names = os.listdir(folder) if os.path.isdir(folder) else []

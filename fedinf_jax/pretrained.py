@@ -269,6 +269,7 @@ def export_classifier(
 ) -> dict[str, Any]:
     """Copies the evaluation classifier's checkpoint in ``clf_dir`` as a shipped run at
     ``dest``, ``record`` in its manifest. Returns the manifest."""
+    from fedinf_jax import train_lib
     from fedinf_jax.evaluation import classifier
 
     clf = classifier.load_classifier(clf_dir)
@@ -284,7 +285,7 @@ def export_classifier(
         "commit": git_commit(),
         "step": int(step),
         "test_accuracy": clf.test_accuracy,
-        "params": sum(int(np.size(x)) for x in jax.tree.leaves(clf.params)),
+        "params": train_lib.count_params(clf.params),
         "params_sha256": params_sha256(clf.params),
         "config": meta["config"],
     }

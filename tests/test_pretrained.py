@@ -127,11 +127,11 @@ def test_a_shipped_run_is_never_trained_into_and_keeps_only_ema(shipped, tmp_pat
     assert _listing(shipped) == before
 
 
-def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped):
+def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped, tmp_path):
     config = reproduce_config.get_config("smoke")
     config.regimes = ("heterogeneous",)
     config.pretrained = str(shipped)
-    pipeline.check_pretrained(config)
+    pipeline.check_outputs(config, str(tmp_path / "out"))
     assert pipeline.run_dir(config, "out", "heterogeneous") == str(shipped / "heterogeneous")
     assert pipeline.classifier_dir(config, "out") == str(shipped / "classifier")
     config.regimes = ("control", "heterogeneous")
@@ -143,7 +143,7 @@ def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped):
     config.regimes = ("heterogeneous",)
     config.runs.heterogeneous.train.num_steps = 40
     with pytest.raises(checkpoint.CheckpointMismatchError):
-        pipeline.check_pretrained(config)
+        pipeline.check_outputs(config, str(tmp_path / "out"))
 
 
 def test_the_first_steps_of_a_shipped_run_log_its_recorded_loss(shipped):
