@@ -29,6 +29,10 @@ receives that state. Without ``tendency`` the state is constant.
 divergence, passed to ``aggregate`` and ``tendency`` as ``divergence`` (agents, batch) (the
 probability-flow ODE's density change needs it). ``weights(state, y)``, where given, returns the
 (agents, batch) weights the member gives the agents in that state (for plots).
+``dispatch(state, y)``, where given, returns (m, batch) agent numbers: for each sample, the m
+agents whose weights can be non-zero during the whole solve, known from the initial state and
+the labels alone. The sampler then evaluates only those (``fedinf_jax.dispatch``), and the other
+agents' entries of ``agent_scores`` are zeros.
 
 Weighted members compute s = sum_i w_i s_i. Only the mixture weights
 w_i proportional to pi_i p_i,t(x) give the score of the pooled data (the mixture's score,
@@ -69,6 +73,7 @@ class Aggregator(NamedTuple):
     noise: Callable[..., Array] | None = None
     weights: Callable[[Any, Array], Array] | None = None
     divergence_probes: int = 0
+    dispatch: Callable[[Any, Array], Array] | None = None
 
 
 AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
@@ -172,12 +177,17 @@ def label_prior(counts, top_k: int = 0) -> Aggregator:
     if np.any(totals == 0):
         raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} are held by no agent")
     rho = n / totals  # (agents, classes)
+    kept = None
     if _check_top_k(top_k, len(n)):
-        drop = np.argsort(-rho, axis=0, kind="stable")[top_k:]  # (K - k, classes)
-        np.put_along_axis(rho, drop, 0.0, axis=0)
+        ranked = np.argsort(-rho, axis=0, kind="stable")  # (K, classes), ties to the lower index
+        np.put_along_axis(rho, ranked[top_k:], 0.0, axis=0)
         rho = rho / rho.sum(axis=0)
+        kept = jnp.asarray(ranked[:top_k], jnp.int32)  # (k, classes): the agents asked
     rho = jnp.asarray(rho, jnp.float32)
-    return _stateless(lambda scores, t, x, y: _weighted_sum(scores, rho[:, y]))
+    member = _stateless(lambda scores, t, x, y: _weighted_sum(scores, rho[:, y]))
+    if kept is None:
+        return member
+    return member._replace(dispatch=lambda state, y: kept[:, y])
 
 
 def _check_top_k(top_k: int, num_agents: int | None) -> bool:
@@ -462,7 +472,10 @@ def route(counts=None, num_agents=None, prior="label") -> Aggregator:
         index = state.agent.astype(jnp.int32).reshape((1, -1) + (1,) * (scores.ndim - 2))
         return jnp.take_along_axis(scores, index, axis=0)[0], state
 
-    return Aggregator(init, aggregate, weights=weights)
+    def dispatch(state, y):
+        return state.agent.astype(jnp.int32)[None]
+
+    return Aggregator(init, aggregate, weights=weights, dispatch=dispatch)
 
 
 def _equal_density_system(sde, method, scores, t, x, divergence, ridge):
@@ -638,6 +651,11 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
     def weights(state, y):
         return member.weights(state[0], y)
 
+    def dispatch(state, y):  # the doubled batch of with_null_label: (m, 2 batch)
+        return jnp.concatenate(
+            [member.dispatch(state[0], y), member.dispatch(state[1], null_of(y))], axis=1
+        )
+
     return Aggregator(
         init,
         aggregate,
@@ -645,6 +663,8 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
         noise if member.noise is not None else None,
         weights if member.weights is not None else None,
         member.divergence_probes,
+        # A guide model's scores come from other parameters (autoguidance): every agent is asked.
+        dispatch if member.dispatch is not None and null_label is not None else None,
     )
 
 

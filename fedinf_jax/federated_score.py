@@ -38,16 +38,18 @@ class Evaluation(NamedTuple):
 
 
 def with_null_label(agent_score_fn: Callable, null_label: int) -> Callable:
-    """``(params, x, t, y) -> (2K, batch, ...)``: every agent's score at (x, y), then every agent's
-    score at (x, null label), from one call of ``agent_score_fn`` on the doubled batch (what
-    ``aggregators.guided`` combines; one network call, the images twice)."""
+    """``(params, x, t, y, *rest) -> (2K, batch, ...)``: every agent's score at (x, y), then every
+    agent's score at (x, null label), from one call of ``agent_score_fn`` on the doubled batch
+    (what ``aggregators.guided`` combines; one network call, the images twice). ``rest`` is
+    passed on (a grouped function's agent numbers, already laid out for the doubled batch)."""
 
-    def scores(params, x, t, y):
+    def scores(params, x, t, y, *rest):
         both = agent_score_fn(
             params,
             jnp.concatenate([x, x]),
             jnp.concatenate([t, t]),
             jnp.concatenate([y, jnp.full_like(y, null_label)]),
+            *rest,
         )
         k, b = both.shape[0], x.shape[0]
         both = both.reshape(k, 2, b, *both.shape[2:])
@@ -100,6 +102,9 @@ class FederatedScore:
       aggregator: how to combine them.
       image_shape: one sample's shape (the Hutchinson probes').
       monitor: where each evaluation is reported (a fresh one by default).
+      grouped_score_fn: ``(params, x, t, y, agent_index) -> (agents, batch, ...)``, the same
+        scores for the (agent, sample) pairs ``agent_index`` names and zeros elsewhere
+        (``fedinf_jax.dispatch.grouped``); used when the aggregator declares ``dispatch``.
 
     ``probe_keys`` (one per sample) is None unless the aggregator asks for divergence probes.
     Fresh probes are drawn at every evaluation, a deterministic function of (sample, t): the
@@ -112,18 +117,28 @@ class FederatedScore:
         aggregator: Aggregator,
         image_shape: tuple[int, ...],
         monitor: SolveMonitor | None = None,
+        grouped_score_fn: Callable | None = None,
     ):
         self.agent_score_fn = agent_score_fn
         self.aggregator = aggregator
         self.image_shape = tuple(image_shape)
         self.monitor = monitor or SolveMonitor()
+        self.grouped_score_fn = grouped_score_fn
+
+    @property
+    def sparse(self) -> bool:
+        """Whether only the pairs the aggregator dispatches are evaluated."""
+        return self.grouped_score_fn is not None and self.aggregator.dispatch is not None
 
     def __call__(
         self, params: AgentParams, labels: Labels, probe_keys: Key | None, x: Array, t, state
     ) -> Evaluation:
         t_batch = jnp.full((x.shape[0],), t, x.dtype)
         extra = {}
-        if probe_keys is None:
+        if self.sparse and probe_keys is None:
+            agent_index = self.aggregator.dispatch(state, labels)
+            scores = self.grouped_score_fn(params, x, t_batch, labels, agent_index)
+        elif probe_keys is None:
             scores = self.agent_score_fn(params, x, t_batch, labels)
         else:
             t_bits = jax.lax.bitcast_convert_type(jnp.asarray(t, jnp.float32), jnp.uint32)

@@ -37,6 +37,7 @@ from fedinf_jax import (
     aggregators,
     checkpoint,
     data,
+    dispatch,
     errors,
     files,
     plots,
@@ -381,10 +382,13 @@ def build_sampler(
     federation: Federation,
     spec: solvers.SolverSpec | None = None,
     procedure: str | None = None,
+    sparse: bool = True,
 ) -> sampling.FederatedSampler:
     """The federation's sampler: its agents' scores through the configured agent-axis strategy,
     the configured aggregator and solver (or ``spec``, and the ``procedure`` (``parse_procedure``:
-    a member's name, with settings after a colon) over the config's).
+    a member's name, with settings after a colon) over the config's). A member that declares
+    ``dispatch`` asks only its agents (``fedinf_jax.dispatch``) unless ``sparse`` is False or
+    the agents are on a mesh.
 
     Raises:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
@@ -404,8 +408,11 @@ def build_sampler(
         guide,
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
+    # Only the pairs a sparse member names (``dispatch``); on a mesh every agent is evaluated.
+    grouped = grouped_score_fn(comp) if sparse and agent_mesh is None else None
     if guidance != 1 and guide is None:  # the guide's scores: the params' second K agents
         scores = with_null_label(scores, null_label(comp.model))
+        grouped = grouped and with_null_label(grouped, null_label(comp.model))
     return sampling.FederatedSampler(
         scores,
         comp.sde,
@@ -413,7 +420,25 @@ def build_sampler(
         spec,
         data.IMAGE_SHAPE,
         num_agents=federation.num_agents,
+        grouped_score_fn=grouped,
     )
+
+
+def grouped_score_fn(components: train_lib.ScoreComponents):
+    """``(stacked params, x, t, y, agent_index) -> (agents, batch, ...)``: the scores of the
+    (agent, sample) pairs ``agent_index`` (m, batch) names, zeros elsewhere
+    (``fedinf_jax.dispatch``)."""
+    return dispatch.grouped(make_score_fn(components.model, components.sde, components.param))
+
+
+def agents_asked(sampler: sampling.FederatedSampler, num_agents: int) -> int:
+    """How many agents each sample's score evaluation asks: the aggregator's dispatched m when
+    the sampler evaluates only those, else K."""
+    if not sampler.score.sparse:
+        return num_agents
+    agg, x = sampler.aggregator, jnp.zeros((1, *sampler.image_shape))
+    y, keys = jnp.zeros(1, jnp.int32), jax.random.split(jax.random.key(0), 1)
+    return jax.eval_shape(lambda: agg.dispatch(agg.init(num_agents, x, y, keys), y)).shape[0]
 
 
 def agent_score_fn(
@@ -592,9 +617,10 @@ def run(
         "num_agents": federation.num_agents,
         "checkpoint_step": federation.step,
         "score_evaluations": int(per_batch["score_evaluations"].sum()),
-        # Each evaluation asks every agent once, twice under guidance (the null label too).
+        # Each evaluation asks each sample's agents (every agent, or the ones a sparse member
+        # dispatches) once, twice under guidance (the null label or the guide too).
         "network_evaluations": int(per_batch["score_evaluations"].sum())
-        * federation.num_agents
+        * agents_asked(sampler, federation.num_agents)
         * (1 if cfg.sampler.get("guidance", 1.0) == 1 else 2),
         "steps": int(per_batch["num_steps"].sum()),
         "accepted_steps": int(per_batch["num_accepted_steps"].sum()),

@@ -103,6 +103,9 @@ class FederatedSampler:
       image_shape: the shape of one sample, e.g. (28, 28, 1).
       num_agents: K, when ``params`` carry padding agents that ``agent_score_fn`` drops
         (``fedinf_jax.sharding``); default: the size of the params' agent axis.
+      grouped_score_fn: the agents' scores for the pairs an aggregator's ``dispatch`` names
+        (``fedinf_jax.dispatch.grouped``): given, a member that declares ``dispatch`` asks only
+        those agents (``FederatedScore``); None: every agent is evaluated.
 
     ``keys`` holds one key per sample (its prior draw and Brownian path); ``labels`` (N,) the
     classes to condition on. ``solve`` is the jitted solve itself (no checks, no statistics).
@@ -121,13 +124,16 @@ class FederatedSampler:
         spec: SolverSpec,
         image_shape: tuple[int, ...],
         num_agents: int | None = None,
+        grouped_score_fn: Callable | None = None,
     ):
         spec.check(sde)
         check_solver_for(aggregator, spec)
         self.sde, self.aggregator, self.spec = sde, aggregator, spec
         self.image_shape = tuple(image_shape)
         self.num_agents = num_agents
-        self.score = FederatedScore(agent_score_fn, aggregator, self.image_shape)
+        self.score = FederatedScore(
+            agent_score_fn, aggregator, self.image_shape, grouped_score_fn=grouped_score_fn
+        )
         # The budget (the constant steps' times; the adaptive tolerances) enters the compiled
         # solve as an input: samplers that differ only in it share one compilation.
         self.steps = step_inputs(spec, sde)

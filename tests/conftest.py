@@ -34,10 +34,10 @@ def suite_xla_flags(*flags: str) -> str:
 os.environ["XLA_FLAGS"] = suite_xla_flags(*filter(None, [os.environ.get("XLA_FLAGS")]))
 
 
-# The suite's MNIST (tests/data/README.md): MNIST's first 6,000 training and 1,000 test examples,
+# The suite's MNIST (data/README.md): MNIST's first 6,000 training and 1,000 test examples,
 # and the full label files; nothing outside the repository is read.
-MNIST_DIR = ROOT / "tests" / "data" / "mnist_subset"
-MNIST_LABELS_DIR = ROOT / "tests" / "data" / "mnist_labels"
+MNIST_DIR = ROOT / "data" / "mnist_subset"
+MNIST_LABELS_DIR = ROOT / "data" / "mnist_labels"
 
 
 def micro_config():

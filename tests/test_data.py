@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from fedinf_jax import data
 from tests.conftest import MNIST_LABELS_DIR
 
-# sha256 of the suite subset's uncompressed IDX files (tests/data/README.md).
+# sha256 of the suite subset's uncompressed IDX files (data/README.md).
 SUBSET_SHA256 = {
     "train_images": "2782ff6f3467f3487a520503c34fe99b761aa97623af029969e59716ac3585c3",
     "train_labels": "0d830540a6191e75a9f5cd63cd5b4bde38960b893784bbf456d560179296d7cd",

@@ -151,3 +151,28 @@ def test_the_first_steps_of_a_shipped_run_log_its_recorded_loss(shipped):
     assert pretrained.check_first_steps(str(shipped / "heterogeneous"), 10)
     with pytest.raises(pretrained.ShippedRunError, match=r"records its loss at steps \[10, 20, 30"):
         pretrained.check_first_steps(str(shipped / "heterogeneous"), 15)
+
+
+def test_the_shipped_modifier_samples_shipped_runs_without_training_or_writing_them(
+    shipped, tmp_path
+):
+    """``PRESET,shipped`` (``make demo``): the repository's MNIST digits, the demo's procedures on
+    the shipped runs, the report in the outdir; nothing is trained, the shipped folder is
+    unchanged."""
+    config = reproduce_config.get_config("smoke,shipped")
+    assert config.pretrained == "pretrained/smoke"
+    assert config.data.mnist_dir == reproduce_config.SHIPPED_MNIST_DIR
+    assert os.path.isdir(reproduce_config.SHIPPED_MNIST_DIR)  # relative to the repository root
+    assert config.claim_per_class == 0 and config.eval_per_class == 10
+    config.pretrained, config.regimes = str(shipped), ("heterogeneous",)
+    config.eval_per_class, config.sampler.num_steps = 1, 3
+    config.sampler.progress = config.paper_sampler.progress = False
+    before = _listing(shipped)
+    report = pipeline.run(config, str(tmp_path / "demo"))
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert not [stage for stage in timings if stage.startswith(("train", "classifier"))]
+    assert sorted(os.listdir(tmp_path / "demo" / "heterogeneous" / "samples")) == sorted(
+        config.procedures
+    )
+    assert "nothing was trained here" in pathlib.Path(report).read_text()
+    assert _listing(shipped) == before

@@ -1,7 +1,7 @@
-"""Writes the suite's MNIST data (tests/data/README.md) from a full copy of MNIST's IDX files,
+"""Writes the suite's MNIST data (data/README.md) from a full copy of MNIST's IDX files,
 or with --check compares the shipped files' IDX content with what the rule gives.
 
-    python tests/data/make_mnist_subset.py --mnist_dir=DIR [--check]
+    python data/make_mnist_subset.py --mnist_dir=DIR [--check]
 
 The rule: the first ``NUM_TRAIN`` training and the first ``NUM_TEST`` test examples in IDX order
 (``mnist_subset/``), and the two full label files (``mnist_labels/``), all as gzip-compressed IDX
