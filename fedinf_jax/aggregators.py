@@ -436,8 +436,9 @@ def route(counts=None, num_agents=None, prior="label") -> Aggregator:
     Drawing the component, then sampling it, samples the mixture sum_k pi_k(y) p_k(x | y) of the
     agents' models exactly, with no per-step aggregation; with the ``label`` prior that is the
     pooled data's class-conditional model (docs/aggregators.md), the target ``superdiff_or``
-    reaches through its tracked densities. The sampler still evaluates every agent (stacked, in
-    one call) and picks each sample's; one agent per sample is what would cross a network.
+    reaches through its tracked densities. The member declares each sample's agent
+    (``dispatch``), so the sampler asks that agent only (``fedinf_jax.dispatch``), as a
+    deployment would send each sample to one agent.
 
     Args:
       counts: the partition's count matrix (the ``label`` and ``shares`` priors).
