@@ -10,7 +10,7 @@ Fields of configs/reproduce.py (regimes, procedures, samples per digit, the corr
 can be overridden with --config.FIELD=VALUE.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fedinf_jax import pipeline, runtime
@@ -37,7 +37,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.setup()
-    logging.info("report: %s", pipeline.run(FLAGS.config, FLAGS.outdir, FLAGS.recompute))
+    print(f"report: {pipeline.run(FLAGS.config, FLAGS.outdir, FLAGS.recompute)}", flush=True)
 
 
 if __name__ == "__main__":
