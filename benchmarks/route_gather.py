@@ -45,7 +45,7 @@ def main(argv):
     import timing
 
     from configs import base
-    from fedinf_jax import agents, aggregators, data, files, runtime, sample_lib, train_lib
+    from fedinf_jax import agents, aggregators, data, runtime, sample_lib, train_lib
     from fedinf_jax.score import make_score_fn
 
     runtime.setup()
@@ -127,7 +127,6 @@ def main(argv):
     path = FLAGS.output or os.path.join(
         os.path.dirname(__file__), "results", f"route_gather_{FLAGS.preset}.json"
     )
-    files.write_json(path, record)
     table = timing.markdown_table(
         ["way", "network evaluations", "ms per step", "speed-up", "first call (s)"],
         [
@@ -141,8 +140,7 @@ def main(argv):
             for name, r in results.items()
         ],
     )
-    files.write_text(path.replace(".json", ".md"), table)
-    print(table)
+    timing.write_results(path, record, table)
     print(f"group sizes {sizes.tolist()}; sgemm {ceiling:.0f} -> {ceiling_after:.0f} GFLOP/s")
 
 

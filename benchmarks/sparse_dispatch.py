@@ -44,7 +44,6 @@ def main(argv):
     from fedinf_jax import (
         aggregators,
         data,
-        files,
         runtime,
         sample_lib,
         sampling,
@@ -130,7 +129,6 @@ def main(argv):
     path = FLAGS.output or os.path.join(
         os.path.dirname(__file__), "results", f"sparse_dispatch_{FLAGS.preset}{suffix}.json"
     )
-    files.write_json(path, record)
     table = timing.markdown_table(
         ["member", "agents asked", "dense s", "sparse s", "speed-up", "first call s (d / s)"],
         [
@@ -145,8 +143,7 @@ def main(argv):
             for name, r in results.items()
         ],
     )
-    files.write_text(path.replace(".json", ".md"), table)
-    print(table)
+    timing.write_results(path, record, table)
     print(f"sgemm {ceiling:.0f} -> {ceiling_after:.0f} GFLOP/s")
 
 

@@ -42,3 +42,13 @@ def sgemm_gflops(n: int = 4096, repeats: int = 3) -> float:
         a @ a
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def write_results(path: str, record: dict, table: str) -> None:
+    """Writes a benchmark's ``record`` to ``path`` (JSON) and its Markdown ``table`` beside it
+    (``.md``), and prints the table."""
+    from fedinf_jax import files
+
+    files.write_json(path, record)
+    files.write_text(path.replace(".json", ".md"), table)
+    print(table)
