@@ -109,7 +109,7 @@ def main(argv):
             "first_call_dense_s": round(first[procedure, "dense"], 1),
             "first_call_sparse_s": round(first[procedure, "sparse"], 1),
             "speedup": round(float(d / s), 2),
-            "agents_asked": sample_lib.agents_asked(samplers[procedure, "sparse"], k),
+            "agents_asked": samplers[procedure, "sparse"].agents_asked(k),
             "max_abs_difference": float(
                 np.max(np.abs(images[procedure, "dense"] - images[procedure, "sparse"])[same])
             ),

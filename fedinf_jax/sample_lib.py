@@ -431,16 +431,6 @@ def grouped_score_fn(components: train_lib.ScoreComponents):
     return dispatch.grouped(make_score_fn(components.model, components.sde, components.param))
 
 
-def agents_asked(sampler: sampling.FederatedSampler, num_agents: int) -> int:
-    """How many agents each sample's score evaluation asks: the aggregator's dispatched m when
-    the sampler evaluates only those, else K."""
-    if not sampler.score.sparse:
-        return num_agents
-    agg, x = sampler.aggregator, jnp.zeros((1, *sampler.image_shape))
-    y, keys = jnp.zeros(1, jnp.int32), jax.random.split(jax.random.key(0), 1)
-    return jax.eval_shape(lambda: agg.dispatch(agg.init(num_agents, x, y, keys), y)).shape[0]
-
-
 def agent_score_fn(
     components: train_lib.ScoreComponents,
     strategy: str | None = None,
@@ -620,7 +610,7 @@ def run(
         # Each evaluation asks each sample's agents (every agent, or the ones a sparse member
         # dispatches) once, twice under guidance (the null label or the guide too).
         "network_evaluations": int(per_batch["score_evaluations"].sum())
-        * agents_asked(sampler, federation.num_agents)
+        * sampler.agents_asked(federation.num_agents)
         * (1 if cfg.sampler.get("guidance", 1.0) == 1 else 2),
         "steps": int(per_batch["num_steps"].sum()),
         "accepted_steps": int(per_batch["num_accepted_steps"].sum()),

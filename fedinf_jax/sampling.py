@@ -170,6 +170,15 @@ class FederatedSampler:
         """K: ``num_agents`` when given (the params then carry padding), else the params' axis."""
         return self.num_agents or num_agents_of(params)
 
+    def agents_asked(self, num_agents: int) -> int:
+        """How many agents each sample's score evaluation asks: the m its aggregator dispatches
+        when this sampler evaluates only those (``FederatedScore.sparse``), else all K."""
+        if not self.score.sparse:
+            return num_agents
+        agg, x = self.aggregator, jnp.zeros((1, *self.image_shape))
+        y, keys = jnp.zeros(1, jnp.int32), jax.random.split(jax.random.key(0), 1)
+        return jax.eval_shape(lambda: agg.dispatch(agg.init(num_agents, x, y, keys), y)).shape[0]
+
     def prior(self, keys: Key) -> tuple[Array, Key]:
         """Each sample's prior draw x_T and its Brownian key, both from the sample's key."""
         split = jax.vmap(jax.random.split)(keys)

@@ -274,7 +274,7 @@ def measure(
         "failure": out.failure or "",
         "diverged_share": float(diverged.mean()),
         "score_evaluations": evaluations,
-        "network_evaluations": evaluations * sampler.agents_in(params),
+        "network_evaluations": evaluations * sampler.agents_asked(sampler.agents_in(params)),
         "steps": int(out.stats["num_steps"]),
         "accepted_steps": int(out.stats["num_accepted_steps"]),
         "rejected_steps": int(out.stats["num_rejected_steps"]),

@@ -175,8 +175,8 @@ def test_the_computation_asks_the_agents_the_traffic_table_counts(procedure, gui
     if guided:
         agg = aggregators.guided(agg, 2.0, 10)
     dense, sparse = _samplers(agg, guided)
-    assert sample_lib.agents_asked(sparse, K) == communication.agents_asked(name, settings, K)
-    assert sample_lib.agents_asked(dense, K) == K
+    assert sparse.agents_asked(K) == communication.agents_asked(name, settings, K)
+    assert dense.agents_asked(K) == K
 
 
 @pytest.mark.parametrize("procedure", ["route", "label_prior:top_k=1"])
