@@ -11,7 +11,7 @@ from fedinf_jax import pipeline, pretrained, provenance, sample_lib, train_lib
 from fedinf_jax.evaluation import classifier
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "cpu"
-FEDERATIONS = ("control", "heterogeneous")
+FEDERATIONS = tuple(reproduce_config.REGIME_FILES)  # control, homogeneous, heterogeneous
 CONFIG = reproduce_config.get_config("cpu")
 
 
