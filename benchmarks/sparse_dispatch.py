@@ -42,7 +42,6 @@ def main(argv):
 
     from configs import base
     from fedinf_jax import (
-        aggregators,
         data,
         runtime,
         sample_lib,
@@ -70,10 +69,7 @@ def main(argv):
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
     samplers = {}
     for procedure in MEMBERS:
-        name, settings = sample_lib.parse_procedure(procedure)
-        section = aggregators.config_section(name)
-        if settings:
-            section[name].update(settings)
+        section = sample_lib.with_procedure(config, procedure).aggregator
         member = sample_lib.make_aggregator(
             section, counts, k, comp, "sde", 2.0 if FLAGS.guided else 1.0, None
         )

@@ -112,9 +112,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # sweep.json and sweep.png. Each seed draws the partition and the training anew.
     config.sweep = ml_collections.ConfigDict()
     config.sweep.partitions = _SWEEPS.get(modifier, ())
-    config.sweep.title = _SWEEP_TITLES.get(
-        modifier, _SWEEP_TITLES[""]
-    )  # report.md's section and sweep.png's title
+    # report.md's section and sweep.png's title
+    config.sweep.title = _SWEEP_TITLES.get(modifier, _SWEEP_TITLES[""])
     config.sweep.seeds = (0, 1, 2)
     config.sweep.num_agents = 10
     config.sweep.procedures = ("mean", "label_prior", "superdiff_or", "route")

@@ -442,11 +442,11 @@ def check_outputs(config, outdir: str, recompute: bool = False) -> None:
     clf_dir = classifier_dir(config, outdir)
     classifier.check_reuse(classifier_config(config), clf_dir, recompute and not shipped)
     for regime in all_regimes(config):
-        cfg = regime_config(config, regime)
-        step = train_lib.check_workdir(cfg, run_dir(config, outdir, regime))
+        cfg, workdir = regime_config(config, regime), run_dir(config, outdir, regime)
+        step = train_lib.check_workdir(cfg, workdir)
         if shipped and step != cfg.train.num_steps:
             raise errors.ConfigError(
-                f"the shipped run {run_dir(config, outdir, regime)} is trained to step {step}, "
+                f"the shipped run {workdir} is trained to step {step}, "
                 f"the config asks for train.num_steps = {cfg.train.num_steps}"
             )
         for kind, make_config in (("samples", regime_config), ("claims", claim_config)):

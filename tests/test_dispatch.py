@@ -167,9 +167,7 @@ def test_the_computation_asks_the_agents_the_traffic_table_counts(procedure, gui
     """The agents the sampler evaluates per sample (what it computes) are the communication
     table's agents asked (what a deployment would send)."""
     name, settings = sample_lib.parse_procedure(procedure)
-    section = aggregators.config_section(name)
-    if settings:
-        section[name].update(settings)
+    section = sample_lib.with_procedure(base.get_config("smoke"), procedure).aggregator
     counts = aggregators.with_null_class(COUNTS) if guided else COUNTS
     agg = aggregators.from_config(section, counts, K, VPSDE(), "sde")
     if guided:
