@@ -15,9 +15,14 @@ agent's parameters on its samples; a tile past the last one in use is skipped (`
 The scores are scattered back to the dense (agents, batch, ...) layout with zeros for the pairs
 not asked, which the member weights by zero, so ``aggregate`` is unchanged.
 
-The tile size is the mean group, ceil(P / K): with balanced groups (each digit's owner under
-``label_prior:top_k=1`` on the heterogeneous split) every agent fills one tile, and the solve
-costs P network evaluations instead of K x B.
+The layout (measured on the 2-core CPU, docs/performance.md "Sparse dispatch"): tiles of half
+the mean group, ceil(P / 2K), evaluated two per step of the loop. Two independent tiles per step
+run side by side on the CPU's threads, as the dense path's unrolled agents do (one small tile at
+a time leaves a core idle); half tiles waste less on unequal groups (``route``'s draws give
+groups of 7-14 for a mean of 10: about 125 slots for 100 pairs against 150 with whole-mean
+tiles). With balanced groups (each digit's owner under ``label_prior:top_k=1`` on the
+heterogeneous split) every agent fills its two tiles, and the solve costs P network evaluations
+instead of K x B.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from fedinf_jax.agents import num_agents_of
 from fedinf_jax.types import AgentParams, Array
 
 
-def tile_size(num_pairs: int, num_agents: int) -> int:
-    """Slots per tile: the mean group size ceil(P / K), at least 1."""
-    return max(1, -(-num_pairs // num_agents))
+def tile_size(num_pairs: int, num_groups: int) -> int:
+    """Slots per tile: the mean of ``num_groups`` groups, ceil(P / groups), at least 1."""
+    return max(1, -(-num_pairs // num_groups))
 
 
 def num_tiles(num_pairs: int, num_agents: int, tile: int) -> int:
@@ -41,22 +46,35 @@ def num_tiles(num_pairs: int, num_agents: int, tile: int) -> int:
     return -(-(num_pairs + num_agents * (tile - 1)) // tile)
 
 
-def grouped(score_fn: Callable) -> Callable:
+def grouped(score_fn: Callable, tiles_per_group: int = 2, side_by_side: int = 2) -> Callable:
     """Lifts a single-agent ``score_fn(params, x, t, y) -> (batch, ...)`` to
     ``(stacked params, x, t, y, agent_index, offset=0) -> (agents, batch, ...)``, evaluating
-    agent i only on the samples whose column of ``agent_index`` (m, batch) names it.
+    agent i only on the samples whose column of ``agent_index`` (m, batch) names it, in tiles
+    of 1 / ``tiles_per_group`` of the mean group, ``side_by_side`` tiles per step of the loop
+    (the tile count rounded up to a multiple of it).
 
     ``agent_index`` holds agent numbers; ``offset`` is the number of the params' first agent (a
     device's share of a mesh), so that entries outside [offset, offset + K) are other devices'
-    pairs and are not evaluated here. Entries not asked come back as zeros.
+    pairs and are not evaluated here, and ``total_agents`` the federation's K when the params
+    hold a share of it (the tile is the federation's mean group; default: the params' K).
+    Entries not asked come back as zeros.
     """
 
-    def scores(params: AgentParams, x: Array, t: Array, y: Array, agent_index, offset=0):
+    def scores(
+        params: AgentParams,
+        x: Array,
+        t: Array,
+        y: Array,
+        agent_index,
+        offset=0,
+        total_agents: int | None = None,
+    ):
         k = num_agents_of(params)
         m, b = agent_index.shape
         pairs = m * b
-        tile = tile_size(pairs, k)
-        tiles = num_tiles(pairs, k, tile)
+        g = side_by_side
+        tile = tile_size(pairs, (total_agents or k) * tiles_per_group)
+        tiles = -(-num_tiles(pairs, k, tile) // g) * g
         slots = tiles * tile
         agent = agent_index.reshape(-1).astype(jnp.int32) - offset  # (P,) local numbers
         sample = jnp.tile(jnp.arange(b), m)
@@ -80,15 +98,18 @@ def grouped(score_fn: Callable) -> Callable:
             own = jax.tree.map(lambda leaf: leaf[jnp.minimum(tile_agent[i], k - 1)], params)
             return score_fn(own, x[s], t[s], y[s])
 
-        shape = jax.eval_shape(one_tile, 0)
+        def one_step(j):  # g tiles, independent, so that they run side by side
+            return jnp.stack([one_tile(j * g + r) for r in range(g)])
+
+        shape = jax.eval_shape(one_step, 0)
         out = jax.lax.map(
-            lambda i: jax.lax.cond(
-                i < used, one_tile, lambda _: jnp.zeros(shape.shape, shape.dtype), i
+            lambda j: jax.lax.cond(
+                j * g < used, one_step, lambda _: jnp.zeros(shape.shape, shape.dtype), j
             ),
-            jnp.arange(tiles),
-        ).reshape(slots, *shape.shape[1:])
+            jnp.arange(tiles // g),
+        ).reshape(slots, *shape.shape[2:])
         slot_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set(jnp.minimum(slot, slots - 1))
-        dense = jnp.zeros((k, b, *shape.shape[1:]), shape.dtype)
+        dense = jnp.zeros((k, b, *shape.shape[2:]), shape.dtype)
         return dense.at[agent, sample].set(out[slot_of_pair], mode="drop")
 
     return scores

@@ -387,8 +387,8 @@ def build_sampler(
     """The federation's sampler: its agents' scores through the configured agent-axis strategy,
     the configured aggregator and solver (or ``spec``, and the ``procedure`` (``parse_procedure``:
     a member's name, with settings after a colon) over the config's). A member that declares
-    ``dispatch`` asks only its agents (``fedinf_jax.dispatch``) unless ``sparse`` is False or
-    the agents are on a mesh.
+    ``dispatch`` asks only its agents (``fedinf_jax.dispatch``; on a mesh, each device its own
+    agents' pairs) unless ``sparse`` is False.
 
     Raises:
       ValueError: an unknown solver, method or aggregator, or settings out of range.
@@ -408,8 +408,8 @@ def build_sampler(
         guide,
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
-    # Only the pairs a sparse member names (``dispatch``); on a mesh every agent is evaluated.
-    grouped = grouped_score_fn(comp) if sparse and agent_mesh is None else None
+    # Only the pairs a sparse member names (``dispatch``).
+    grouped = grouped_score_fn(comp, agent_mesh) if sparse else None
     if guidance != 1 and guide is None:  # the guide's scores: the params' second K agents
         scores = with_null_label(scores, null_label(comp.model))
         grouped = grouped and with_null_label(grouped, null_label(comp.model))
@@ -424,11 +424,20 @@ def build_sampler(
     )
 
 
-def grouped_score_fn(components: train_lib.ScoreComponents):
+def grouped_score_fn(
+    components: train_lib.ScoreComponents, agent_mesh: sharding.AgentMesh | None = None
+):
     """``(stacked params, x, t, y, agent_index) -> (agents, batch, ...)``: the scores of the
     (agent, sample) pairs ``agent_index`` (m, batch) names, zeros elsewhere
-    (``fedinf_jax.dispatch``)."""
-    return dispatch.grouped(make_score_fn(components.model, components.sde, components.param))
+    (``fedinf_jax.dispatch``); on ``agent_mesh``, each device evaluates its own agents' pairs
+    and the padding agents are dropped."""
+    grouped = dispatch.grouped(make_score_fn(components.model, components.sde, components.param))
+    if agent_mesh is None:
+        return grouped
+    lifted = sharding.over_sharded_pairs(grouped, agent_mesh)
+    return lambda params, x, t, y, agent_index: sharding.first_agents(
+        lifted(params, x, t, y, agent_index), agent_mesh.num_agents
+    )
 
 
 def agent_score_fn(

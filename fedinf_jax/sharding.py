@@ -203,6 +203,30 @@ def over_sharded_agents(
     return jax.shard_map(local, mesh=agent_mesh.mesh, in_specs=in_specs, out_specs=out_specs)
 
 
+def over_sharded_pairs(grouped_fn: Callable, agent_mesh: AgentMesh) -> Callable:
+    """Lifts ``dispatch.grouped``'s ``(params, x, t, y, agent_index, offset, total_agents)`` to
+    the mesh: ``(params, x, t, y, agent_index) -> (padded agents, batch, ...)``, each device
+    evaluating only the pairs that name its own agents, on its slice of the batch (and of
+    ``agent_index``'s (m, batch) columns), so that parameters never move and only scores leave a
+    device. Call it inside ``jit``; ``params`` hold ``padded_agents``."""
+    per_device = agent_mesh.padded_agents // agent_mesh.agent_shards
+
+    def local(params, x, t, y, agent_index):
+        offset = jax.lax.axis_index(AGENTS) * per_device
+        return grouped_fn(params, x, t, y, agent_index, offset, agent_mesh.num_agents)
+
+    in_specs = (P(AGENTS), P(BATCH), P(BATCH), P(BATCH), P(None, BATCH))
+    # check_vma=False: a skipped tile's zeros (``lax.cond``'s other branch) are the same on
+    # every device, the evaluated tile's scores vary; the output is device-varying either way.
+    return jax.shard_map(
+        local,
+        mesh=agent_mesh.mesh,
+        in_specs=in_specs,
+        out_specs=P(AGENTS, BATCH),
+        check_vma=False,
+    )
+
+
 def _leaf_sharding(leaf, agent_mesh: AgentMesh) -> NamedSharding:
     """Stacked leaves split along ``agents``; scalars (the step counter) replicated."""
     return agent_mesh.sharding(AGENTS) if len(leaf.shape) else agent_mesh.sharding()

@@ -167,6 +167,37 @@ def test_sharded_guided_sampling_equals_one_device(num_agents=3, agent_shards=2)
     np.testing.assert_allclose(out.images, ref.images, rtol=1e-5, atol=1e-5)
 
 
+def test_sharded_sparse_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):
+    """Sparse dispatch on the mesh (each device evaluates only the pairs that name its own
+    agents, on its slice of the batch): ``route`` and ``label_prior:top_k=2``, K = 3 padded to 4
+    on a 2 x 2 mesh, give the single device's dense samples; the compiled routed evaluation
+    keeps every parameter on its device and sums the scores across devices."""
+    config = micro_config()
+    config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
+    config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
+    agent_mesh = sharding.make_mesh(config.mesh, num_agents)
+    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    single = _federation(comp, config, num_agents, None)
+    sharded = _federation(comp, config, num_agents, agent_mesh)
+    for procedure in ("route", "label_prior:top_k=2"):
+        dense = sample_lib.build_sampler(single, procedure=procedure, sparse=False)
+        sparse = sample_lib.build_sampler(sharded, procedure=procedure)
+        assert sparse.score.sparse, procedure
+        ref = dense(single.params, keys, y)
+        out = sparse(sharded.params, keys, y)
+        np.testing.assert_allclose(out.images, ref.images, rtol=1e-5, atol=1e-5, err_msg=procedure)
+
+    grouped = sample_lib.grouped_score_fn(comp, agent_mesh)
+    x, t = jnp.zeros((4, 28, 28, 1)), jnp.full((4,), 0.5)
+    agent_index = jnp.array([[0, 2, 1, 2]])
+    compiled = jax.jit(lambda p: grouped(p, x, t, y, agent_index).sum(0)).lower(sharded.params)
+    compiled = compiled.compile()
+    assert {s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])} == {P("agents")}
+    hlo = compiled.as_text()
+    assert re.search(r"all-reduce(-start)?\(", hlo)
+    assert not re.search(r"all-gather|all-to-all|collective-permute", hlo)
+
+
 def test_only_the_aggregate_crosses_devices(comp):
     """The compiled score evaluation takes every parameter split along ``agents`` and, under
     ``mean``, reduces the agents' scores across devices (an all-reduce of one score per image)

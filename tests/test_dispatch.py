@@ -44,12 +44,15 @@ def gaussian_score(sde):
     return score
 
 
-def test_grouped_equals_dense_on_the_pairs_it_asks_and_zero_elsewhere():
+@pytest.mark.parametrize("layout", [(2, 2), (1, 1), (1, 3)])
+def test_grouped_equals_dense_on_the_pairs_it_asks_and_zero_elsewhere(layout):
     """Any assignment: several agents per sample, empty groups, one agent taking every sample
-    (its group spans several tiles), pairs of other devices (outside the offset's range)."""
+    (its group spans several tiles), pairs of other devices (outside the offset's range); for
+    the default layout (tiles of half the mean group, two per step), whole-mean tiles one per
+    step, and three per step (the tile count rounded up to a multiple of three)."""
     score = gaussian_score(VPSDE())
     dense = agents.over_agents(score, "vmap", (0, None, None, None))
-    grouped = jax.jit(dispatch.grouped(score), static_argnums=5)
+    grouped = jax.jit(dispatch.grouped(score, *layout), static_argnums=5)
     b = 12
     x = jax.random.normal(jax.random.key(0), (b, 2))
     t = jnp.linspace(0.1, 0.9, b)
