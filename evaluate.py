@@ -14,8 +14,8 @@ import os
 
 from absl import app, flags
 
-from fedinf_jax import data, files, pipeline, runtime
-from fedinf_jax.evaluation import report
+from fedinf_jax import data, files, runtime
+from fedinf_jax.evaluation import report, sample_sets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
@@ -27,14 +27,14 @@ flags.mark_flags_as_required(["classifier"])
 
 
 def evaluate(classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist) -> dict[str, dict]:
-    """Each sample set's metrics (``pipeline.evaluate_sample_dir``), also written to its
+    """Each sample set's metrics (``sample_sets.evaluate_sample_dir``), also written to its
     ``metrics.json``. Every folder is checked before anything is computed or written."""
     for sample_dir in sample_dirs:
-        pipeline.check_sample_dir(sample_dir)
-    clf, real_features = pipeline.load_evaluator(classifier_dir, mnist)
+        sample_sets.check_sample_dir(sample_dir)
+    clf, real_features = sample_sets.load_evaluator(classifier_dir, mnist)
     results = {}
     for sample_dir in sample_dirs:
-        results[sample_dir] = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
+        results[sample_dir] = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
         files.write_json(
             os.path.join(sample_dir, "metrics.json"),
             dict(results[sample_dir], classifier=classifier_dir),

@@ -25,7 +25,7 @@ import sys
 from absl import app, flags, logging
 
 from configs import reproduce as reproduce_config
-from fedinf_jax import pipeline, pretrained, runtime, train_lib
+from fedinf_jax import pipeline, pretrain_lib, runtime, train_lib
 from fedinf_jax.evaluation import classifier
 
 FLAGS = flags.FLAGS
@@ -59,7 +59,7 @@ def main(argv):
     command = shlex.join(["python", *sys.argv])
     if FLAGS.check_steps > 0:
         checked = [
-            pretrained.check_first_steps(os.path.join(dest, name), FLAGS.check_steps)
+            pretrain_lib.check_first_steps(os.path.join(dest, name), FLAGS.check_steps)
             for name in FLAGS.runs
             if name != "classifier"
         ]
@@ -69,7 +69,7 @@ def main(argv):
         if name == "classifier":
             classifier.train_classifier(pipeline.classifier_config(config), source)
             record = {"command": command}
-            manifest = pretrained.export_classifier(source, target, FLAGS.preset, record)
+            manifest = pretrain_lib.export_classifier(source, target, FLAGS.preset, record)
         else:
             cfg = pipeline.regime_config(config, name)
             if (train_lib.check_workdir(cfg, source) or 0) < cfg.train.num_steps:
@@ -80,7 +80,7 @@ def main(argv):
                 "train_command": f"python train.py --config=configs/{file}.py:{FLAGS.preset} "
                 f"--workdir={source}",
             }
-            manifest = pretrained.export_federation(source, target, FLAGS.preset, name, record)
+            manifest = pretrain_lib.export_federation(source, target, FLAGS.preset, name, record)
         logging.info(
             "shipped %s: %s (%d files, arrays %s)",
             name,

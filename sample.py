@@ -12,7 +12,8 @@
 --workdir is a train.py run: its checkpoint fixes what was trained (seed, data, model, SDE,
 partition, training recipe); the config's ``sampler`` and ``aggregator`` sections
 (configs/base.py documents every field) choose how to sample (aggregators: mean weighted
-label_prior schedule median trimmed_mean superdiff_or superdiff_and; a member's settings are
+label_prior schedule median trimmed_mean superdiff_or route superdiff_and, and whatever else
+registers in fedinf_jax.aggregators.AGGREGATORS; a member's settings are
 --config.aggregator.MEMBER.SETTING). A bad setting, a trained-section flag that contradicts the
 run, or a checkpoint that cannot be read stops with one line, "error: ...", exit status 2.
 

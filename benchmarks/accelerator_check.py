@@ -132,7 +132,7 @@ def _train_part(sizes, within, peaks) -> dict:
     import jax
     import timing
 
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs, train_lib
     from fedinf_jax.input_pipeline import synthetic_batch
 
     preset, k, batch = sizes
@@ -143,9 +143,9 @@ def _train_part(sizes, within, peaks) -> dict:
             continue
         config = model_config(preset)
         config.model.dtype = dtype
-        comp = train_lib.resolve(config)
+        comp = runs.resolve(config)
         b = batch or config.train.batch_size
-        params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+        params = runs.init_agents(comp.model, k, runs.make_key(0))
         state = train_lib.create_train_state(params, comp.tx)
         data = synthetic_batch(k, b)
         key = jax.random.key(0)
@@ -189,11 +189,11 @@ def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:
     import jax.numpy as jnp
     import timing
 
-    from fedinf_jax import sampling, train_lib
+    from fedinf_jax import runs, sampling
 
     config = model_config(preset)
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     sampler = _sampler(comp, strategy, steps)
     keys, labels = sampling.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
     first_s, sample_s = timing.time_calls(
@@ -214,7 +214,7 @@ def _agent_axis_part(sizes, within) -> dict:
     import federated_score
     import timing
 
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs
 
     preset, k, n, steps = sizes
     out = {}
@@ -224,7 +224,7 @@ def _agent_axis_part(sizes, within) -> dict:
             continue
         config = model_config(preset)
         config.agent_axis.score = strategy
-        score = federated_score.build(train_lib.resolve(config), k, n)
+        score = federated_score.build(runs.resolve(config), k, n)
         first_s, score_s = timing.time_calls(score, FLAGS.repeats)
         out[strategy] = {
             "score_first_call_s": round(first_s, 2),
@@ -265,13 +265,13 @@ def _sharded_part(sizes, within) -> dict:
     import ml_collections
     import numpy as np
 
-    from fedinf_jax import sampling, sharding, train_lib
+    from fedinf_jax import runs, sampling, sharding
 
     if jax.device_count() < 2:
         return {"status": f"skipped: {jax.device_count()} device"}
     preset, k, n, steps = sizes
-    comp = train_lib.resolve(model_config(preset))
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    comp = runs.resolve(model_config(preset))
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     keys, labels = sampling.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
     single = _sampler(comp, "vmap", steps).solve(params, keys, labels).images
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"agents": 0, "batch": 1}), k)

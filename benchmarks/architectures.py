@@ -22,7 +22,7 @@ from absl import app, flags
 from candidates import CANDIDATES, candidate
 
 from configs import base
-from fedinf_jax import train_lib
+from fedinf_jax import runs, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 
 FLAGS = flags.FLAGS
@@ -45,9 +45,9 @@ def candidate_config(name: str):
 
 def measure(name: str) -> dict:
     config = candidate_config(name)
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     k, b = FLAGS.num_agents, FLAGS.batch_size
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     state = train_lib.create_train_state(params, comp.tx)
     batch = synthetic_batch(k, b)
     key = jax.random.key(0)
@@ -71,7 +71,7 @@ def measure(name: str) -> dict:
     return {
         "candidate": name,
         "model": config.model.to_dict(),
-        "parameters_per_agent": train_lib.count_params(params) // k,
+        "parameters_per_agent": runs.count_params(params) // k,
         "gflop_per_image": flops / (k * b) / 1e9,
         "step_s": step_s,
         "images_per_s": k * b / step_s,

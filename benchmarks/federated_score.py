@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax import data, sample_lib, train_lib
+from fedinf_jax import data, runs, sample_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +23,8 @@ class FederatedScore:
         return self.federated(self.params, *self.args)
 
 
-def build(comp: train_lib.Components, k: int, b: int) -> FederatedScore:
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+def build(comp: runs.Components, k: int, b: int) -> FederatedScore:
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     lifted = sample_lib.agent_score_fn(comp)
     federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
     x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))

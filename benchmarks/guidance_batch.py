@@ -21,7 +21,7 @@ import timing
 from absl import app, flags
 
 from configs import base
-from fedinf_jax import data, federated_score, runtime, sample_lib, train_lib
+from fedinf_jax import data, federated_score, runs, runtime, sample_lib
 from fedinf_jax.score import null_label
 
 FLAGS = flags.FLAGS
@@ -37,8 +37,8 @@ def variants(k: int, b: int) -> tuple[dict, tuple]:
     """{name: jitted (params, x, t, y) -> scores} and the arguments."""
     config = base.get_config(FLAGS.preset)
     config.train.label_dropout = 0.1  # the model with the null label
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     lifted = sample_lib.agent_score_fn(comp)
     null = null_label(comp.model)
     doubled = federated_score.with_null_label(lifted, null)

@@ -15,7 +15,8 @@ posterior weights are a martingale: their mean stays the prior).
 import numpy as np
 from absl import app, flags
 
-from fedinf_jax import pipeline, runtime
+from fedinf_jax import runtime
+from fedinf_jax.evaluation import sample_sets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("classifier", None, "The classifier/ folder of a reproduce.py run.")
@@ -24,9 +25,9 @@ flags.mark_flags_as_required(["classifier"])
 
 def main(argv):
     runtime.setup()
-    clf = pipeline.require_classifier(FLAGS.classifier)
+    clf = sample_sets.require_classifier(FLAGS.classifier)
     for sample_dir in argv[1:]:
-        npz, _ = pipeline.check_sample_dir(sample_dir)
+        npz, _ = sample_sets.check_sample_dir(sample_dir)
         with np.load(npz) as f:
             if "trajectory_weights" not in f:
                 raise SystemExit(f"{sample_dir}: no trajectory_weights (sampler.save_trajectory)")

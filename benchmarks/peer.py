@@ -114,14 +114,14 @@ def euler_mean_sampler(lifted, comp, steps: int, num_agents: int | None = None):
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     import federated_score
 
-    from fedinf_jax import sampling, train_lib
+    from fedinf_jax import runs, sampling
 
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     score = federated_score.build(comp, k, b)
     params, (_, _, y) = score.params, score.args
     first_s, score_s = timing.time_calls(lambda: score().block_until_ready(), repeats)
     result = {
-        "params_per_agent": train_lib.count_params(params) // k,
+        "params_per_agent": runs.count_params(params) // k,
         "strategy": comp.score_strategy,
         "map_unroll": comp.map_unroll,
         "dtype": config.model.dtype,

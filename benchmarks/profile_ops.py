@@ -42,9 +42,9 @@ def main(argv):
     import jax
 
     from configs import base
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs
 
-    comp = train_lib.resolve(base.get_config(FLAGS.preset))
+    comp = runs.resolve(base.get_config(FLAGS.preset))
     k, b = FLAGS.num_agents, FLAGS.batch
     score = federated_score.build(comp, k, b)
     names = op_names(score.federated.lower(score.params, *score.args).compile().as_text())

@@ -31,8 +31,8 @@ from candidates import candidate
 
 from configs import classifier as classifier_config
 from configs import control
-from fedinf_jax import data, files, pipeline, runtime, sample_lib, train_lib
-from fedinf_jax.evaluation import classifier
+from fedinf_jax import data, files, runs, runtime, sample_lib, train_lib
+from fedinf_jax.evaluation import classifier, sample_sets
 
 # Each recipe: the config overrides it applies to the preset (dotted keys; "architecture" names a
 # U-Net of candidates.py, whose model overrides apply). "baseline" spells out
@@ -188,7 +188,7 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
         if FLAGS.report_only and not os.path.exists(metrics_path):
             continue
         guidance = SAMPLERS[sampler].get("guidance", 1.0)
-        if guidance != 1 and not train_lib.guidable(config):
+        if guidance != 1 and not runs.guidable(config):
             logging.info("%s: no null label in recipe %s, not guided", sampler, recipe)
             continue
         if os.path.exists(metrics_path):
@@ -198,7 +198,7 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
             config.sampler.update(SAMPLERS[sampler])
             config.sampler.num_per_class = FLAGS.per_class
             sample_dir = sample_lib.run(config, workdir, os.path.dirname(metrics_path))
-            metrics = pipeline.evaluate_sample_dir(clf, real_features, sample_dir)
+            metrics = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
             files.write_json(metrics_path, metrics)
         keep = ("accuracy", "noise_rate", "fid", "num_samples", "score_evaluations")
         rows.append(

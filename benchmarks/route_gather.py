@@ -45,14 +45,14 @@ def main(argv):
     import timing
 
     from configs import base
-    from fedinf_jax import agents, aggregators, data, runtime, sample_lib, train_lib
+    from fedinf_jax import agents, aggregators, data, runs, runtime, sample_lib
     from fedinf_jax.score import make_score_fn
 
     runtime.setup()
     config = base.get_config(FLAGS.preset)
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     k, b = FLAGS.num_agents, FLAGS.batch
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
     t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
     counts = np.full((k, 10), 1.0)

@@ -30,7 +30,16 @@ from absl import app, flags
 from candidates import CANDIDATES, candidate
 
 from configs import base
-from fedinf_jax import agents, aggregators, data, reverse, sample_lib, sampling, solvers, train_lib
+from fedinf_jax import (
+    agents,
+    aggregators,
+    data,
+    reverse,
+    runs,
+    sample_lib,
+    sampling,
+    solvers,
+)
 from fedinf_jax.score import make_score_fn
 
 FLAGS = flags.FLAGS
@@ -98,14 +107,14 @@ def _paper_loop(comp, params, keys, labels, steps, sampler):
 
 def throughput(config):
     k, b, steps = FLAGS.num_agents, FLAGS.batch, FLAGS.steps
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     keys = sampling.sample_keys(0, b)
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
     model = " ".join(filter(None, (FLAGS.preset, FLAGS.candidate)))
     print(
         f"part 1: backend {jax.default_backend()}, preset {model}, K={k}, batch {b}, "
-        f"{steps} Euler ODE steps, {train_lib.count_params(params) // k:,} parameters per agent",
+        f"{steps} Euler ODE steps, {runs.count_params(params) // k:,} parameters per agent",
         flush=True,
     )
     results = {}

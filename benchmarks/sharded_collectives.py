@@ -64,16 +64,16 @@ def main(argv):
     import numpy as np
 
     from configs import base
-    from fedinf_jax import aggregators, sample_lib, sharding, train_lib
+    from fedinf_jax import aggregators, runs, sample_lib, sharding
 
     config = base.get_config("cpu")
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     k, b = FLAGS.num_agents, FLAGS.batch
     agent_mesh = sharding.make_mesh(config.mesh, k)
     print(agent_mesh.describe())
     print(f"U-Net {tuple(config.model.block_out_channels)}, batch {b} images of 28x28x1")
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
-    per_device = train_lib.count_params(params) // k * agent_mesh.padded_agents // FLAGS.devices
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
+    per_device = runs.count_params(params) // k * agent_mesh.padded_agents // FLAGS.devices
     print(f"parameters per device (never communicated): {per_device:,}")
     params = sharding.to_mesh(params, agent_mesh)
     score_fn = sample_lib.agent_score_fn(comp, "map", agent_mesh)

@@ -43,11 +43,11 @@ def main(argv):
     from configs import base
     from fedinf_jax import (
         data,
+        runs,
         runtime,
         sample_lib,
         sampling,
         solvers,
-        train_lib,
     )
     from fedinf_jax.federated_score import with_null_label
     from fedinf_jax.score import null_label
@@ -55,9 +55,9 @@ def main(argv):
     runtime.setup()
     config = base.get_config(FLAGS.preset)
     config.sampler.num_steps, config.sampler.progress = FLAGS.steps, False
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     k, b = FLAGS.num_agents, FLAGS.batch
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     counts = np.full((k, 10), 1.0)
     counts[np.arange(10) % k, np.arange(10)] = 9.0  # the owner of digit y: 9 / 18 = 1/2
     spec = solvers.SolverSpec.from_config(config.sampler, comp.sde)

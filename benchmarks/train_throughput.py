@@ -15,7 +15,7 @@ import timing
 from absl import app, flags
 
 from configs import base
-from fedinf_jax import agents, train_lib
+from fedinf_jax import agents, runs, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_loss_fn
 
@@ -38,14 +38,14 @@ def main(_):
     config = base.get_config(FLAGS.preset)
     k = FLAGS.num_agents
     b = FLAGS.batch_size or config.train.batch_size
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, k, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, k, runs.make_key(0))
     batch = synthetic_batch(k, b)
     key = jax.random.key(0)
     loss_fn = make_loss_fn(comp.model, comp.sde, param=comp.param)
     print(
         f"backend {jax.default_backend()}, preset {FLAGS.preset}, K={k}, batch {b}/agent, "
-        f"{train_lib.count_params(params) // k:,} parameters per agent",
+        f"{runs.count_params(params) // k:,} parameters per agent",
         flush=True,
     )
 

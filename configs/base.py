@@ -22,25 +22,30 @@ Modifiers follow the preset after commas, e.g. ``--config=configs/hetero.py:cpu,
   no final denoising step.
 """
 
+import dataclasses
+
 import ml_collections
 
-from fedinf_jax import aggregators
+from fedinf_jax import aggregators, solvers
 
 PRESETS = ("smoke", "demo", "cpu", "paper")
 MODIFIERS = ("paper_sampler",)
 DEFAULT_PRESET = "cpu"
 
 
-def parse_preset(preset: str | None) -> tuple[str, tuple[str, ...]]:
-    """``"cpu,paper_sampler"`` -> ("cpu", ("paper_sampler",)); an empty preset is the default."""
-    name, *modifiers = (preset or "").split(",")
+def parse_preset(
+    preset: str | None, modifiers: tuple[str, ...] = MODIFIERS
+) -> tuple[str, tuple[str, ...]]:
+    """``"cpu,paper_sampler"`` -> ("cpu", ("paper_sampler",)); an empty preset is the default.
+    ``modifiers``: the valid ones (a config file's own, e.g. configs/reproduce.py's)."""
+    name, *given = (preset or "").split(",")
     name = name or DEFAULT_PRESET
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {list(PRESETS)}")
-    for m in modifiers:
-        if m not in MODIFIERS:
-            raise ValueError(f"unknown preset modifier {m!r}; valid: {list(MODIFIERS)}")
-    return name, tuple(modifiers)
+    for m in given:
+        if m not in modifiers:
+            raise ValueError(f"unknown preset modifier {m!r}; valid: {list(modifiers)}")
+    return name, tuple(given)
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -151,27 +156,28 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # sde: euler (Euler-Maruyama, the Ito solver) heun euler_heun milstein reversible_heun sea
     # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive).
     config.sampler.solver = "euler"
-    config.sampler.num_steps = 100  # constant steps (adaptive = False)
-    config.sampler.adaptive = False  # PIDController(rtol, atol) instead of constant steps
-    config.sampler.rtol = 1e-3
-    config.sampler.atol = 1e-3
+    # The solver settings' defaults are the library's (fedinf_jax.solvers.SolverSpec, RootFinder).
+    spec = solvers.SolverSpec
+    config.sampler.num_steps = spec.num_steps  # constant steps (adaptive = False)
+    config.sampler.adaptive = spec.adaptive  # PIDController(rtol, atol) instead of constant steps
+    config.sampler.rtol = spec.rtol
+    config.sampler.atol = spec.atol
     # adaptive: give up after this many steps; constant steps: at most this many (their grid is
     # padded to max_steps + 1 times, an input of one compiled solve for every budget)
-    config.sampler.max_steps = 4096
+    config.sampler.max_steps = spec.max_steps
     # The implicit solvers' stage equations: Newton's method, its linear systems solved by
     # matrix-free GMRES (fedinf_jax.solvers.RootFinder); a step whose Newton iteration has not
     # converged within max_steps fails (adaptive steps: rejected and shortened).
-    config.sampler.root_finder = ml_collections.ConfigDict(
-        {"rtol": 1e-5, "atol": 1e-5, "max_steps": 10, "gmres_max_steps": 50}
-    )
-    config.sampler.t_end = 1e-3  # stop the reverse process here (score_sde's eps)
+    config.sampler.root_finder = ml_collections.ConfigDict(dataclasses.asdict(solvers.RootFinder()))
+    config.sampler.t_end = spec.t_end  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
     # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/solvers.py, tau_grid.
-    config.sampler.schedule = "uniform"
+    config.sampler.schedule = spec.schedule
     # The SDE's Brownian paths (fedinf_jax.solvers.BROWNIAN): "auto" (per-step draws for constant
     # steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the steps).
-    config.sampler.brownian = "auto"
-    config.sampler.denoise = True  # a final Tweedie step x0 = (x + std^2 s) / alpha at t_end
+    config.sampler.brownian = spec.brownian
+    # A final Tweedie step x0 = (x + std^2 s) / alpha at t_end.
+    config.sampler.denoise = spec.denoise
     # Classifier-free guidance w (Ho and Salimans 2022): s = s_null + w (s_y - s_null), the
     # federation's unconditional score s_null aggregated like its conditional one (at the null
     # label, whose prior is the label-free one; aggregators.guided). 1: unguided; > 1 needs agents
@@ -187,7 +193,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.batch_size = 100  # samples per jitted solve (memory bound)
     config.sampler.use_ema = True  # sample with the agents' EMA parameters
     config.sampler.seed = 0
-    config.sampler.save_trajectory = 0  # > 0: also save the reverse process at this many times
+    # > 0: also save the reverse process at this many times.
+    config.sampler.save_trajectory = spec.save_trajectory
     config.sampler.checkpoint_step = -1  # -1: the latest checkpoint
     config.sampler.progress = True  # a solver progress bar (Diffrax's TqdmProgressMeter)
 
@@ -283,7 +290,5 @@ def for_regime(preset: str | None, partition: str, num_agents: int) -> ml_collec
     config.partition.name = partition
     smoke = config.preset == "smoke"
     config.partition.num_agents = min(num_agents, 2) if smoke else num_agents
-    # trimmed_mean must keep an agent: with the smoke preset's 2 agents it trims none.
-    k, trim = config.partition.num_agents, config.aggregator.trimmed_mean
-    trim.trim = min(trim.trim, (k - 1) // 2)
+    aggregators.fit_to_agents(config.aggregator, config.partition.num_agents)
     return config

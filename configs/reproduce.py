@@ -38,15 +38,14 @@ _SWEEP_TITLES = {"": "heterogeneity sweep", "sweep": "heterogeneity sweep", "sca
 # The shipped runs' data: MNIST's first 6,000 training and 1,000 test digits, kept in the
 # repository (data/README.md), so that ``PRESET,shipped`` needs no download.
 SHIPPED_MNIST_DIR = "data/mnist_subset"
-_MODIFIERS = (*_SWEEPS, "shipped")
+_MODIFIERS = (*(m for m in _SWEEPS if m), "shipped")
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    preset, _, modifier = (preset or base.DEFAULT_PRESET).partition(",")
-    if preset not in base.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {list(base.PRESETS)}")
-    if modifier not in _MODIFIERS:
-        raise ValueError(f"unknown modifier {modifier!r}; valid: {[m for m in _MODIFIERS if m]}")
+    preset, modifiers = base.parse_preset(preset, _MODIFIERS)
+    if len(modifiers) > 1:
+        raise ValueError(f"one preset modifier at most, got {list(modifiers)}")
+    modifier = modifiers[0] if modifiers else ""
     config = ml_collections.ConfigDict()
     config.preset = preset
     config.regimes = ("control", "homogeneous", "heterogeneous")

@@ -32,34 +32,90 @@ import jax.numpy as jnp
 
 from fedinf_jax.registry import Registry, check_choice
 
-STRATEGIES: Registry[Callable] = Registry("agent-axis strategy")
-"""Each strategy as it runs inside a trace: ``(call, stacked, map_unroll) -> outputs`` with
-``call(agent_args)`` one agent's function of its slice of the stacked arguments."""
-HOST_STRATEGIES = ("loop",)
-"""Strategies whose lifted function dispatches from Python and must not be wrapped in ``jit``."""
+
+class Strategy:
+    """An agent-axis strategy: how ``over_agents`` runs a single-agent function over K stacked
+    agents. ``traced(call, stacked, map_unroll)`` runs it inside a trace, ``call(agent_args)``
+    being one agent's function of its slice of the stacked arguments. A host strategy
+    (``host = True``) instead dispatches compiled programs from Python when the lifted function
+    is called eagerly (``programs``, ``run_eagerly``), so it must not be wrapped in ``jit``."""
+
+    host = False
+
+    def traced(self, call: Callable, stacked: tuple, map_unroll: int):
+        raise NotImplementedError
+
+
+STRATEGIES: Registry[Strategy] = Registry("agent-axis strategy")
 PURPOSES = ("train", "score")
 
 
-@STRATEGIES.register("vmap")
-def _vmap(call: Callable, stacked: tuple, map_unroll: int):
-    del map_unroll
-    return jax.vmap(call)(stacked)
+class VMap(Strategy):
+    def traced(self, call, stacked, map_unroll):
+        del map_unroll
+        return jax.vmap(call)(stacked)
 
 
-@STRATEGIES.register("map")
-def _map(call: Callable, stacked: tuple, map_unroll: int):
-    return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
+class Map(Strategy):
+    def traced(self, call, stacked, map_unroll):
+        return jax.lax.scan(lambda _, a: (None, call(a)), None, stacked, unroll=map_unroll)[1]
 
 
-@STRATEGIES.register("unroll")
-def _unroll(call: Callable, stacked: tuple, map_unroll: int):
-    del map_unroll
-    return stack_agents([call(agent(stacked, i)) for i in range(num_agents_of(stacked))])
+class Unroll(Strategy):
+    def traced(self, call, stacked, map_unroll):
+        del map_unroll
+        return stack_agents([call(agent(stacked, i)) for i in range(num_agents_of(stacked))])
 
 
-# Called eagerly, ``loop`` dispatches one compiled program per agent (``over_agents``); inside a
-# trace there is no host, and it unrolls.
-STRATEGIES.register("loop", _unroll)
+class Loop(Unroll):
+    """Called eagerly, one compiled program per (function, ``in_axes`` layout) called K times;
+    inside a trace there is no host, and it unrolls (``Unroll``)."""
+
+    host = True
+
+    @staticmethod
+    def programs(fn: Callable, axes: tuple) -> tuple[Callable, Callable]:
+        """The two jitted programs of ``fn`` for one ``in_axes`` layout: one allocates the
+        stacked outputs, the other writes agent i's result into its slot (donated)."""
+
+        def apply(i, args):
+            return fn(*_splice(args, axes, agent(_stacked(args, axes), i)))
+
+        def allocate(args):
+            k = num_agents_of(_stacked(args, axes))
+            shapes = jax.eval_shape(apply, 0, args)
+            return jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
+
+        def into_slot(i, args, out):
+            return jax.tree.map(
+                lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, apply(i, args)
+            )
+
+        return jax.jit(allocate), jax.jit(into_slot, donate_argnums=2)
+
+    @staticmethod
+    def run_eagerly(programs: tuple[Callable, Callable], args: tuple, num_agents: int):
+        allocate, into_slot = programs
+        out = allocate(args)
+        # into_slot's output is committed to a device when any input is: the slots start
+        # committed like the inputs, so that every call has one signature (one compile).
+        committed = next(
+            (
+                leaf
+                for leaf in jax.tree.leaves(args)
+                if isinstance(leaf, jax.Array) and leaf.committed
+            ),
+            None,
+        )
+        if committed is not None:
+            out = jax.device_put(out, committed.sharding)
+        for i in range(num_agents):
+            out = into_slot(i, args, out)
+        return out
+
+
+for _name, _strategy in (("vmap", VMap), ("map", Map), ("unroll", Unroll), ("loop", Loop)):
+    STRATEGIES.register(_name, _strategy())
 
 # Defaults per (backend, purpose), chosen by measurement on XLA:CPU (docs/performance.md);
 # accelerators batch the agents.
@@ -106,28 +162,11 @@ def over_agents(
     Returns:
       A function of the same arguments whose outputs gain a leading ``agents`` axis.
     """
-    run_traced = STRATEGIES.get(strategy)
+    chosen = STRATEGIES.get(strategy)
     if map_unroll < 1:
         raise ValueError(f"map_unroll must be >= 1, got {map_unroll}")
-
-    @functools.cache
-    def loop_programs(axes):
-        """``loop``'s two jitted programs for one ``in_axes`` layout: compiled once each."""
-
-        def apply(i, args):
-            return fn(*_splice(args, axes, agent(_stacked(args, axes), i)))
-
-        def allocate(args):
-            k = num_agents_of(_stacked(args, axes))
-            shapes = jax.eval_shape(apply, 0, args)
-            return jax.tree.map(lambda s: jnp.zeros((k, *s.shape), s.dtype), shapes)
-
-        def into_slot(i, args, out):
-            return jax.tree.map(
-                lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, apply(i, args)
-            )
-
-        return jax.jit(allocate), jax.jit(into_slot, donate_argnums=2)
+    # A host strategy's programs, compiled once per ``in_axes`` layout.
+    programs = functools.cache(lambda axes: chosen.programs(fn, axes))
 
     def lifted(*args):
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
@@ -140,25 +179,9 @@ def over_agents(
             raise ValueError("over_agents needs at least one argument stacked on axis 0")
         k = num_agents_of(stacked)
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stacked))
-        if strategy in HOST_STRATEGIES and not traced:
-            allocate, into_slot = loop_programs(tuple(axes))
-            out = allocate(args)
-            # into_slot's output is committed to a device when any input is: the slots start
-            # committed like the inputs, so that every call has one signature (one compile).
-            committed = next(
-                (
-                    leaf
-                    for leaf in jax.tree.leaves(args)
-                    if isinstance(leaf, jax.Array) and leaf.committed
-                ),
-                None,
-            )
-            if committed is not None:
-                out = jax.device_put(out, committed.sharding)
-            for i in range(k):
-                out = into_slot(i, args, out)
-            return out
-        return run_traced(
+        if chosen.host and not traced:
+            return chosen.run_eagerly(programs(tuple(axes)), args, k)
+        return chosen.traced(
             lambda agent_args: fn(*_splice(args, axes, agent_args)), stacked, map_unroll
         )
 
@@ -178,7 +201,7 @@ def _splice(args, axes, agent_args) -> list:
 
 def maybe_jit(lifted: Callable, strategy: str, **jit_kwargs) -> Callable:
     """``jax.jit(lifted, **jit_kwargs)``, except for host strategies, which dispatch per agent."""
-    return lifted if strategy in HOST_STRATEGIES else jax.jit(lifted, **jit_kwargs)
+    return lifted if STRATEGIES.get(strategy).host else jax.jit(lifted, **jit_kwargs)
 
 
 def stack_agents(trees: Sequence) -> object:

@@ -27,8 +27,11 @@ receives that state. Without ``tendency`` the state is constant.
 (``superdiff_and`` projects out the directions that would make the agents' densities drift apart).
 ``divergence_probes`` > 0 asks the sampler for Hutchinson estimates of each agent's score
 divergence, passed to ``aggregate`` and ``tendency`` as ``divergence`` (agents, batch) (the
-probability-flow ODE's density change needs it). ``weights(state, y)``, where given, returns the
-(agents, batch) weights the member gives the agents in that state (for plots).
+probability-flow ODE's density change needs it). ``weights(agent_scores, t, x, y, state[,
+divergence=...])`` returns the (agents, batch) weights of a member that is a weighted sum of the
+agents' scores (``weighted_sum`` builds one; ``median`` and ``trimmed_mean`` have none), and
+``weights_from_state`` says they are a function of the state and the labels alone, which change
+along the solve (``superdiff_or``, ``route``: the sampler saves them).
 ``dispatch(state, y)``, where given, returns (m, batch) agent numbers: for each sample, the m
 agents whose weights can be non-zero during the whole solve, known from the initial state and
 the labels alone. The sampler then evaluates only those (``fedinf_jax.dispatch``), and the other
@@ -64,28 +67,38 @@ class EmptyState(NamedTuple):
 
 class Aggregator(NamedTuple):
     """``init(num_agents, x, y, keys=None) -> state``; ``aggregate(scores, t, x, y, state) ->
-    (score, state)``; optionally ``tendency``, ``noise``, ``weights`` and ``divergence_probes``
-    (see the module docstring)."""
+    (score, state)``; optionally ``tendency``, ``noise``, ``weights``, ``weights_from_state``,
+    ``divergence_probes`` and ``dispatch`` (see the module docstring)."""
 
     init: Callable[..., Any]
     aggregate: Callable[..., tuple[Array, Any]]
     tendency: Callable[..., Any] | None = None
     noise: Callable[..., Array] | None = None
-    weights: Callable[[Any, Array], Array] | None = None
+    weights: Callable[..., Array] | None = None
     divergence_probes: int = 0
     dispatch: Callable[[Any, Array], Array] | None = None
+    weights_from_state: bool = False
 
 
-AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry("aggregator")
-CONTEXT = ("counts", "num_agents", "sde", "method")
-"""Factory parameters that come from the run, not from the config: the partition's count matrix
-n[agent, class], K, the agents' SDE and the sampler's method. Every other parameter of a
-registered factory is a setting of that member, with a default."""
+# A factory's parameters that come from the run, not from the config (the partition's count
+# matrix, K, the agents' SDE, the sampler's method); every other parameter of a registered factory
+# is a setting of that member, with a default.
+AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry(
+    "aggregator",
+    context={
+        "counts": "the partition's count matrix n[agent, class], and the checkpoint carries none "
+        "(it is written by train.py into the checkpoint's meta)",
+        "num_agents": "the number of agents",
+        "sde": "the agents' SDE",
+        "method": "the sampler's method",
+    },
+)
 
 
 def member(name: str):
     """Registers an aggregator factory under ``name``; its parameters are its settings (the
-    config's ``aggregator.<name>`` section, from their defaults) and any of ``CONTEXT``.
+    config's ``aggregator.<name>`` section, from their defaults) and any of the registry's
+    context.
 
     Raises:
       ValueError: a setting without a default, or a name already registered.
@@ -93,28 +106,37 @@ def member(name: str):
 
     def add(factory):
         for p in inspect.signature(factory).parameters.values():
-            if p.name not in CONTEXT and p.default is inspect.Parameter.empty:
+            if p.name not in AGGREGATORS.context and p.default is inspect.Parameter.empty:
                 raise ValueError(f"aggregator {name!r}: setting {p.name!r} needs a default")
         return AGGREGATORS.register(name, factory)
 
     return add
 
 
-def settings_of(name: str) -> dict[str, Any]:
-    """The settings of member ``name`` with their defaults (unknown names refused)."""
-    params = inspect.signature(AGGREGATORS.get(name)).parameters.values()
-    return {p.name: p.default for p in params if p.name not in CONTEXT}
+def _empty_init(num_agents, x, y, keys=None) -> EmptyState:
+    del num_agents, x, y, keys
+    return EmptyState()
+
+
+def weighted_sum(weight_fn: Callable[..., Array], **parts) -> Aggregator:
+    """A member that is a weighted sum of the agents' scores, s = sum_i w_i s_i with
+    ``w = weight_fn(scores, t, x, y, state, divergence=None)``, (agents,) or (agents, batch): its
+    ``aggregate`` and its ``weights``. ``parts``: the ``Aggregator``'s other fields (``init``
+    defaults to the stateless one)."""
+
+    def aggregate(scores, t, x, y, state, divergence=None):
+        return _weighted_sum(scores, weight_fn(scores, t, x, y, state, divergence)), state
+
+    return Aggregator(parts.pop("init", _empty_init), aggregate, weights=weight_fn, **parts)
 
 
 def _stateless(combine: Callable[[Array, Array, Array, Array], Array]) -> Aggregator:
-    def init(num_agents, x, y, keys=None):
-        del num_agents, x, y, keys
-        return EmptyState()
+    """A member without state: ``combine(agent_scores, t, x, y) -> score``."""
 
     def aggregate(agent_scores, t, x, y, state):
         return combine(agent_scores, t, x, y), state
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_empty_init, aggregate)
 
 
 def _count_matrix(counts) -> np.ndarray:
@@ -134,7 +156,10 @@ def _weighted_sum(agent_scores: Array, weights: Array) -> Array:
 @member("mean")
 def mean() -> Aggregator:
     """The paper's uniform average s = (1/K) sum_i s_i (its eq. 6). Permutation-invariant."""
-    return _stateless(lambda scores, t, x, y: jnp.mean(scores, axis=0))
+    # Its own arithmetic (a mean, not a sum of 1/K-weighted terms), its weights uniform.
+    return _stateless(lambda scores, t, x, y: jnp.mean(scores, axis=0))._replace(
+        weights=lambda scores, *_, **__: jnp.full(scores.shape[:2], 1.0 / scores.shape[0])
+    )
 
 
 @member("weighted")
@@ -154,7 +179,7 @@ def weighted(weights=(), counts=None) -> Aggregator:
     if counts is not None and w.shape != (len(counts),):
         raise ValueError(f"aggregator weights: {w.size} entries for {len(counts)} agents")
     w = jnp.asarray(w / w.sum(), jnp.float32)
-    return _stateless(lambda scores, t, x, y: _weighted_sum(scores, w))
+    return weighted_sum(lambda *_, **__: w)
 
 
 @member("label_prior")
@@ -184,10 +209,8 @@ def label_prior(counts, top_k: int = 0) -> Aggregator:
         rho = rho / rho.sum(axis=0)
         kept = jnp.asarray(ranked[:top_k], jnp.int32)  # (k, classes): the agents asked
     rho = jnp.asarray(rho, jnp.float32)
-    member = _stateless(lambda scores, t, x, y: _weighted_sum(scores, rho[:, y]))
-    if kept is None:
-        return member
-    return member._replace(dispatch=lambda state, y: kept[:, y])
+    dispatch = None if kept is None else (lambda state, y: kept[:, y])
+    return weighted_sum(lambda scores, t, x, y, *_, **__: rho[:, y], dispatch=dispatch)
 
 
 def _check_top_k(top_k: int, num_agents: int | None) -> bool:
@@ -212,11 +235,11 @@ def schedule(weight_fn: Callable[[Array, Array], Array]) -> Aggregator:
     """Time-dependent weights s = sum_i w_i(t, y) s_i; ``weight_fn(t, y)`` returns (agents,)
     weights summing to one for a scalar t and label y (vmapped over the batch)."""
 
-    def combine(scores, t, x, y):
+    def weights(scores, t, x, y, *_, **__):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (scores.shape[1],))
-        return _weighted_sum(scores, jax.vmap(weight_fn)(t, y).T)  # (agents, batch)
+        return jax.vmap(weight_fn)(t, y).T  # (agents, batch)
 
-    return _stateless(combine)
+    return weighted_sum(weights)
 
 
 def _switch(early: Array, late: Array, t_switch: float) -> Callable[[Array, Array], Array]:
@@ -401,22 +424,18 @@ def superdiff_or(
         )
     table = None if prior is None else jnp.asarray(prior, jnp.float32)
 
-    def weights(state, y):
+    def weights(scores, t, x, y, state, divergence=None):
         logits = temperature * state.log_q
         if table is not None:
             logits = logits + table[:, y]
         return _top_k_softmax(logits, top_k)
 
-    def aggregate(scores, t, x, y, state, divergence=None):
-        del divergence
-        return _weighted_sum(scores, weights(state, y)), state
-
-    return Aggregator(
-        _density_init(sde),
-        aggregate,
-        _density_tendency(sde, method),
-        weights=weights,
+    return weighted_sum(
+        weights,
+        init=_density_init(sde),
+        tendency=_density_tendency(sde, method),
         divergence_probes=probes,
+        weights_from_state=True,
     )
 
 
@@ -466,7 +485,7 @@ def route(counts=None, num_agents=None, prior="label") -> Aggregator:
         logits = (table[:, y] if table.shape[1] > 1 else table[:, jnp.zeros_like(y)]).T
         return RouteState(jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.float32))
 
-    def weights(state, y):
+    def weights(scores, t, x, y, state, divergence=None):
         return jax.nn.one_hot(state.agent.astype(jnp.int32), table.shape[0], axis=0)
 
     def aggregate(scores, t, x, y, state):
@@ -476,7 +495,8 @@ def route(counts=None, num_agents=None, prior="label") -> Aggregator:
     def dispatch(state, y):
         return state.agent.astype(jnp.int32)[None]
 
-    return Aggregator(init, aggregate, weights=weights, dispatch=dispatch)
+    # Its own arithmetic (the drawn agent's score, selected), its weights that agent's.
+    return Aggregator(init, aggregate, weights=weights, dispatch=dispatch, weights_from_state=True)
 
 
 def _equal_density_system(sde, method, scores, t, x, divergence, ridge):
@@ -547,24 +567,21 @@ def superdiff_and(sde: SDE, method: str, probes: int = 1, ridge: float = 1e-6) -
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
 
-    def kappa(scores, t, x, divergence=None):
+    def kappa(scores, t, x, y, state, divergence=None):
         if scores.shape[0] == 1:
             return jnp.ones(scores.shape[:2], scores.dtype)
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
         return _equal_density_system(sde, method, scores, t, x, divergence, ridge)
-
-    def aggregate(scores, t, x, y, state, divergence=None):
-        return _weighted_sum(scores, kappa(scores, t, x, divergence)), state
 
     def noise(scores, t, x, y, state, g_dw):
         if scores.shape[0] == 1:
             return g_dw
         return _project_out_differences(scores, g_dw, ridge)
 
-    return Aggregator(
-        _density_init(sde),
-        aggregate,
-        _density_tendency(sde, method),
+    return weighted_sum(
+        kappa,
+        init=_density_init(sde),
+        tendency=_density_tendency(sde, method),
         noise=None if method == "ode" else noise,
         divergence_probes=probes,
     )
@@ -586,9 +603,30 @@ def config_section(name: str = "mean"):
 
     section = ml_collections.ConfigDict({"name": AGGREGATORS.check(name)})
     for member_name in AGGREGATORS:
-        settings = settings_of(member_name)
+        settings = AGGREGATORS.settings(member_name)
         if settings:
             section[member_name] = ml_collections.ConfigDict(settings)
+    return section
+
+
+def agents_asked(member: Aggregator, num_agents: int) -> int:
+    """How many agents ``member`` asks for each sample's score: the m agents its ``dispatch``
+    names (``route``: 1; ``label_prior`` with ``top_k`` = k: k; guided, the same for the
+    label's and the guide's score), all K for a member without ``dispatch``."""
+    if member.dispatch is None:
+        return num_agents
+    x, y = jnp.zeros((1, 1)), jnp.zeros(1, jnp.int32)
+    keys = jax.random.split(jax.random.key(0), 1)
+    state = jax.eval_shape(lambda: member.init(num_agents, x, y, keys))
+    return jax.eval_shape(member.dispatch, state, y).shape[0]
+
+
+def fit_to_agents(section, num_agents: int):
+    """``section`` (the config's ``aggregator`` section) with the settings a federation of
+    ``num_agents`` cannot take capped, in place: ``trimmed_mean`` keeps at least one agent (with
+    2 agents it trims none). Returns it."""
+    if "trimmed_mean" in section:
+        section.trimmed_mean.trim = min(section.trimmed_mean.trim, (num_agents - 1) // 2)
     return section
 
 
@@ -649,8 +687,9 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
     def noise(scores, t, x, y, state, g_dw):
         return member.noise(_halves(scores)[0], t, x, y, state[0], g_dw)
 
-    def weights(state, y):
-        return member.weights(state[0], y)
+    def weights(scores, t, x, y, state, **extra):
+        (sc, ec), _ = zip(*map(_halves, (scores, extra)), strict=True)
+        return member.weights(sc, t, x, y, state[0], **ec)
 
     def dispatch(state, y):  # the doubled batch of with_null_label: (m, 2 batch)
         return jnp.concatenate(
@@ -666,6 +705,7 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
         member.divergence_probes,
         # A guide model's scores come from other parameters (autoguidance): every agent is asked.
         dispatch if member.dispatch is not None and null_label is not None else None,
+        member.weights_from_state,
     )
 
 
@@ -677,7 +717,7 @@ def from_config(
     method: str = "sde",
 ) -> Aggregator:
     """The member a config's ``aggregator`` section names, with its settings
-    (``aggregator.<name>``) and the run's context (``CONTEXT``).
+    (``aggregator.<name>``) and the run's context (the registry's ``context``).
 
     Args:
       agg_config: ``name`` plus the members' sections (``config_section``).
@@ -689,23 +729,13 @@ def from_config(
       ValueError: an unknown name, settings out of range or not fitting K, or a member that
         needs context (the count matrix, the SDE) that is not given.
     """
-    factory = AGGREGATORS.get(agg_config.name)
-    kwargs = dict(agg_config.get(agg_config.name, None) or {})
     if num_agents is None and counts is not None:
         num_agents = len(counts)
-    context = {"counts": counts, "num_agents": num_agents, "sde": sde, "method": method}
-    for p in inspect.signature(factory).parameters.values():
-        if p.name not in CONTEXT:
-            continue
-        if context[p.name] is not None:
-            kwargs[p.name] = context[p.name]
-        elif p.default is inspect.Parameter.empty:
-            if p.name == "counts":
-                _need_counts(agg_config.name, None)
-            what = {
-                "sde": "the agents' SDE",
-                "num_agents": "the number of agents",
-                "method": "the sampler's method",
-            }[p.name]
-            raise ValueError(f"aggregator {agg_config.name!r} needs {what}")
-    return factory(**kwargs)
+    return AGGREGATORS.build(
+        agg_config.name,
+        agg_config.get(agg_config.name, None) or {},
+        counts=counts,
+        num_agents=num_agents,
+        sde=sde,
+        method=method,
+    )

@@ -256,8 +256,9 @@ def restore_params(
     manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
         # The same files as ``make_manager``'s StandardCheckpointHandler writes; this handler
-        # restores a subtree of them.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        # restores a subtree of them. ``meta`` is named so that Orbax knows the item (it warns
+        # about an item it has no handler for) though it is not read here.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
     )
     try:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedinf_jax import runtime
 from fedinf_jax.errors import UserError
 
 MNIST_DIR_ENV = "FEDINF_MNIST_DIR"
@@ -248,7 +249,6 @@ def load_mnist_tfds(data_dir: str | None = None) -> Mnist:
 
 def _tfds():
     """TFDS, TensorFlow kept off any accelerator first (``runtime.tensorflow``)."""
-    from fedinf_jax import runtime
 
     runtime.tensorflow()
     import tensorflow_datasets as tfds

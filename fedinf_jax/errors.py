@@ -1,6 +1,7 @@
 """Errors in what the user asked for, as distinct from bugs.
 
-An entry point (``train.py``, ``sample.py``, ``evaluate.py``, ``reproduce.py``) prints a
+An entry point (``train.py``, ``sample.py``, ``study.py``, ``evaluate.py``, ``reproduce.py``,
+``pretrain.py``) prints a
 ``UserError`` as one line, ``error: <message>``, and exits with status 2
 (``fedinf_jax.runtime.exit_on_user_error``); any other exception is a bug and keeps its traceback.
 Each message names what was wrong and what is valid.

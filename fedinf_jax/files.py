@@ -71,3 +71,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in ``path``."""
+    with open(path) as fh:
+        return json.load(fh)

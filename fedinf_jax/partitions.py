@@ -8,7 +8,6 @@ sampler's label prior rho_i(y) = n_{i,y} / n_y is built from it).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,7 +28,9 @@ class Partition(NamedTuple):
         return len(self.indices)
 
 
-PARTITIONS: Registry[Callable[..., Partition]] = Registry("partition")
+PARTITIONS: Registry[Callable[..., Partition]] = Registry(
+    "partition", context={"labels": "the training labels"}
+)
 
 
 def _finish(labels: np.ndarray, shards: list[np.ndarray], num_classes: int) -> Partition:
@@ -277,10 +278,7 @@ def from_config(section, labels) -> Partition:
     Raises:
       ValueError: an unknown name or invalid arguments.
     """
-    fn = PARTITIONS.get(section.name)
-    params = inspect.signature(fn).parameters
-    kwargs = {k: section[k] for k in section if k in params}
-    return fn(labels, **kwargs)
+    return PARTITIONS.build(section.name, section, labels=labels)
 
 
 def expected_counts(section) -> np.ndarray:

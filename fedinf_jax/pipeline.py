@@ -30,7 +30,6 @@ the mean and standard error over the seeds (``sweep_summary``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -44,14 +43,16 @@ from fedinf_jax import (
     data,
     errors,
     files,
+    partitions,
     plots,
     pretrained,
     provenance,
+    runs,
     sample_lib,
     train_lib,
 )
-from fedinf_jax.evaluation import agreement, classifier, communication, metrics, report
-from fedinf_jax.registry import check_choice, parse_spec
+from fedinf_jax.evaluation import agreement, classifier, communication, report, sample_sets
+from fedinf_jax.registry import check_choice
 
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
 
@@ -104,21 +105,17 @@ def _sweep_names(config) -> dict[str, tuple[str, int]]:
 
 def _sweep_run(config, spec: str, seed: int) -> ml_collections.ConfigDict:
     """One federation of ``sweep_runs``."""
-    import inspect
 
-    from fedinf_jax import partitions
-
-    fn = partitions.PARTITIONS.get(spec.partition(":")[0])
-    valid = [p for p in inspect.signature(fn).parameters if p not in ("labels", "seed")]
-    name, settings = parse_spec("partition", spec, valid)
+    name, settings = partitions.PARTITIONS.parse(spec)
+    if "seed" in settings:
+        raise ValueError(f"sweep partition {spec!r}: its seeds are sweep.seeds, not a setting")
     cfg = ml_collections.ConfigDict(config.runs.heterogeneous.to_dict())
     cfg.partition.name = name
     cfg.partition.num_agents = 1 if name == "control" else config.sweep.num_agents
     for key, value in settings.items():
         cfg.partition[key] = value
     cfg.partition.seed = cfg.seed = seed
-    k, trim = cfg.partition.num_agents, cfg.aggregator.trimmed_mean
-    trim.trim = min(trim.trim, (k - 1) // 2)
+    aggregators.fit_to_agents(cfg.aggregator, cfg.partition.num_agents)
     return cfg
 
 
@@ -194,7 +191,7 @@ class Timings:
 
     def __init__(self, path: str):
         self.path = path
-        self.record = _read_json(path) if os.path.exists(path) else {}
+        self.record = files.read_json(path) if os.path.exists(path) else {}
 
     def run(self, name: str, fn: Callable[[], object]):
         logging.info("stage %s: running", name)
@@ -259,99 +256,6 @@ def _sample_dir(outdir: str, regime: str, procedure: str, kind: str = "samples")
     return os.path.join(outdir, regime, kind, procedure)
 
 
-def evaluate_sample_set(
-    clf: classifier.TrainedClassifier,
-    real_features: np.ndarray,
-    images: np.ndarray,
-    labels: np.ndarray,
-) -> dict:
-    """Every metric of one sample set (uint8 images) against the real test features."""
-    return sample_set_metrics(*clf.features_and_probs(images), labels, real_features)
-
-
-def sample_set_metrics(
-    feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, real_features: np.ndarray
-) -> dict:
-    """``evaluate_sample_set``'s metrics from a set's classifier features and softmax."""
-    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
-    accuracy, per_class = metrics.label_accuracy(probs, labels)
-    rng = np.random.default_rng(0)
-    num_real = min(metrics.PRECISION_RECALL_REAL, len(real_features))  # all of a smaller set
-    real = real_features[rng.choice(len(real_features), num_real, replace=False)]
-    precision, recall = metrics.precision_recall(real, feats, k=3)
-    return {
-        "num_samples": len(probs),
-        "inception_score": is_mean,
-        "inception_score_std": is_std,
-        "fid": metrics.fid(feats, real_features),
-        "fid_se": metrics.fid_standard_error(feats, real_features),
-        "accuracy": accuracy,
-        "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_class],
-        "noise_rate": metrics.noise_rate(probs),
-        "precision": precision,
-        "recall": recall,
-    }
-
-
-def check_sample_dir(sample_dir: str) -> tuple[str, str]:
-    """The paths of a sample set's ``samples.npz`` and ``samples.json``; an error if missing."""
-    npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
-    missing = [p for p in (npz, meta) if not os.path.exists(p)]
-    if missing:
-        raise errors.MissingInputError(
-            f"{sample_dir!r} is not a sample set: {', '.join(missing)} missing (a sample set is "
-            "the --outdir of sample.py or <regime>/samples/<procedure> of reproduce.py)"
-        )
-    return npz, meta
-
-
-def evaluate_sample_dir(
-    clf: classifier.TrainedClassifier, real_features: np.ndarray, sample_dir: str
-) -> dict:
-    """Every metric of a sample set written by ``sample.py`` or a pipeline stage (its
-    ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations."""
-    npz, meta = check_sample_dir(sample_dir)
-    with np.load(npz) as f:
-        images, labels = f["images"], f["labels"]
-    stats = _read_json(meta)["stats"]
-    return dict(
-        evaluate_sample_set(clf, real_features, images, labels),
-        sampling_wall_time_s=stats["wall_time_s"],
-        score_evaluations=stats["score_evaluations"],
-    )
-
-
-def reference_set(mnist: data.Mnist, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` MNIST training images of each digit (none of them in FID's test-set
-    reference): real data, measured like a sample set of the same size, show each metric's value
-    for a perfect generator at that size (FID's finite-sample floor, IS's ceiling)."""
-    rng = np.random.default_rng(seed)
-    index = np.concatenate(
-        [
-            rng.choice(np.flatnonzero(mnist.train_labels == c), per_class, replace=False)
-            for c in range(data.NUM_CLASSES)
-        ]
-    )
-    return mnist.train_images[index], mnist.train_labels[index]
-
-
-def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
-    """The classifier checkpointed in ``classifier_dir``; an error when there is none."""
-    clf = classifier.load_classifier(classifier_dir)
-    if clf is None:
-        raise errors.MissingInputError(
-            f"no classifier checkpoint in {classifier_dir!r}: give the classifier/ folder of a "
-            "reproduce.py run (it trains one)"
-        )
-    return clf
-
-
-def load_evaluator(classifier_dir: str, mnist: data.Mnist):
-    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
-    clf = require_classifier(classifier_dir)
-    return clf, classifier.test_set_features(clf, classifier_dir, mnist.test_images)
-
-
 def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list[dict]:
     """The paper's Tables 3/4 for one regime: with its uniform mean (eq. 10) and each other
     aggregator in ``config.agreement_aggregators`` (one agent: the mean only, all are the agent)."""
@@ -384,14 +288,14 @@ def agreement_rows(config, regime: str, workdir: str, mnist: data.Mnist) -> list
 
 
 def agreement_inputs(config) -> dict:
-    """What determines ``agreement.json``: each regime's run (``train_lib.run_digest``) and step,
+    """What determines ``agreement.json``: each regime's run (``runs.run_digest``) and step,
     the points and times, the seed, and the aggregators with their settings."""
     inputs = provenance.config_fields(
         config, ("agreement_samples", "agreement_times", "agreement_aggregators", "seed")
     )
     for regime in config.regimes:
         cfg = regime_config(config, regime, "mean")
-        inputs[f"{regime}.run"] = train_lib.run_digest(cfg)
+        inputs[f"{regime}.run"] = runs.run_digest(cfg)
         inputs[f"{regime}.checkpoint_step"] = cfg.train.num_steps
         for name in config.agreement_aggregators:
             member = cfg.aggregator.get(name, None)
@@ -414,14 +318,14 @@ def _reusable_set(sample_dir: str, stage: str, cfg, recompute: bool) -> bool:
     npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
     if not (os.path.exists(npz) and os.path.exists(meta)):
         return False
-    stored = provenance.stored_inputs(_read_json(meta))
+    stored = provenance.stored_inputs(files.read_json(meta))
     return provenance.check_reuse(stage, sample_dir, stored, _set_inputs(cfg), recompute)
 
 
 def _reusable_agreement(path: str, config, recompute: bool) -> bool:
     if not os.path.exists(path):
         return False
-    stored = _read_json(path)
+    stored = files.read_json(path)
     stored = provenance.stored_inputs(stored) if isinstance(stored, dict) else None
     return provenance.check_reuse("agreement", path, stored, agreement_inputs(config), recompute)
 
@@ -550,7 +454,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
             timings.reuse(stage, sample_dir)
         else:
             timings.run(stage, lambda: sample_lib.run(cfg, workdir, sample_dir))
-        measured = evaluate_sample_dir(clf, real_features, sample_dir)
+        measured = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
         return dict(measured, regime=regime, procedure=procedure)
 
     results = {
@@ -566,8 +470,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
             f"{regime}/{procedure}": sample_set("claims", regime, procedure, claim_config)
             for regime, procedure in claim_procedures(config, results).items()
         }
-    reference = evaluate_sample_set(
-        clf, real_features, *reference_set(mnist, config.eval_per_class, config.seed)
+    reference = sample_sets.evaluate_sample_set(
+        clf, real_features, *sample_sets.reference_set(mnist, config.eval_per_class, config.seed)
     )
     files.write_json(
         os.path.join(outdir, "metrics.json"),
@@ -591,7 +495,7 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
         files.write_json(agreement_path, {provenance.RECORD_KEY: made_by, "rows": rows})
     else:
         timings.reuse("agreement", agreement_path)
-    rows = _read_json(agreement_path)["rows"]
+    rows = files.read_json(agreement_path)["rows"]
     swept = {k: r for k, r in results.items() if r["regime"].startswith(SWEEP_PREFIX)}
     results = {k: r for k, r in results.items() if k not in swept}
     sweep = None
@@ -606,10 +510,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
         if os.path.exists(png):
             weights.append(os.path.relpath(png, outdir))
     params_per_agent = {
-        regime: train_lib.count_params(
-            train_lib.abstract_train_state(
-                train_lib.resolve(regime_config(config, regime)), 1
-            ).params
+        regime: runs.count_params(
+            train_lib.abstract_train_state(runs.resolve(regime_config(config, regime)), 1).params
         )
         for regime in config.regimes
     }
@@ -663,8 +565,3 @@ def sweep_summary(config, results: dict) -> list[dict]:
                 row[metric], row[f"{metric}_se"] = float(values.mean()), float(se)
             rows.append(row)
     return rows
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)

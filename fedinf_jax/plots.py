@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 
-from fedinf_jax import files
+from fedinf_jax import files, runtime
 
 
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -17,7 +17,6 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     Later events win where a resumed run rewrote a step.
     """
-    from fedinf_jax import runtime
 
     tf = runtime.tensorflow()
     series: dict[str, dict[int, float]] = collections.defaultdict(dict)

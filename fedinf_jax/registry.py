@@ -10,13 +10,19 @@
 A name is registered once: a second registration under the same name is refused, so two
 modules cannot silently shadow each other's member. Fixed choices that are not plug-ins (a
 sampler method, a prior) check their names with ``check_choice``, which raises the same error.
+
+A member is a callable (a factory, a dataclass); its parameters are its settings, read from a
+config section by name (``build``), written ``name:key=value,...`` on a command line (``parse``),
+except the family's ``context``: the parameters that come from the run rather than the config
+(an aggregator's count matrix, a partition's labels), each with what it is in words.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Iterator
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -38,10 +44,13 @@ class Registry(Generic[T]):
 
     Args:
       family: what a member is, as error messages name it ("aggregator", "ode solver").
+      context: the parameters that come from the run, not from a config section, each with what
+        it is in words (for the error when it is needed and not given).
     """
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, context: Mapping[str, str] | None = None):
         self.family = family
+        self.context = dict(context or {})
         self._members: dict[str, T] = {}
 
     def register(self, name: str, member: T | None = None):
@@ -73,6 +82,38 @@ class Registry(Generic[T]):
         """``name``, after checking that it is registered (``get``'s error otherwise)."""
         self.get(name)
         return name
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """Member ``name``'s settings (its parameters but the context) with their defaults
+        (``inspect.Parameter.empty`` for one without)."""
+        params = inspect.signature(self.get(name)).parameters.values()
+        return {p.name: p.default for p in params if p.name not in self.context}
+
+    def build(self, name: str, section: Mapping[str, Any] | None = None, **context) -> Any:
+        """Calls member ``name`` with the fields of ``section`` that are its settings (the others
+        keep their defaults) and the ``context`` values that are its parameters (None: not
+        given).
+
+        Raises:
+          ValueError: an unknown name, or a context parameter without a default not given.
+        """
+        params = inspect.signature(self.get(name)).parameters
+        settings = self.settings(name)
+        kwargs = {k: section[k] for k in (section or {}) if k in settings}
+        for key, what in self.context.items():
+            if key not in params:
+                continue
+            if context.get(key) is not None:
+                kwargs[key] = context[key]
+            elif params[key].default is inspect.Parameter.empty:
+                raise ValueError(f"{self.family} {name!r} needs {what}")
+        return self.get(name)(**kwargs)
+
+    def parse(self, spec: str, extra: Iterable[str] = ()) -> tuple[str, dict]:
+        """``name`` or ``name:key=value,...`` -> (name, {key: value}) for a registered name, the
+        keys among its settings and ``extra`` (``parse_spec``)."""
+        name = self.check(spec.partition(":")[0])
+        return parse_spec(self.family, spec, [*self.settings(name), *extra])
 
     def names(self) -> tuple[str, ...]:
         """The registered names, in registration order."""

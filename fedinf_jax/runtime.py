@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 
+from fedinf_jax.errors import UserError
+
 CACHE_ENV = "FEDINF_JAX_CACHE"
 
 
@@ -15,7 +17,6 @@ def exit_on_user_error(main):
     """Wraps an absl ``main``: a ``fedinf_jax.errors.UserError`` (a bad setting, a missing run)
     prints one line, ``error: <message>``, on stderr and exits with status 2; other exceptions
     (bugs) keep their tracebacks."""
-    from fedinf_jax.errors import UserError
 
     @functools.wraps(main)
     def wrapped(argv):

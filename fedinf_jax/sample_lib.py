@@ -1,7 +1,7 @@
 """Sampling a trained federation: restore the agents, build the sampler, write the samples.
 
 The run's checkpoint fixes what was trained (its ``seed`` and its ``data``, ``model``, ``sde``,
-``partition`` and ``train`` sections, ``train_lib.RUN_SECTIONS``, and the partition's count
+``partition`` and ``train`` sections, ``runs.RUN_SECTIONS``, and the partition's count
 matrix); the config given to ``sample.py`` chooses how to sample (``sampler``) and how to
 aggregate (``aggregator``). Outputs, in one folder written
 atomically (a failure leaves any earlier folder intact):
@@ -43,6 +43,7 @@ from fedinf_jax import (
     plots,
     pretrained,
     provenance,
+    runs,
     sampling,
     sharding,
     solvers,
@@ -67,7 +68,7 @@ class Federation:
     params: AgentParams  # stacked (EMA, unless sampler.use_ema is False)
     counts: np.ndarray | None  # n[agent, class]
     step: int
-    components: train_lib.ScoreComponents
+    components: runs.ScoreComponents
     # Several devices: the mesh ``params`` are padded and laid out on (fedinf_jax/sharding.py).
     agent_mesh: sharding.AgentMesh | None = None
     # Autoguidance (sampler.guide): the same agents' weaker parameters, stacked like ``params``.
@@ -157,7 +158,9 @@ def parse_procedure(procedure: str) -> tuple[str, dict]:
     """
     name = procedure.partition(":")[0]
     check_choice("procedure", name, aggregators.AGGREGATORS)
-    return parse_spec("procedure", procedure, [*aggregators.settings_of(name), *SAMPLER_SETTINGS])
+    return parse_spec(
+        "procedure", procedure, [*aggregators.AGGREGATORS.settings(name), *SAMPLER_SETTINGS]
+    )
 
 
 def with_procedure(config: ml_collections.ConfigDict, procedure: str) -> ml_collections.ConfigDict:
@@ -173,9 +176,9 @@ def with_procedure(config: ml_collections.ConfigDict, procedure: str) -> ml_coll
 
 def contradicted_fields(overrides: dict, record: dict) -> list[str]:
     """The given ``overrides`` ({"section.field": value}, e.g. from the command line) that set a
-    field of the run (``train_lib.run_inputs``) to something other than the run's ``record``
+    field of the run (``runs.run_inputs``) to something other than the run's ``record``
     holds, as "--config.F=given (the checkpoint has recorded)" lines."""
-    recorded = train_lib.run_inputs(record)
+    recorded = runs.run_inputs(record)
     lines = []
     for path, given in sorted(overrides.items()):
         normal = provenance.flatten({path: given})[path]
@@ -185,10 +188,10 @@ def contradicted_fields(overrides: dict, record: dict) -> list[str]:
 
 
 def sample_set_inputs(config: ml_collections.ConfigDict, step: int) -> dict:
-    """What determines a sample set (``provenance``): the trained run (``train_lib.run_digest``)
+    """What determines a sample set (``provenance``): the trained run (``runs.run_digest``)
     and its checkpoint step, the ``sampler`` section but ``EXECUTION_FIELDS``, and the
     aggregator's name and its own settings."""
-    inputs = {"run": train_lib.run_digest(config), "checkpoint_step": int(step)}
+    inputs = {"run": runs.run_digest(config), "checkpoint_step": int(step)}
     inputs.update(provenance.config_fields(config, ("sampler",)))
     for field in EXECUTION_FIELDS:
         inputs.pop(field, None)
@@ -246,7 +249,7 @@ def load_federation(
         contradicted = contradicted_fields(overrides or {}, record)
         if contradicted:
             raise errors.ConfigError(
-                f"the run in {workdir} fixes its {', '.join(train_lib.RUN_SECTIONS)}, and "
+                f"the run in {workdir} fixes its {', '.join(runs.RUN_SECTIONS)}, and "
                 f"these settings contradict it: {'; '.join(contradicted)}. Drop them, or train "
                 "a new run with them"
             )
@@ -257,9 +260,9 @@ def load_federation(
         check_config(merged, counts)
     finally:
         manager.close()
-    components = train_lib.resolve_score(merged)
+    components = runs.resolve_score(merged)
     agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
-    abstract = train_lib.abstract_agent_params(components.model, num_agents)
+    abstract = runs.abstract_agent_params(components.model, num_agents)
     if agent_mesh is not None:
         abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
     field = "ema_params" if config.sampler.use_ema else "params"
@@ -311,7 +314,7 @@ def _guide_checkpoint(config, workdir: str, counts, agent_mesh) -> tuple[str, in
 def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections.ConfigDict:
     merged = ml_collections.ConfigDict(config.to_dict())
     current = json.loads(config.to_json_best_effort())
-    for section in train_lib.RUN_SECTIONS:
+    for section in runs.RUN_SECTIONS:
         if section not in record:
             continue
         if record[section] != current.get(section):
@@ -340,7 +343,7 @@ def guidance_of(config: ml_collections.ConfigDict) -> tuple[float, tuple | None]
             f"sampler.guide = {config.sampler.guide!r} guides with a weaker model, but "
             "sampler.guidance = 1 is unguided: set sampler.guidance > 1 (e.g. 2)"
         )
-    if guide is None and guidance != 1 and not train_lib.guidable(config):
+    if guide is None and guidance != 1 and not runs.guidable(config):
         raise errors.ConfigError(
             f"sampler.guidance = {guidance} needs agents that learnt the unconditional score too, "
             "trained with train.label_dropout > 0 (e.g. 0.15); these are trained with "
@@ -425,7 +428,7 @@ def build_sampler(
 
 
 def grouped_score_fn(
-    components: train_lib.ScoreComponents, agent_mesh: sharding.AgentMesh | None = None
+    components: runs.ScoreComponents, agent_mesh: sharding.AgentMesh | None = None
 ):
     """``(stacked params, x, t, y, agent_index) -> (agents, batch, ...)``: the scores of the
     (agent, sample) pairs ``agent_index`` (m, batch) names, zeros elsewhere
@@ -441,7 +444,7 @@ def grouped_score_fn(
 
 
 def agent_score_fn(
-    components: train_lib.ScoreComponents,
+    components: runs.ScoreComponents,
     strategy: str | None = None,
     agent_mesh: sharding.AgentMesh | None = None,
 ):
@@ -509,7 +512,11 @@ def sample_in_batches(
     num_batches = math.ceil(n / batch)
     images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
     trajectory_t = None
-    weights_of = sampler.aggregator.weights
+    # The agents' weights, saved for a member whose weights the state and labels give.
+    agg = sampler.aggregator
+    weights_of = None
+    if agg.weights_from_state:
+        weights_of = lambda state, y: agg.weights(None, None, None, y, state)  # noqa: E731
     from clu import periodic_actions  # imports TensorFlow: not for a run refused at its config
 
     progress = periodic_actions.ReportProgress(num_train_steps=num_batches, every_steps=1)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedinf_jax.agents import num_agents_of
-from fedinf_jax.aggregators import Aggregator
+from fedinf_jax.aggregators import Aggregator, agents_asked
 from fedinf_jax.errors import UserError
 from fedinf_jax.federated_score import FederatedScore
 from fedinf_jax.reverse import SolveState, reverse_terms
@@ -173,11 +173,7 @@ class FederatedSampler:
     def agents_asked(self, num_agents: int) -> int:
         """How many agents each sample's score evaluation asks: the m its aggregator dispatches
         when this sampler evaluates only those (``FederatedScore.sparse``), else all K."""
-        if not self.score.sparse:
-            return num_agents
-        agg, x = self.aggregator, jnp.zeros((1, *self.image_shape))
-        y, keys = jnp.zeros(1, jnp.int32), jax.random.split(jax.random.key(0), 1)
-        return jax.eval_shape(lambda: agg.dispatch(agg.init(num_agents, x, y, keys), y)).shape[0]
+        return agents_asked(self.aggregator, num_agents) if self.score.sparse else num_agents
 
     def prior(self, keys: Key) -> tuple[Array, Key]:
         """Each sample's prior draw x_T and its Brownian key, both from the sample's key."""

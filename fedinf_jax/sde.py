@@ -205,6 +205,4 @@ def make_sde(sde_config) -> SDE:
     Raises:
       ValueError: an unknown name (the message lists the valid ones).
     """
-    cls = SDES.get(sde_config.name)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: sde_config[k] for k in sde_config if k in fields})
+    return SDES.build(sde_config.name, sde_config)

@@ -192,8 +192,6 @@ def over_sharded_agents(
     along ``batch`` on their second axis. Call it inside ``jit``; its stacked arguments hold
     ``padded_agents``.
     """
-    if strategy in agents.HOST_STRATEGIES:  # inside a trace a host loop is an unrolled loop
-        strategy = "unroll"
     local = agents.over_agents(fn, strategy, tuple(in_axes), map_unroll)
     in_specs = tuple(
         P(AGENTS) if ax == 0 else P(BATCH) if i in batch_args else P()

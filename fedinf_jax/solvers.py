@@ -75,8 +75,8 @@ class RootFinder:
 # their stage equations solved by ``RootFinder``. Not registered: Kvaerno4 and Kvaerno5, whose
 # stages reach past a step's end (abscissae c = 1.15 and 1.23): on the last step below t_end,
 # and below t = 0, where the VP marginals are undefined (std^2 < 0), once the step exceeds
-# about 4 t_end. Freezing the drift there kept them finite but cut their measured order on the
-# Gaussian federation to 1.9 and 2.4 (docs/usage.md).
+# about 4 t_end. Freezing the drift there kept them finite but cut their convergence order below
+# Kvaerno3's (measured in docs/usage.md).
 for _name, _solver in (
     ("implicit_euler", diffrax.ImplicitEuler),
     ("kvaerno3", diffrax.Kvaerno3),
@@ -182,8 +182,8 @@ def make_solver(
     method: str, name: str, root_finder: RootFinder | None = None
 ) -> diffrax.AbstractSolver:
     """The Diffrax solver called ``name`` for ``method`` ("sde" or "ode"); an implicit one
-    solves its stages with ``root_finder`` (default ``RootFinder()``; the registry's own
-    implicit solvers keep Diffrax's chord default, which factorises the batched Jacobian).
+    solves its stages with ``root_finder`` (default ``RootFinder()``: Newton with matrix-free
+    GMRES, in place of Diffrax's default chord method, which factorises the batched Jacobian).
 
     Raises:
       ValueError: an unknown method or solver (the message lists the valid ones).
@@ -199,7 +199,7 @@ class SolverSpec:
 
     method: str
     solver: diffrax.AbstractSolver
-    num_steps: int = 250
+    num_steps: int = 100
     adaptive: bool = False
     rtol: float = 1e-3
     atol: float = 1e-3

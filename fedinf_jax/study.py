@@ -33,8 +33,20 @@ import jax
 import numpy as np
 from absl import logging
 
-from fedinf_jax import files, plots, pretrained, provenance, solvers
+from fedinf_jax import (
+    data,
+    errors,
+    files,
+    plots,
+    pretrained,
+    provenance,
+    runtime,
+    sample_lib,
+    solvers,
+)
 from fedinf_jax.aggregators import DensityState
+from fedinf_jax.evaluation import classifier, sample_sets
+from fedinf_jax.evaluation.report import markdown_table
 from fedinf_jax.registry import check_choice
 from fedinf_jax.sampling import FederatedSampler, sample_keys, to_uint8
 from fedinf_jax.types import AgentParams, Key, Labels
@@ -134,7 +146,6 @@ def cell_inputs(config, step: int, cell: Cell) -> dict:
     inputs (``sample_lib.sample_set_inputs``: the run, ``step``, the sampler and the aggregator's
     settings) under the cell's aggregator with the study's draws (``study.num_per_class``,
     ``study.seed``), less the sampler fields the cell sets, and the cell itself."""
-    from fedinf_jax import sample_lib
 
     inputs = sample_lib.sample_set_inputs(sample_lib.with_procedure(config, cell.aggregator), step)
     set_by_study = ["num_per_class", "seed", "method", "solver", "adaptive", "schedule"]
@@ -442,12 +453,11 @@ def sample_quality(
     ``feature_rms_error``, the RMS distance to its reference's samples in the classifier's
     feature space (per sample, the same draws). ``features_of(cell name)``: that cell's
     (features, softmax), None for a cell without finite images (then the row gets nothing)."""
-    from fedinf_jax import pipeline
 
     own = features_of(row["name"])
     if own is None:
         return {}
-    quality = pipeline.sample_set_metrics(*own, labels, real_features)
+    quality = sample_sets.sample_set_metrics(*own, labels, real_features)
     out = {k: quality[k] for k in ("accuracy", "noise_rate", "fid")}
     reference = features_of(row["reference"])
     if reference is not None:
@@ -505,7 +515,6 @@ def render_summary(rows: list[dict], record: dict) -> str:
     """study.md: per method and aggregator, the cheapest cell (fewest score evaluations) that
     reaches each of ``ERROR_LEVELS``; each series' fitted order and best error; where cells
     failed (diverged or refused, with the reason); the plots."""
-    from fedinf_jax.evaluation.report import markdown_table
 
     series = series_points(rows)
     orders = fitted_orders(series)
@@ -641,7 +650,6 @@ def cells_of(study_config) -> list[Cell]:
         raise ValueError("the study's grid is empty: give methods, solvers and budgets")
     if s.num_per_class < 1:
         raise ValueError(f"study.num_per_class must be >= 1, got {s.num_per_class}")
-    from fedinf_jax import sample_lib
 
     for procedure in s.aggregators:  # a member, with settings after a colon (mean:guidance=2)
         sample_lib.parse_procedure(procedure)
@@ -662,22 +670,16 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
       MissingInputError: ``workdir`` holds no checkpoint, or ``study.classifier`` no classifier.
       StaleOutputError: a cached cell made from other inputs, without ``recompute``.
     """
-    from fedinf_jax import errors, runtime, sample_lib
 
     s = config.study
     with errors.as_config_error():
         cells = cells_of(s)
     clf = None
     if s.get("classifier"):
-        from fedinf_jax import pipeline
-
-        clf = pipeline.require_classifier(s.classifier)
+        clf = sample_sets.require_classifier(s.classifier)
     federation = sample_lib.load_federation(config, workdir, overrides)
     evaluator = None
     if clf is not None:  # FID's reference: the MNIST test set in the classifier's features
-        from fedinf_jax import data
-        from fedinf_jax.evaluation import classifier
-
         mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
         evaluator = (clf, classifier.test_set_features(clf, s.classifier, mnist.test_images))
     sde = federation.components.sde

@@ -9,13 +9,12 @@ parameters, data and key.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,23 +28,19 @@ from fedinf_jax import (
     checkpoint,
     data,
     errors,
+    optim,
     partitions,
     plots,
     pretrained,
     provenance,
+    runs,
+    runtime,
     sharding,
 )
 from fedinf_jax.input_pipeline import AgentBatcher
-from fedinf_jax.models import make_unet
 from fedinf_jax.score import (
-    EDM_P_MEAN,
-    EDM_P_STD,
-    Parametrization,
     make_loss_fn,
-    make_time_sampler,
-    parametrization_of,
 )
-from fedinf_jax.sde import SDE, make_sde
 from fedinf_jax.types import AgentParams, Key, PyTree
 
 
@@ -56,61 +51,6 @@ class TrainState(NamedTuple):
     params: AgentParams
     ema_params: AgentParams
     opt_state: PyTree
-
-
-def make_schedule(train_config) -> optax.Schedule:
-    """Linear warm-up to ``learning_rate`` then cosine decay to ``end_lr_factor`` x it."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train_config.learning_rate,
-        warmup_steps=train_config.warmup_steps,
-        decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
-        end_value=train_config.learning_rate * train_config.end_lr_factor,
-    )
-
-
-def make_optimizer(train_config) -> optax.GradientTransformation:
-    """Per-agent gradient clipping (global norm), then AdamW on the warm-up + cosine schedule."""
-    return optax.chain(
-        optax.clip_by_global_norm(train_config.grad_clip),
-        optax.adamw(make_schedule(train_config), weight_decay=train_config.weight_decay),
-    )
-
-
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-    """EMA decay min(decay, (1 + step) / (10 + step)): short runs still average recent weights."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def make_key(seed: int) -> Key:
-    """The run's root key. XLA's RngBitGenerator ("rbg") rather than threefry: initialising a
-    U-Net's many parameters with threefry compiles far more slowly on XLA:CPU."""
-    return jax.random.key(seed, impl="rbg")
-
-
-@functools.cache
-def _jitted_init(model, image_shape: tuple[int, ...]) -> Callable:
-    """One agent's init, traced and compiled once per (model, image shape) and process, whatever
-    the number of agents."""
-
-    def init(key):
-        x = jnp.zeros((1, *image_shape))
-        t, y = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-        return model.init(key, x, t, y)
-
-    return jax.jit(init)
-
-
-def init_agents(model, num_agents: int, key: Key, image_shape=data.IMAGE_SHAPE) -> AgentParams:
-    """K independently initialised agents, stacked: agent i is initialised from the i-th key of
-    ``jax.random.split(key, K)``, by one compiled single-agent init (a new K compiles nothing
-    but the stacking)."""
-    init = _jitted_init(model, tuple(image_shape))
-    keys = jax.random.split(key, num_agents)
-    if isinstance(keys, jax.core.Tracer):  # under eval_shape / jit: one traced init, mapped
-        return jax.lax.map(init, keys)
-    return jax.jit(agents.stack_agents)([init(k) for k in keys])
 
 
 def create_train_state(params: AgentParams, tx: optax.GradientTransformation) -> TrainState:
@@ -124,17 +64,14 @@ def create_train_state(params: AgentParams, tx: optax.GradientTransformation) ->
     )
 
 
-def abstract_agent_params(model, num_agents: int) -> AgentParams:
-    """Shapes and dtypes of K stacked agents' parameters, computed without running anything."""
-    return jax.eval_shape(lambda k: init_agents(model, num_agents, k), make_key(0))
-
-
-def abstract_train_state(components: Components, num_agents: int) -> TrainState:
+def abstract_train_state(components: runs.Components, num_agents: int) -> TrainState:
     """Shapes and dtypes of the K-agent train state, computed without running anything: the
     target a checkpoint is restored into."""
     return jax.eval_shape(
-        lambda k: create_train_state(init_agents(components.model, num_agents, k), components.tx),
-        make_key(0),
+        lambda k: create_train_state(
+            runs.init_agents(components.model, num_agents, k), components.tx
+        ),
+        runs.make_key(0),
     )
 
 
@@ -159,7 +96,7 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema = optax.incremental_update(params, ema, 1.0 - ema_decay_at(step, ema_decay))
+        ema = optax.incremental_update(params, ema, 1.0 - optim.ema_decay_at(step, ema_decay))
         return params, ema, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     in_axes = (0, 0, 0, 0, 0, 0, None)
@@ -203,81 +140,6 @@ def check_finite(loss: np.ndarray, step: int, saved_step: int) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoreComponents:
-    """What evaluating the agents' scores needs, resolved from a config outside ``jit``: the
-    model, the SDE, how the network's output is read, and the agent-axis strategy."""
-
-    model: Any
-    sde: SDE
-    score_strategy: str
-    map_unroll: int  # agents per iteration of the ``map`` strategy's loop
-    param: Parametrization  # how the network's output is read as a score
-
-
-@dataclasses.dataclass(frozen=True)
-class Components:
-    """A config resolved into plain objects for training, once, outside ``jit``."""
-
-    model: Any
-    sde: SDE
-    score_strategy: str
-    map_unroll: int
-    param: Parametrization
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    train_strategy: str
-    times: Callable  # (key, n) -> training times
-
-
-def guidable(config) -> bool:
-    """Whether a run's agents learn the unconditional score too (``train.label_dropout`` > 0):
-    their model has the null label, and they can be sampled with classifier-free guidance."""
-    return config.train.get("label_dropout", 0.0) > 0
-
-
-def resolve_score(config: ml_collections.ConfigDict) -> ScoreComponents:
-    """Builds the model, SDE, parametrization and score strategy a config names (no optimizer:
-    what sampling needs).
-
-    Raises:
-      ValueError: an unknown SDE, strategy or convolution name, or a model that cannot be built
-        (``check_config`` checks all of a config).
-    """
-    return ScoreComponents(
-        model=make_unet(config.model, config.get("conv_impl", "auto"), guidable(config)),
-        sde=make_sde(config.sde),
-        score_strategy=agents.resolve_strategy(config.agent_axis.score, "score"),
-        map_unroll=config.agent_axis.get("map_unroll", 1),
-        param=parametrization_of(config.model),
-    )
-
-
-def resolve(config: ml_collections.ConfigDict) -> Components:
-    """``resolve_score``'s components plus the optimizer, its schedule, the training strategy
-    and the training-time sampler.
-
-    Raises:
-      ValueError: an unknown SDE, strategy, convolution or training-noise name, or a model that
-        cannot be built (``check_config`` checks all of a config).
-    """
-    score = resolve_score(config)
-    train = config.train
-    return Components(
-        **{f.name: getattr(score, f.name) for f in dataclasses.fields(score)},
-        tx=make_optimizer(train),
-        schedule=make_schedule(train),
-        train_strategy=agents.resolve_strategy(config.agent_axis.train, "train"),
-        times=make_time_sampler(
-            score.sde,
-            train.get("noise", "uniform_t"),
-            config.sde.eps,
-            train.get("p_mean", EDM_P_MEAN),  # records that predate the fields
-            train.get("p_std", EDM_P_STD),
-        ),
-    )
-
-
 _TRAIN_RULES = {
     "num_steps": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
@@ -296,7 +158,7 @@ _TRAIN_RULES = {
 _AGENT_AXIS_RULES = {"map_unroll": (lambda v: v >= 1, ">= 1")}
 
 
-def check_config(config: ml_collections.ConfigDict) -> tuple[Components, np.ndarray]:
+def check_config(config: ml_collections.ConfigDict) -> tuple[runs.Components, np.ndarray]:
     """Every setting ``train.py`` reads, checked before any data or checkpoint is read: the
     registries' names, the fields' ranges, the model's shapes, the mesh against the devices and
     the partition on MNIST's class sizes.
@@ -313,7 +175,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[Components, np.ndar
     with errors.as_config_error(f"partition {config.partition.name}: "):
         counts = partitions.expected_counts(config.partition)
     with errors.as_config_error():
-        components = resolve(config)
+        components = runs.resolve(config)
         if not 0 < config.sde.eps < components.sde.T:
             raise ValueError(
                 f"sde.eps must lie in (0, T = {components.sde.T}), got {config.sde.eps}"
@@ -337,52 +199,23 @@ def run_record(config: ml_collections.ConfigDict, partition: partitions.Partitio
     }
 
 
-RUN_SECTIONS = ("seed", "data", "model", "sde", "partition", "train")
-"""The parts of a config that make a training run what it is: its trajectory (initial
-parameters, shards, batches, updates) is fixed by their fields but ``FREE_FIELDS``. A resume must
-agree with the run's record on every one of them (``check_resume``); sampling takes them from the
-record (``sample_lib``), and a sample set's inputs name the run by their digest (``run_digest``).
-Everything else (``sampler``, ``aggregator``, ``agent_axis``, ``mesh``, ``conv_impl``, the
-preset's name) says how to run, not what is trained, and may differ."""
-
-FREE_FIELDS = (
-    "data.mnist_dir",  # where MNIST is read from: every source gives the same arrays
-    "data.tfds_data_dir",
-    "train.log_every",  # logging and checkpoint cadence
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-)
-"""Fields of ``RUN_SECTIONS`` that do not change the trajectory: they may differ on a resume."""
-
-
-def run_inputs(config) -> dict[str, Any]:
-    """The flat fields (``provenance.flatten``) of ``RUN_SECTIONS`` but ``FREE_FIELDS``, of a
-    config or of a run record's JSON config."""
-    fields = provenance.config_fields(config, RUN_SECTIONS)
-    return {k: v for k, v in fields.items() if k not in FREE_FIELDS}
-
-
-def run_digest(config) -> str:
-    """The digest of ``run_inputs``: which trained run an output was made from."""
-    return provenance.digest(run_inputs(config))
-
-
 def check_resume(record: dict, config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
     """Refuses to go on with the run in ``workdir``, checkpointed at ``step`` with the JSON
     config ``record``, under a ``config`` that would give another trajectory: any field of
-    ``run_inputs`` that differs (a field the record lacks, added since it was written, is not
-    compared), whether or not the run has reached its last step.
+    ``runs.run_inputs`` that differs (a field the record lacks, added since it was written, is
+    not compared), whether or not the run has reached its last step.
 
     ``train.num_steps`` may grow when the run so extended equals one that asked for the longer
-    budget from the start: the learning-rate schedule spans ``num_steps`` (``make_schedule``), so
-    that holds only when both schedules agree on every step already taken (steps inside the
-    warm-up, or a constant schedule); it may shrink to no less than ``step`` on the same terms.
+    budget from the start: the learning-rate schedule spans ``num_steps``
+    (``optim.make_schedule``), so that holds only when both schedules agree on every step already
+    taken (steps inside the warm-up, or a constant schedule); it may shrink to no less than
+    ``step`` on the same terms.
 
     Raises:
       CheckpointMismatchError: the first fields that differ (old -> new), or a ``num_steps``
         whose schedule disagrees with the steps taken.
     """
-    stored, current = run_inputs(record), run_inputs(config)
+    stored, current = runs.run_inputs(record), runs.run_inputs(config)
     shared = [k for k in stored if k in current and k != "train.num_steps"]
     changed = provenance.differences(
         {k: stored[k] for k in shared}, {k: current[k] for k in shared}
@@ -391,13 +224,15 @@ def check_resume(record: dict, config: ml_collections.ConfigDict, workdir: str, 
         raise checkpoint.CheckpointMismatchError(
             f"the run in {workdir} was trained with other settings ({'; '.join(changed[:6])}): "
             "resuming would mix two runs. Use the run's settings, or a fresh --workdir (fields "
-            f"that may differ: {', '.join(FREE_FIELDS)})"
+            f"that may differ: {', '.join(runs.FREE_FIELDS)})"
         )
     old, new = stored.get("train.num_steps"), config.train.num_steps
     if old is None or old == new:
         return
-    before = make_schedule(ml_collections.ConfigDict({**config.train.to_dict(), **record["train"]}))
-    after = make_schedule(config.train)
+    before = optim.make_schedule(
+        ml_collections.ConfigDict({**config.train.to_dict(), **record["train"]})
+    )
+    after = optim.make_schedule(config.train)
     steps = np.arange(step)
     if new < step or not np.array_equal(before(steps), after(steps)):
         raise checkpoint.CheckpointMismatchError(
@@ -464,10 +299,6 @@ def _restore_intact(manager, target: TrainState, num_agents: int, workdir: str) 
     raise error
 
 
-def count_params(params: PyTree) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
-
-
 def build_train_step(config: ml_collections.ConfigDict) -> Callable:
     """The config's jitted ``train_step(state, batch, key)`` (input state donated).
 
@@ -480,7 +311,7 @@ def build_train_step(config: ml_collections.ConfigDict) -> Callable:
 @functools.cache
 def _build_train_step(config_json: str) -> Callable:
     config = ml_collections.ConfigDict(json.loads(config_json))
-    components = resolve(config)
+    components = runs.resolve(config)
     return components_train_step(
         config, components, components.train_strategy, training_mesh(config), donate_argnums=(0,)
     )
@@ -488,7 +319,7 @@ def _build_train_step(config_json: str) -> Callable:
 
 def components_train_step(
     config: ml_collections.ConfigDict,
-    components: Components,
+    components: runs.Components,
     strategy: str,
     agent_mesh: sharding.AgentMesh | None = None,
     **jit_kwargs,
@@ -568,8 +399,6 @@ def train_and_evaluate(
     resume_step = check_workdir(config, workdir)
     from clu import metric_writers, periodic_actions  # TensorFlow's import: a valid config only
 
-    from fedinf_jax import runtime
-
     runtime.tensorflow()  # clu's summary writer runs TensorFlow ops
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     partition = make_partition(config, mnist.train_labels)
@@ -592,10 +421,10 @@ def train_and_evaluate(
     agent_mesh = training_mesh(config)
     if agent_mesh is not None:
         logging.info("%s", agent_mesh.describe())
-    key = make_key(config.seed)
+    key = runs.make_key(config.seed)
     init_key, train_key = jax.random.split(key)
     abstract = abstract_train_state(components, num_agents)
-    per_agent = count_params(abstract.params) // num_agents
+    per_agent = runs.count_params(abstract.params) // num_agents
     logging.info(
         "U-Net %s: %s parameters per agent, %s for %d agents",
         tuple(config.model.block_out_channels),
@@ -615,7 +444,7 @@ def train_and_evaluate(
         )
     else:
         state = create_train_state(
-            init_agents(components.model, num_agents, init_key), components.tx
+            runs.init_agents(components.model, num_agents, init_key), components.tx
         )
         if agent_mesh is not None:
             state = sharding.to_mesh(state, agent_mesh)

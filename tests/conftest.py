@@ -57,10 +57,10 @@ def micro_train_step(strategy: str, agent_mesh=None):
     """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given, as the
     trainer builds it (``train_lib.components_train_step``) but without donating its input;
     cached, so that one compilation serves every test of a process."""
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs, train_lib
 
     config = micro_config()
-    return train_lib.components_train_step(config, train_lib.resolve(config), strategy, agent_mesh)
+    return train_lib.components_train_step(config, runs.resolve(config), strategy, agent_mesh)
 
 
 def zero_fill_data_files(step: pathlib.Path) -> list[pathlib.Path]:

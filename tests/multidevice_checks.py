@@ -14,7 +14,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from fedinf_jax import agents, aggregators, checkpoint, sample_lib, sampling, sharding, train_lib
+from fedinf_jax import (
+    agents,
+    aggregators,
+    checkpoint,
+    runs,
+    sample_lib,
+    sampling,
+    sharding,
+    train_lib,
+)
 from fedinf_jax.input_pipeline import synthetic_batch
 from tests.conftest import micro_config, micro_train_step
 
@@ -60,7 +69,7 @@ def test_shard_map_is_exact_on_the_miscompiled_pattern():
 
 @pytest.fixture(scope="module")
 def comp():
-    return train_lib.resolve(micro_config())
+    return runs.resolve(micro_config())
 
 
 def _two_steps(step, state, batch, key):
@@ -72,7 +81,7 @@ def test_sharded_train_step_equals_one_device(comp, num_agents=6):
     """K = 6 padded to 8 over 4 devices: two agent slots each (as K = 8 has), one of them padding
     on the last two devices. Each device runs its agents as CPU training does (``loop``). The
     unpadded layout, one agent per device, is the two-process check's (K = 4)."""
-    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0))
+    params = runs.init_agents(comp.model, num_agents, runs.make_key(0))
     state = train_lib.create_train_state(params, comp.tx)
     batch = synthetic_batch(num_agents, 4)
     key = jax.random.key(3)
@@ -94,7 +103,7 @@ def test_sharded_train_step_equals_one_device(comp, num_agents=6):
 def test_checkpoint_restores_onto_any_mesh(comp, tmp_path, num_agents=3, agent_shards=2):
     """A padded, sharded state saved by Orbax restores exactly onto one device (K agents) and
     onto a mesh with another padding."""
-    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(1))
+    params = runs.init_agents(comp.model, num_agents, runs.make_key(1))
     state = train_lib.create_train_state(params, comp.tx)
     agent_mesh = _mesh(num_agents, agent_shards, DEVICES // agent_shards)
     manager = checkpoint.make_manager(tmp_path)
@@ -113,7 +122,7 @@ def test_checkpoint_restores_onto_any_mesh(comp, tmp_path, num_agents=3, agent_s
 
 
 def _federation(comp, config, num_agents, agent_mesh):
-    params = train_lib.init_agents(comp.model, num_agents, train_lib.make_key(2))
+    params = runs.init_agents(comp.model, num_agents, runs.make_key(2))
     if agent_mesh is not None:
         params = sharding.to_mesh(params, agent_mesh)
     counts = np.arange(1, 10 * num_agents + 1).reshape(num_agents, 10)
@@ -157,7 +166,7 @@ def test_sharded_guided_sampling_equals_one_device(num_agents=3, agent_shards=2)
     config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
     config.sampler.guidance, config.aggregator.name = 2.0, "label_prior"
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
-    comp = train_lib.resolve_score(config)
+    comp = runs.resolve_score(config)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
     keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
     single = _federation(comp, config, num_agents, None)
@@ -207,7 +216,7 @@ def test_only_the_aggregate_crosses_devices(comp):
         score_fn = sample_lib.agent_score_fn(comp, "map", agent_mesh)
         mean = aggregators.mean()
         params = sharding.to_mesh(
-            train_lib.init_agents(comp.model, num_agents, train_lib.make_key(0)), agent_mesh
+            runs.init_agents(comp.model, num_agents, runs.make_key(0)), agent_mesh
         )
         x, t, y = jnp.zeros((4, 28, 28, 1)), jnp.full((4,), 0.5), jnp.arange(4)
 

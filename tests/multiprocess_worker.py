@@ -22,14 +22,14 @@ def case():
     components, params, counts, labels)."""
     import numpy as np
 
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs
     from tests.conftest import micro_config
 
     config = micro_config()
     config.sampler.update(num_steps=4, batch_size=4, num_per_class=1)
     config.aggregator.name = "label_prior"
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, NUM_AGENTS, train_lib.make_key(2))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, NUM_AGENTS, runs.make_key(2))
     counts = np.arange(1, 10 * NUM_AGENTS + 1).reshape(NUM_AGENTS, 10)
     labels = np.arange(10, dtype=np.int32)
     return config, comp, params, counts, labels

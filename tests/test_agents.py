@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax import agents, train_lib
+from fedinf_jax import agents, runs, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch
 from fedinf_jax.score import make_score_fn
 from tests.conftest import count_traces, micro_config, micro_train_step
@@ -16,8 +16,8 @@ K, B = 2, 4
 @pytest.fixture(scope="module")
 def setup():
     config = micro_config()
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, K, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, K, runs.make_key(0))
     batch = synthetic_batch(K, B)
     return config, comp, params, batch
 

@@ -15,7 +15,7 @@ def _members(k=K):
     """Every registered member, built from its config section at its defaults."""
     counts = COUNTS[:k] if k <= len(COUNTS) else np.ones((k, 2))
     section = A.config_section()
-    section.trimmed_mean.trim = 1 if k > 2 else 0
+    A.fit_to_agents(section, k)
     members = {}
     for name in A.AGGREGATORS:
         section.name = name
@@ -41,7 +41,7 @@ def _apply(agg, scores, t, x, y, num_agents=None):
 def test_every_setting_has_a_config_field():
     section = A.config_section()
     for name in A.AGGREGATORS:
-        assert dict(section.get(name, {})) == A.settings_of(name)
+        assert dict(section.get(name, {})) == A.AGGREGATORS.settings(name)
     with pytest.raises(ValueError, match=r"unknown aggregator 'avg'; valid: \['mean', 'weighted'"):
         A.config_section("avg")
     with pytest.raises(ValueError, match="setting 'w' needs a default"):
@@ -63,6 +63,28 @@ def test_jittable_shape_finite(name):
         np.testing.assert_array_equal(out, scores[np.asarray(state.agent, int), np.arange(B)])
     else:
         assert state == A.EmptyState()
+
+
+@pytest.mark.parametrize("name", A.AGGREGATORS.names())
+def test_every_member_says_its_weights_and_the_agents_it_asks(name):
+    """A weighted member's ``weights`` at a point are the weights its aggregate sums the agents'
+    scores with (summing to one per sample); the element-wise members say they have none; and
+    every member says how many agents each sample asks (all K without ``dispatch``)."""
+    scores, t, x, y = _inputs()
+    member = _members()[name]
+    keys = jax.random.split(jax.random.key(1), len(y))
+    state = member.init(K, x, y, keys)
+    out, state = jax.jit(member.aggregate)(scores, t, x, y, state)
+    asked = A.agents_asked(member, K)
+    assert asked == (1 if name == "route" else K)
+    if name in ("median", "trimmed_mean"):
+        assert member.weights is None
+        return
+    w = jnp.broadcast_to(jnp.asarray(member.weights(scores, t, x, y, state)).T, (B, K)).T
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, rtol=1e-5)
+    expected = jnp.einsum("kb,kb...->b...", w, scores)
+    tol = 1e-4 if name == "superdiff_and" else 1e-6
+    np.testing.assert_allclose(out, expected, rtol=10 * tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", A.AGGREGATORS.names())
@@ -149,7 +171,7 @@ def test_top_k_keeps_the_largest_weights_renormalised():
 
     log_q = jax.random.normal(jax.random.key(3), (K, B))
     member = A.superdiff_or(VPSDE(), "sde", COUNTS, K, temperature=0.7, top_k=2)
-    weights = np.asarray(member.weights(A.DensityState(log_q), y))
+    weights = np.asarray(member.weights(None, None, None, y, A.DensityState(log_q)))
     logits = 0.7 * np.asarray(log_q) + A.log_prior_table(COUNTS)[:, np.asarray(y)]
     kept = np.argsort(-logits, axis=0)[:2]
     expected = np.zeros_like(logits)
@@ -269,7 +291,7 @@ def _guided_pair(name, k=K, guide_label=NULL):
     with ``guide_label`` None by weaker agents at the same label (autoguidance)."""
     counts = COUNTS[:k] if guide_label is None else A.with_null_class(COUNTS[:k])
     section = A.config_section(name)
-    section.trimmed_mean.trim = 1 if k > 2 else 0
+    A.fit_to_agents(section, k)
     member = A.from_config(section, counts, k, VPSDE())
     return member, A.guided(member, W, guide_label)
 
@@ -359,10 +381,10 @@ def test_guided_superdiff_or_with_exact_densities_is_the_pooled_model_guided():
 def test_guidance_one_builds_the_member_itself():
     """w = 1 is no guidance: make_aggregator returns the member, bitwise the unguided one."""
     from configs import base
-    from fedinf_jax import sample_lib, train_lib
+    from fedinf_jax import runs, sample_lib
 
     config = base.get_config("smoke")
-    components = train_lib.resolve_score(config)
+    components = runs.resolve_score(config)
     scores, t, x, y = _inputs(k=2)
     for name in ("mean", "superdiff_or"):
         config.aggregator.name = name

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from fedinf_jax import agents, aggregators, train_lib
+from fedinf_jax import agents, aggregators, runs
 from fedinf_jax.evaluation import agreement
 from fedinf_jax.score import make_score_fn
 from tests.conftest import micro_config
@@ -25,8 +25,8 @@ def test_agreement_closed_forms():
 
 def test_table_on_an_untrained_single_agent():
     config = micro_config()
-    comp = train_lib.resolve(config)
-    params = train_lib.init_agents(comp.model, 1, train_lib.make_key(0))
+    comp = runs.resolve(config)
+    params = runs.init_agents(comp.model, 1, runs.make_key(0))
     lifted = agents.over_agents(
         make_score_fn(comp.model, comp.sde, comp.param), "vmap", (0, None, None, None)
     )

@@ -7,21 +7,11 @@ import pytest
 from fedinf_jax.evaluation import communication as C
 
 
-def test_each_member_asks_its_agents():
-    assert C.agents_asked("mean", {}, 10) == 10
-    assert C.agents_asked("route", {"prior": "label"}, 10) == 1
-    assert C.agents_asked("label_prior", {"top_k": 2}, 10) == 2
-    assert C.agents_asked("label_prior", {"top_k": 0}, 10) == 10
-    assert C.agents_asked("label_prior", {"top_k": 10}, 10) == 10
-    # Every agent's log-density is tracked from its own score, whatever the top-k.
-    assert C.agents_asked("superdiff_or", {"top_k": 1}, 10) == 10
-
-
 def test_bytes_per_sample_and_a_fedavg_round():
     """K = 2 agents, 3 evaluations of a 4-value image: each evaluation sends x (4), t and y to
     both agents, 6 values each, and receives a 4-value score (and one divergence estimate per
     probe) from each."""
-    t = C.sample_traffic("mean", {}, 2, 3, 4)
+    t = C.sample_traffic(2, 3, 4)
     assert t == {
         "agents_asked": 2,
         "round_trips": 3,
@@ -29,12 +19,12 @@ def test_bytes_per_sample_and_a_fedavg_round():
         "bytes_to_server": 2 * 3 * 4 * 4,
         "bytes": 2 * 3 * 10 * 4,
     }
-    probed = C.sample_traffic("superdiff_or", {"probes": 2}, 2, 3, 4, probes=2)
+    probed = C.sample_traffic(2, 3, 4, probes=2)
     assert probed["bytes_to_server"] == 2 * 3 * 6 * 4
-    guided = C.sample_traffic("mean", {}, 2, 3, 4, guided=True)  # two scores back, x sent once
+    guided = C.sample_traffic(2, 3, 4, guided=True)  # two scores back, x sent once
     assert guided["bytes_to_agents"] == t["bytes_to_agents"]
     assert guided["bytes_to_server"] == 2 * t["bytes_to_server"]
-    routed = C.sample_traffic("route", {}, 2, 3, 4)
+    routed = C.sample_traffic(1, 3, 4)
     assert routed["bytes"] == t["bytes"] / 2 and routed["round_trips"] == 3
     assert C.fedavg_round_bytes(10, 1000) == 2 * 10 * 1000 * 4
 
@@ -42,7 +32,8 @@ def test_bytes_per_sample_and_a_fedavg_round():
 @pytest.mark.parametrize("method, probes", [("sde", 0), ("ode", 1)])
 def test_a_sample_sets_traffic(tmp_path, method, probes):
     """From a set's samples.json: the evaluations per batch, the member's own section, the ODE's
-    probes."""
+    probes, and the agents asked per sample as the sampler counted its network evaluations
+    (all K for a set recorded before they were)."""
     record = {
         "config": {
             "aggregator": {"name": "superdiff_or", "superdiff_or": {"probes": 1, "top_k": 0}},
@@ -55,3 +46,9 @@ def test_a_sample_sets_traffic(tmp_path, method, probes):
     assert t["agents_asked"] == 10 and t["round_trips"] == 101
     assert t["bytes"] == 10 * 101 * ((784 + 2) + (784 + probes)) * 4
     assert t["samples_per_fedavg_round"] == pytest.approx(2 * 10 * 1000 * 4 / t["bytes"])
+    record["config"]["aggregator"] = {"name": "route", "route": {"prior": "label"}}
+    record["config"]["sampler"]["guidance"] = 2.0
+    record["stats"]["network_evaluations"] = 202 * 2  # one agent per sample, guided
+    (tmp_path / "samples.json").write_text(json.dumps(record))
+    t = C.of_sample_dir(str(tmp_path), params_per_agent=1000)
+    assert t["agents_asked"] == 1 and t["bytes"] == 101 * ((784 + 2) + 2 * 784) * 4

@@ -9,6 +9,7 @@ import pytest
 from configs import control, hetero
 from configs import reproduce as reproduce_config
 from fedinf_jax import errors, pipeline, runtime, sample_lib, train_lib
+from fedinf_jax.evaluation import sample_sets
 from tests.conftest import BAD_INPUTS
 
 
@@ -189,7 +190,7 @@ def test_reproduce_checks_every_regime_and_procedure_first(tmp_path):
 
 def test_evaluate_refuses_a_folder_that_is_no_sample_set(tmp_path):
     with pytest.raises(errors.MissingInputError, match="is not a sample set"):
-        pipeline.check_sample_dir(str(tmp_path))
+        sample_sets.check_sample_dir(str(tmp_path))
 
 
 def test_user_errors_print_one_line_and_exit_2(capsys):

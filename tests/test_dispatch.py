@@ -20,7 +20,6 @@ from fedinf_jax import (
     sampling,
     solvers,
 )
-from fedinf_jax.evaluation import communication
 from fedinf_jax.sde import VPSDE
 from tests.conftest import count_traces
 
@@ -163,20 +162,26 @@ def test_one_compilation_per_sparse_sampler():
 
 
 @pytest.mark.parametrize(
-    "procedure", ["mean", "route", "label_prior:top_k=2", "label_prior:top_k=1", "superdiff_or"]
+    "procedure, asked",
+    [
+        ("mean", K),
+        ("route", 1),
+        ("label_prior:top_k=2", 2),
+        ("label_prior:top_k=1", 1),
+        ("superdiff_or:top_k=1", K),  # every agent's log-density is tracked
+    ],
 )
 @pytest.mark.parametrize("guided", [False, True])
-def test_the_computation_asks_the_agents_the_traffic_table_counts(procedure, guided):
-    """The agents the sampler evaluates per sample (what it computes) are the communication
-    table's agents asked (what a deployment would send)."""
-    name, settings = sample_lib.parse_procedure(procedure)
+def test_the_computation_asks_the_agents_the_member_declares(procedure, asked, guided):
+    """The agents the sampler evaluates per sample (what it computes, and what the traffic
+    table counts from its record) are the ones the member declares it asks."""
     section = sample_lib.with_procedure(base.get_config("smoke"), procedure).aggregator
     counts = aggregators.with_null_class(COUNTS) if guided else COUNTS
     agg = aggregators.from_config(section, counts, K, VPSDE(), "sde")
     if guided:
         agg = aggregators.guided(agg, 2.0, 10)
     dense, sparse = _samplers(agg, guided)
-    assert sparse.agents_asked(K) == communication.agents_asked(name, settings, K)
+    assert sparse.agents_asked(K) == aggregators.agents_asked(agg, K) == asked
     assert dense.agents_asked(K) == K
 
 

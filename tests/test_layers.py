@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import train_lib
+from fedinf_jax import runs
 from fedinf_jax.models.layers import (
     CONV_IMPLS,
     MATMUL_MIN_CHANNELS,
@@ -88,7 +88,7 @@ def test_conv_impl_choice_and_bad_input():
     config = base.get_config("smoke")
     config.conv_impl = "winograd"
     with pytest.raises(ValueError, match=r"unknown convolution 'winograd'; valid: \['auto', 'xla'"):
-        train_lib.resolve(config)
+        runs.resolve(config)
 
 
 def test_space_to_depth_is_patch_layout_and_inverse():

@@ -11,7 +11,17 @@ import pytest
 
 from configs import base
 from configs import reproduce as reproduce_config
-from fedinf_jax import checkpoint, errors, pipeline, pretrained, runtime, sample_lib, train_lib
+from fedinf_jax import (
+    checkpoint,
+    errors,
+    pipeline,
+    pretrain_lib,
+    pretrained,
+    runs,
+    runtime,
+    sample_lib,
+    train_lib,
+)
 from fedinf_jax.evaluation import classifier
 
 
@@ -29,10 +39,10 @@ def shipped(reproduced, tmp_path_factory) -> pathlib.Path:
     outdir = reproduced[0]
     dest = tmp_path_factory.mktemp("shipped")
     record = {"command": "python pretrain.py --preset=smoke"}
-    pretrained.export_federation(
+    pretrain_lib.export_federation(
         str(outdir / "heterogeneous"), str(dest / "heterogeneous"), "smoke", "heterogeneous", record
     )
-    pretrained.export_classifier(
+    pretrain_lib.export_classifier(
         str(outdir / "classifier"), str(dest / "classifier"), "smoke", record
     )
     return dest
@@ -62,7 +72,7 @@ def test_a_shipped_run_records_its_making_and_samples_bitwise_like_its_workdir(
     original = sample_lib.load_federation(config, str(workdir))
     federation = sample_lib.load_federation(config, str(run))
     assert manifest["params_sha256"] == pretrained.params_sha256(original.params)
-    assert manifest["params_per_agent"] * 2 == train_lib.count_params(federation.params)
+    assert manifest["params_per_agent"] * 2 == runs.count_params(federation.params)
     before = _listing(run)
     monkeypatch.chdir(tmp_path)  # sample sets of a shipped run go under ./runs/pretrained
     out = sample_lib.run(config, str(run))
@@ -148,9 +158,9 @@ def test_the_pipeline_uses_shipped_runs_after_checking_them(shipped, tmp_path):
 
 def test_the_first_steps_of_a_shipped_run_log_its_recorded_loss(shipped):
     """The smoke run's first 10 steps, retrained from its record: the loss at step 10 bitwise."""
-    assert pretrained.check_first_steps(str(shipped / "heterogeneous"), 10)
+    assert pretrain_lib.check_first_steps(str(shipped / "heterogeneous"), 10)
     with pytest.raises(pretrained.ShippedRunError, match=r"records its loss at steps \[10, 20, 30"):
-        pretrained.check_first_steps(str(shipped / "heterogeneous"), 15)
+        pretrain_lib.check_first_steps(str(shipped / "heterogeneous"), 15)
 
 
 def test_the_shipped_modifier_samples_shipped_runs_without_training_or_writing_them(

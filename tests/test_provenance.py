@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import hetero
-from fedinf_jax import checkpoint, provenance, sample_lib, train_lib
+from fedinf_jax import checkpoint, optim, provenance, runs, sample_lib, train_lib
 
 
 def test_flatten_and_digest_are_canonical():
@@ -75,7 +75,7 @@ def test_resume_allows_free_fields_and_fields_the_record_lacks():
     config.data.mnist_dir = "/elsewhere"
     config.sampler.num_steps, config.agent_axis.train = 3, "map"
     train_lib.check_resume(record, config, "/w", step=30)
-    assert set(train_lib.FREE_FIELDS).isdisjoint(train_lib.run_inputs(config))
+    assert set(runs.FREE_FIELDS).isdisjoint(runs.run_inputs(config))
 
 
 def test_num_steps_may_change_only_where_the_schedules_agree():
@@ -95,15 +95,15 @@ def test_num_steps_may_change_only_where_the_schedules_agree():
     record = _record(config)
     config.train.num_steps = 60
     train_lib.check_resume(record, config, "/w", step=30)
-    before = train_lib.make_schedule(ml_collections.ConfigDict(record["train"]))
-    after = train_lib.make_schedule(config.train)
+    before = optim.make_schedule(ml_collections.ConfigDict(record["train"]))
+    after = optim.make_schedule(config.train)
     np.testing.assert_array_equal(before(np.arange(30)), after(np.arange(30)))
 
 
 def test_sample_set_inputs_are_the_run_the_step_and_how_to_sample():
     config = hetero.get_config("smoke")
     inputs = sample_lib.sample_set_inputs(config, 30)
-    assert inputs["run"] == train_lib.run_digest(config) and inputs["checkpoint_step"] == 30
+    assert inputs["run"] == runs.run_digest(config) and inputs["checkpoint_step"] == 30
     assert inputs["sampler.num_steps"] == 8 and inputs["aggregator.name"] == "mean"
     for field in sample_lib.EXECUTION_FIELDS:
         assert field not in inputs

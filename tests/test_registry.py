@@ -56,3 +56,32 @@ def test_every_plug_in_family_is_a_registry(family):
     assert isinstance(family, Registry) and len(family) >= 2
     with pytest.raises(ValueError, match=f"unknown {family.family} 'nope'; valid: "):
         family.get("nope")
+
+
+def test_settings_build_and_parse_read_a_members_signature():
+    """A member's parameters are its settings, but the family's context, which comes from the
+    run: ``build`` takes the section's fields that are settings and the context it is given,
+    and names a needed context parameter that is missing; ``parse`` reads ``name:key=value``."""
+    reg = Registry("widget", context={"labels": "the labels"})
+
+    @reg.register("scaled")
+    def scaled(labels, factor: float = 2.0, name: str = "x"):
+        return [factor * v for v in labels], name
+
+    @reg.register("plain")
+    def plain(size: int = 3):
+        return size
+
+    assert reg.settings("scaled") == {"factor": 2.0, "name": "x"}
+    section = {"factor": 3.0, "size": 7, "other": 1}  # fields of other members are left alone
+    assert reg.build("scaled", section, labels=[1, 2]) == ([3.0, 6.0], "x")
+    assert reg.build("plain", section, labels=[1, 2]) == 7
+    assert reg.build("plain") == 3
+    with pytest.raises(ValueError, match="widget 'scaled' needs the labels"):
+        reg.build("scaled", section)
+    assert reg.parse("scaled:factor=0.5,name=y") == ("scaled", {"factor": 0.5, "name": "y"})
+    assert reg.parse("plain") == ("plain", {})
+    with pytest.raises(ValueError, match=r"unknown setting of scaled 'labels'; valid: \['factor'"):
+        reg.parse("scaled:labels=1")
+    with pytest.raises(ValueError, match="unknown widget 'nope'"):
+        reg.parse("nope:size=1")

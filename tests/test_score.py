@@ -112,13 +112,13 @@ def test_uniform_training_noise_and_bad_names():
 def test_label_dropout_replaces_labels_by_the_null_label():
     """A model with the null label has one more class; with dropout 1 every label is the null
     label, and the times and noise are those of the same key without dropout."""
-    from fedinf_jax import train_lib
+    from fedinf_jax import runs
     from fedinf_jax.score import make_loss_fn, null_label
     from tests.conftest import micro_config
 
     config = micro_config()
     config.train.label_dropout = 0.2
-    model = train_lib.resolve_score(config).model
+    model = runs.resolve_score(config).model
     assert model.num_classes == 11 and null_label(model) == 10
     sde = sde_lib.make_sde(config.sde)
     params = model.init(

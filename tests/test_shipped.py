@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import reproduce as reproduce_config
-from fedinf_jax import pipeline, pretrained, provenance, sample_lib, train_lib
+from fedinf_jax import pipeline, pretrained, provenance, runs, sample_lib
 from fedinf_jax.evaluation import classifier
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "cpu"
@@ -27,10 +27,7 @@ def test_a_shipped_federation_is_the_cpu_presets_run_and_samples(regime, tmp_pat
     config = pipeline.regime_config(CONFIG, regime, "mean")
     # What the cpu preset trains today: a changed default needs `make pretrained`.
     assert (
-        provenance.differences(
-            train_lib.run_inputs(manifest["config"]), train_lib.run_inputs(config)
-        )
-        == []
+        provenance.differences(runs.run_inputs(manifest["config"]), runs.run_inputs(config)) == []
     )
     assert manifest["step"] == config.train.num_steps == manifest["loss"][-1][0]
     assert np.asarray(manifest["counts"]).shape == (config.partition.num_agents, 10)
@@ -41,7 +38,7 @@ def test_a_shipped_federation_is_the_cpu_presets_run_and_samples(regime, tmp_pat
     config.agent_axis.map_unroll = 1
     federation = sample_lib.load_federation(config, str(run))
     assert pretrained.params_sha256(federation.params) == manifest["params_sha256"]
-    per_agent = train_lib.count_params(federation.params) // federation.num_agents
+    per_agent = runs.count_params(federation.params) // federation.num_agents
     assert per_agent == manifest["params_per_agent"] == 243_833
     assert federation.config.sampler.guidance == 2.0  # the preset's guidance, on its null label
     monkeypatch.chdir(tmp_path)

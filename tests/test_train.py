@@ -12,12 +12,12 @@ import optax
 import pytest
 
 from configs import base, hetero
-from fedinf_jax import checkpoint, data, errors, plots, sample_lib, train_lib
+from fedinf_jax import checkpoint, data, errors, plots, runs, sample_lib, train_lib
 from tests.conftest import count_compiles, micro_config, zero_fill_data_files
 
 
 def _abstract_state(config, num_agents):
-    return train_lib.abstract_train_state(train_lib.resolve(config), num_agents)
+    return train_lib.abstract_train_state(runs.resolve(config), num_agents)
 
 
 def _restore(workdir, config):
@@ -56,15 +56,15 @@ def test_sampling_restores_the_parameters_alone(cli_workdir):
     parameters and EMA parameters a full restore gives, and refuses another model."""
     config = hetero.get_config("smoke")
     state, _ = _restore(cli_workdir, config)
-    model = train_lib.resolve_score(config).model
-    abstract = train_lib.abstract_agent_params(model, 2)
+    model = runs.resolve_score(config).model
+    abstract = runs.abstract_agent_params(model, 2)
     for field in ("params", "ema_params"):
         got = checkpoint.restore_params(cli_workdir, abstract, 30, field, num_agents=2)
         want = getattr(state, field)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(a, b)
     config.model.block_out_channels = (8, 32)
-    other = train_lib.abstract_agent_params(train_lib.resolve_score(config).model, 2)
+    other = runs.abstract_agent_params(runs.resolve_score(config).model, 2)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="arrays differ"):
         checkpoint.restore_params(cli_workdir, other, 30, "ema_params", num_agents=2)
 
@@ -151,9 +151,9 @@ def test_training_resumes_from_the_newest_intact_step(micro_straight, tmp_path, 
 
 def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
     config = hetero.get_config("smoke")
-    comp = train_lib.resolve(config)
+    comp = runs.resolve(config)
     trained, _ = _restore(cli_workdir, config)
-    initial = train_lib.init_agents(comp.model, 2, jax.random.split(train_lib.make_key(0))[0])
+    initial = runs.init_agents(comp.model, 2, jax.random.split(runs.make_key(0))[0])
     loss_fn = jax.jit(
         jax.vmap(
             train_lib.make_loss_fn(comp.model, comp.sde, param=comp.param),

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from fedinf_jax import checkpoint, data, files, pretrained, provenance, train_lib
+from fedinf_jax import checkpoint, data, files, optim, pretrained, provenance
 from fedinf_jax.models.layers import GroupNorm
 
 
@@ -239,7 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier
     """Trains and saves the classifier under ``workdir``."""
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     model = make_classifier(config.model)
-    tx = train_lib.make_optimizer(config.train)
+    tx = optim.make_optimizer(config.train)
     params = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, *data.IMAGE_SHAPE)))
     opt_state = tx.init(params)
 

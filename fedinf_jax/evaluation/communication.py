@@ -8,10 +8,11 @@ sample:
   agent it asks, each returns its score (and, for a density-weighted member on the
   probability-flow ODE, its ``probes`` Hutchinson divergence estimates); the aggregate, and any
   aggregator state (the tracked log-densities), stay on the server;
-* the agents asked: all K for every member, but one for ``route`` (each sample's own agent) and
-  k for ``label_prior`` with ``top_k`` = k (the others have weight 0 for that class).
-  ``superdiff_or``'s ``top_k`` still asks all K: every agent's log-density is tracked from its
-  own score;
+* the agents asked: those the sampler evaluated for each sample (``aggregators.agents_asked``:
+  all K, but the m a sparse member dispatches, one for ``route``, k for ``label_prior`` with
+  ``top_k`` = k; ``superdiff_or``'s ``top_k`` still asks all K, every agent's log-density being
+  tracked from its own score), read from the set's record, so that the traffic counted is the
+  computation done;
 * against training's communication: one FedAvg round moves every agent's weights twice (the
   global model down, the update up).
 
@@ -29,21 +30,8 @@ from fedinf_jax import data
 VALUE_BYTES = 4
 
 
-def agents_asked(name: str, settings: dict, num_agents: int) -> int:
-    """How many agents the server must ask per evaluation for member ``name`` with ``settings``
-    (its config section)."""
-    if name == "route":
-        return 1
-    top_k = int(settings.get("top_k", 0) or 0)
-    if name == "label_prior" and 0 < top_k < num_agents:
-        return top_k
-    return num_agents
-
-
 def sample_traffic(
-    name: str,
-    settings: dict,
-    num_agents: int,
+    agents_asked: int,
     evaluations: float,
     image_size: int,
     probes: int = 0,
@@ -54,12 +42,11 @@ def sample_traffic(
     ``bytes_to_server`` (a score of ``image_size`` values, plus ``probes`` divergence estimates,
     per agent asked per evaluation; ``guided``: two scores, the label's and the guide's, each
     agent computing both from the same x) and ``bytes``, their sum."""
-    asked = agents_asked(name, settings, num_agents)
-    to_agents = asked * evaluations * (image_size + 2) * VALUE_BYTES
+    to_agents = agents_asked * evaluations * (image_size + 2) * VALUE_BYTES
     scores = 2 if guided else 1
-    to_server = asked * evaluations * (scores * image_size + probes) * VALUE_BYTES
+    to_server = agents_asked * evaluations * (scores * image_size + probes) * VALUE_BYTES
     return {
-        "agents_asked": asked,
+        "agents_asked": agents_asked,
         "round_trips": evaluations,
         "bytes_to_agents": to_agents,
         "bytes_to_server": to_server,
@@ -85,13 +72,16 @@ def of_sample_dir(sample_dir: str, params_per_agent: int) -> dict:
     if not isinstance(settings, dict):  # sets written when the section was flat
         settings = agg
     k = stats["num_agents"]
-    probes = 0
-    if config["sampler"]["method"] == "ode" and agg["name"].startswith("superdiff"):
-        probes = settings.get("probes", 0)
-    size = math.prod(data.IMAGE_SHAPE)
+    # The divergence estimates a member asks for on the probability-flow ODE (its ``probes``).
+    probes = settings.get("probes", 0) if config["sampler"]["method"] == "ode" else 0
     guided = config["sampler"].get("guidance", 1.0) != 1
+    # The agents evaluated per sample: the network evaluations recorded over the score
+    # evaluations (two per agent guided); a set recorded before they were counted asked all K.
+    network = stats.get("network_evaluations")
+    per_score = (2 if guided else 1) * stats["score_evaluations"]
+    asked = round(network / per_score) if network else k
     evaluations = stats["score_evaluations"] / stats["batches"]
-    traffic = sample_traffic(agg["name"], settings, k, evaluations, size, probes, guided)
+    traffic = sample_traffic(asked, evaluations, math.prod(data.IMAGE_SHAPE), probes, guided)
     fedavg = fedavg_round_bytes(k, params_per_agent)
     return dict(
         traffic, fedavg_round_bytes=fedavg, samples_per_fedavg_round=fedavg / traffic["bytes"]

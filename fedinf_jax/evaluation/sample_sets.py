@@ -1,0 +1,106 @@
+"""A sample set measured: the evaluation classifier's features of its images against those of
+MNIST's test images (FID, precision, recall), its softmax (Inception Score, label accuracy,
+noise rate), and real digits measured the same way (each metric's value for a perfect generator
+at that size)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fedinf_jax import data, errors, files
+from fedinf_jax.evaluation import classifier, metrics
+
+
+def evaluate_sample_set(
+    clf: classifier.TrainedClassifier,
+    real_features: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+) -> dict:
+    """Every metric of one sample set (uint8 images) against the real test features."""
+    return sample_set_metrics(*clf.features_and_probs(images), labels, real_features)
+
+
+def sample_set_metrics(
+    feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, real_features: np.ndarray
+) -> dict:
+    """``evaluate_sample_set``'s metrics from a set's classifier features and softmax."""
+    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
+    accuracy, per_class = metrics.label_accuracy(probs, labels)
+    rng = np.random.default_rng(0)
+    num_real = min(metrics.PRECISION_RECALL_REAL, len(real_features))  # all of a smaller set
+    real = real_features[rng.choice(len(real_features), num_real, replace=False)]
+    precision, recall = metrics.precision_recall(real, feats, k=3)
+    return {
+        "num_samples": len(probs),
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "fid": metrics.fid(feats, real_features),
+        "fid_se": metrics.fid_standard_error(feats, real_features),
+        "accuracy": accuracy,
+        "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_class],
+        "noise_rate": metrics.noise_rate(probs),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def check_sample_dir(sample_dir: str) -> tuple[str, str]:
+    """The paths of a sample set's ``samples.npz`` and ``samples.json``; an error if missing."""
+    npz, meta = (os.path.join(sample_dir, f"samples.{ext}") for ext in ("npz", "json"))
+    missing = [p for p in (npz, meta) if not os.path.exists(p)]
+    if missing:
+        raise errors.MissingInputError(
+            f"{sample_dir!r} is not a sample set: {', '.join(missing)} missing (a sample set is "
+            "the --outdir of sample.py or <regime>/samples/<procedure> of reproduce.py)"
+        )
+    return npz, meta
+
+
+def evaluate_sample_dir(
+    clf: classifier.TrainedClassifier, real_features: np.ndarray, sample_dir: str
+) -> dict:
+    """Every metric of a sample set written by ``sample.py`` or a pipeline stage (its
+    ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations."""
+    npz, meta = check_sample_dir(sample_dir)
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"]
+    stats = files.read_json(meta)["stats"]
+    return dict(
+        evaluate_sample_set(clf, real_features, images, labels),
+        sampling_wall_time_s=stats["wall_time_s"],
+        score_evaluations=stats["score_evaluations"],
+    )
+
+
+def reference_set(mnist: data.Mnist, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` MNIST training images of each digit (none of them in FID's test-set
+    reference): real data, measured like a sample set of the same size, show each metric's value
+    for a perfect generator at that size (FID's finite-sample floor, IS's ceiling)."""
+    rng = np.random.default_rng(seed)
+    index = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(mnist.train_labels == c), per_class, replace=False)
+            for c in range(data.NUM_CLASSES)
+        ]
+    )
+    return mnist.train_images[index], mnist.train_labels[index]
+
+
+def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
+    """The classifier checkpointed in ``classifier_dir``; an error when there is none."""
+    clf = classifier.load_classifier(classifier_dir)
+    if clf is None:
+        raise errors.MissingInputError(
+            f"no classifier checkpoint in {classifier_dir!r}: give the classifier/ folder of a "
+            "reproduce.py run (it trains one)"
+        )
+    return clf
+
+
+def load_evaluator(classifier_dir: str, mnist: data.Mnist):
+    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
+    clf = require_classifier(classifier_dir)
+    return clf, classifier.test_set_features(clf, classifier_dir, mnist.test_images)
