@@ -52,8 +52,11 @@ pretrained: install
 train: install
 	$(PY) train.py --config=configs/$(REGIME).py:$(PRESET) --workdir=runs/$(REGIME)_$(PRESET)
 
+# The speed set (benchmarks/README.md), at the cpu preset; results in benchmarks/results/. An hour
+# or more on 2 cores.
+SPEED = train_throughput sample_throughput sparse_dispatch route_gather guidance_batch
 benchmark: install
-	$(PY) benchmarks/train_throughput.py
+	for b in $(SPEED); do $(PY) -m benchmarks.speed.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -73,7 +73,7 @@ def main(argv):
         else:
             cfg = pipeline.regime_config(config, name)
             if (train_lib.check_workdir(cfg, source) or 0) < cfg.train.num_steps:
-                train_lib.train_and_evaluate(cfg, source)
+                train_lib.train(cfg, source)
             file = reproduce_config.REGIME_FILES[name].__name__.rpartition(".")[2]
             record = {
                 "command": command,

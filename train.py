@@ -32,7 +32,7 @@ def main(argv):
     runtime.start_distributed_entry_point(argv)
     logging.info("config:\n%s", FLAGS.config)
     try:
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_lib.train(FLAGS.config, FLAGS.workdir)
     except KeyboardInterrupt:
         logging.warning("interrupted; run the same command again to resume from %s", FLAGS.workdir)
         sys.exit(130)

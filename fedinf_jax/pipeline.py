@@ -30,6 +30,7 @@ the mean and standard error over the seeds (``sweep_summary``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -396,10 +397,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False) -> str:
-    """Runs every missing stage under ``outdir`` and writes ``report.md``; returns its path.
-    An output already there is reused when it was made from the same inputs (``provenance``);
-    one made with other settings stops the run before any work, or with ``recompute`` is made
-    again (and replaced once complete).
+    """Runs every missing stage (``STAGES``) under ``outdir`` and writes ``report.md``; returns
+    its path. An output already there is reused when it was made from the same inputs
+    (``provenance``); one made with other settings stops the run before any work, or with
+    ``recompute`` is made again (and replaced once complete).
 
     Raises:
       ConfigError: an invalid setting (``check_config``), before anything is written.
@@ -408,105 +409,148 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
     check_config(config)
     check_outputs(config, outdir, recompute)
     os.makedirs(outdir, exist_ok=True)
-    timings = Timings(os.path.join(outdir, "timings.json"))
-    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
+    reproduction = Reproduction(config, outdir, recompute)
+    for stage in STAGES:
+        stage.fn(reproduction)
+    return os.path.join(outdir, "report.md")
 
-    clf_dir = classifier_dir(config, outdir)
-    clf_cfg = classifier_config(config)
-    if classifier.check_reuse(clf_cfg, clf_dir, recompute):
-        timings.reuse("classifier", clf_dir)
-        clf = classifier.train_classifier(clf_cfg, clf_dir)  # restored; its accuracy checked
-    else:
-        clf = timings.run(
-            "classifier", lambda: classifier.train_classifier(clf_cfg, clf_dir, recompute)
+
+class Reproduction:
+    """One run of the stages under ``outdir``: what they share (the config, MNIST, the wall
+    times) and what each leaves for the next (``report``: the report's data as it fills)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, outdir: str, recompute: bool):
+        self.config, self.outdir, self.recompute = config, outdir, recompute
+        self.timings = Timings(os.path.join(outdir, "timings.json"))
+        self.mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
+        self.clf, self.real_features, self.reference = None, None, None
+        self.results, self.claims, self.sweep = {}, {}, None
+
+    def cached(self, stage: str, path: str, reusable: bool, make: Callable[[], object]):
+        """``make()`` timed as ``stage``, unless the output at ``path`` is ``reusable``."""
+        if reusable:
+            self.timings.reuse(stage, path)
+            return None
+        return self.timings.run(stage, make)
+
+    def sample_set(self, kind: str, regime: str, procedure: str, make_config) -> dict:
+        """One sample set, sampled unless it exists from the same inputs, and its metrics."""
+        stage = f"{_stage_kind(kind)}/{regime}/{procedure}"
+        sample_dir = _sample_dir(self.outdir, regime, procedure, kind)
+        cfg = make_config(self.config, regime, procedure)
+        workdir = run_dir(self.config, self.outdir, regime)
+        self.cached(
+            stage,
+            sample_dir,
+            _reusable_set(sample_dir, stage, cfg, self.recompute),
+            lambda: sample_lib.run(cfg, workdir, sample_dir),
         )
-    real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
+        measured = sample_sets.evaluate_sample_dir(self.clf, self.real_features, sample_dir)
+        return dict(measured, regime=regime, procedure=procedure)
 
-    for regime in all_regimes(config):
-        cfg = regime_config(config, regime)
-        workdir = run_dir(config, outdir, regime)
-        if (train_lib.check_workdir(cfg, workdir) or 0) < cfg.train.num_steps:
-            timings.run(
-                f"train/{regime}", lambda c=cfg, w=workdir: train_lib.train_and_evaluate(c, w)
-            )
-        else:
-            timings.reuse(f"train/{regime}", workdir)
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage of the reproduction: its ``name``, what it ``makes`` under the outdir, and the
+    function that makes it (reusing what exists from the same inputs)."""
+
+    name: str
+    makes: str
+    fn: Callable[[Reproduction], None]
+
+
+def _classifier_stage(r: Reproduction) -> None:
+    clf_dir, clf_cfg = classifier_dir(r.config, r.outdir), classifier_config(r.config)
+    reusable = classifier.check_reuse(clf_cfg, clf_dir, r.recompute)
+    trained = r.cached(
+        "classifier",
+        clf_dir,
+        reusable,
+        lambda: classifier.train_classifier(clf_cfg, clf_dir, r.recompute),
+    )
+    # A reused one restored, its accuracy checked.
+    r.clf = trained or classifier.train_classifier(clf_cfg, clf_dir)
+    r.real_features = classifier.test_set_features(r.clf, clf_dir, r.mnist.test_images)
+
+
+def _train_stage(r: Reproduction) -> None:
+    for regime in all_regimes(r.config):
+        cfg, workdir = regime_config(r.config, regime), run_dir(r.config, r.outdir, regime)
+        trained = (train_lib.check_workdir(cfg, workdir) or 0) >= cfg.train.num_steps
+        make = lambda c=cfg, w=workdir: train_lib.train(c, w)  # noqa: E731
+        r.cached(f"train/{regime}", workdir, trained, make)
+
+
+def _samples_stage(r: Reproduction) -> None:
     # Procedure by procedure (each across the regimes), so that an interrupted run has the
     # comparisons that matter most (the order of config.procedures) for every regime first.
-    regimes = all_regimes(config)
-    procedures = dict.fromkeys([*config.procedures, *config.get("sweep", {}).get("procedures", ())])
-    procedures_of = {regime: regime_procedures(config, regime) for regime in regimes}
-    sets = [
-        (regime, procedure)
+    regimes = all_regimes(r.config)
+    procedures = dict.fromkeys(
+        [*r.config.procedures, *r.config.get("sweep", {}).get("procedures", ())]
+    )
+    procedures_of = {regime: regime_procedures(r.config, regime) for regime in regimes}
+    results = {
+        f"{regime}/{procedure}": r.sample_set("samples", regime, procedure, regime_config)
         for procedure in procedures
         for regime in regimes
         if procedure in procedures_of[regime]
-    ]
-
-    def sample_set(kind: str, regime: str, procedure: str, make_config) -> dict:
-        """One sample set, sampled unless it exists from the same inputs, and its metrics."""
-        stage = f"{_stage_kind(kind)}/{regime}/{procedure}"
-        workdir = run_dir(config, outdir, regime)
-        sample_dir = _sample_dir(outdir, regime, procedure, kind)
-        cfg = make_config(config, regime, procedure)
-        if _reusable_set(sample_dir, stage, cfg, recompute):
-            timings.reuse(stage, sample_dir)
-        else:
-            timings.run(stage, lambda: sample_lib.run(cfg, workdir, sample_dir))
-        measured = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
-        return dict(measured, regime=regime, procedure=procedure)
-
-    results = {
-        f"{regime}/{procedure}": sample_set("samples", regime, procedure, regime_config)
-        for regime, procedure in sets
     }
     order = {regime: i for i, regime in enumerate(regimes)}
-    results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
+    r.results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["regime"]]))
 
-    claims = {}
-    if config.claim_per_class > 0:
-        claims = {
-            f"{regime}/{procedure}": sample_set("claims", regime, procedure, claim_config)
-            for regime, procedure in claim_procedures(config, results).items()
+
+def _claims_stage(r: Reproduction) -> None:
+    if r.config.claim_per_class > 0:
+        r.claims = {
+            f"{regime}/{procedure}": r.sample_set("claims", regime, procedure, claim_config)
+            for regime, procedure in claim_procedures(r.config, r.results).items()
         }
-    reference = sample_sets.evaluate_sample_set(
-        clf, real_features, *sample_sets.reference_set(mnist, config.eval_per_class, config.seed)
-    )
+
+
+def _metrics_stage(r: Reproduction) -> None:
+    reference_images = sample_sets.reference_set(r.mnist, r.config.eval_per_class, r.config.seed)
+    r.reference = sample_sets.evaluate_sample_set(r.clf, r.real_features, *reference_images)
     files.write_json(
-        os.path.join(outdir, "metrics.json"),
+        os.path.join(r.outdir, "metrics.json"),
         {
-            "classifier_test_accuracy": clf.test_accuracy,
-            "reference_mnist_train": reference,
-            "results": results,
-            "claims": claims,
+            "classifier_test_accuracy": r.clf.test_accuracy,
+            "reference_mnist_train": r.reference,
+            "results": r.results,
+            "claims": r.claims,
         },
     )
 
-    agreement_path = os.path.join(outdir, "agreement.json")
-    if not _reusable_agreement(agreement_path, config, recompute):
-        rows = []
-        for regime in config.regimes:
-            rows += timings.run(
-                f"agreement/{regime}",
-                lambda r=regime: agreement_rows(config, r, run_dir(config, outdir, r), mnist),
-            )
-        made_by = provenance.record(agreement_inputs(config))
-        files.write_json(agreement_path, {provenance.RECORD_KEY: made_by, "rows": rows})
-    else:
-        timings.reuse("agreement", agreement_path)
-    rows = files.read_json(agreement_path)["rows"]
-    swept = {k: r for k, r in results.items() if r["regime"].startswith(SWEEP_PREFIX)}
-    results = {k: r for k, r in results.items() if k not in swept}
-    sweep = None
+
+def _agreement_stage(r: Reproduction) -> None:
+    path = os.path.join(r.outdir, "agreement.json")
+    if _reusable_agreement(path, r.config, r.recompute):
+        r.timings.reuse("agreement", path)
+        return
+    rows = []
+    for regime in r.config.regimes:
+        workdir = run_dir(r.config, r.outdir, regime)
+        rows += r.timings.run(
+            f"agreement/{regime}",
+            lambda g=regime, w=workdir: agreement_rows(r.config, g, w, r.mnist),
+        )
+    made_by = provenance.record(agreement_inputs(r.config))
+    files.write_json(path, {provenance.RECORD_KEY: made_by, "rows": rows})
+
+
+def _sweep_stage(r: Reproduction) -> None:
+    swept = {k: s for k, s in r.results.items() if s["regime"].startswith(SWEEP_PREFIX)}
+    r.results = {k: s for k, s in r.results.items() if k not in swept}
     if swept:
-        sweep = sweep_summary(config, swept)
-        plots.plot_sweep(sweep, os.path.join(outdir, "sweep.png"), config.sweep.title)
-        files.write_json(os.path.join(outdir, "sweep.json"), sweep)
-    agents = [report.agents_row(regime, regime_config(config, regime)) for regime in config.regimes]
+        r.sweep = sweep_summary(r.config, swept)
+        plots.plot_sweep(r.sweep, os.path.join(r.outdir, "sweep.png"), r.config.sweep.title)
+        files.write_json(os.path.join(r.outdir, "sweep.json"), r.sweep)
+
+
+def _report_stage(r: Reproduction) -> None:
+    config, outdir = r.config, r.outdir
     weights = []  # the density-weighted sets' weights.png, relative to the report
-    for r in results.values():
-        png = os.path.join(_sample_dir(outdir, r["regime"], r["procedure"]), "weights.png")
+    for s in r.results.values():
+        png = os.path.join(_sample_dir(outdir, s["regime"], s["procedure"]), "weights.png")
         if os.path.exists(png):
             weights.append(os.path.relpath(png, outdir))
     params_per_agent = {
@@ -517,27 +561,41 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
     }
     traffic = {
         key: communication.of_sample_dir(
-            _sample_dir(outdir, r["regime"], r["procedure"]), params_per_agent[r["regime"]]
+            _sample_dir(outdir, s["regime"], s["procedure"]), params_per_agent[s["regime"]]
         )
-        for key, r in results.items()
+        for key, s in r.results.items()
     }
+    agents = [report.agents_row(regime, regime_config(config, regime)) for regime in config.regimes]
     text = report.render(
-        config,
-        agents,
-        clf.test_accuracy,
-        results,
-        rows,
-        timings.record,
-        reference,
-        claims,
-        weights,
-        traffic,
-        sweep,
-        num_test_images=len(mnist.test_images),
+        report.ReportData(
+            config=config,
+            agents=agents,
+            classifier_accuracy=r.clf.test_accuracy,
+            results=r.results,
+            reference=r.reference,
+            agreement=files.read_json(os.path.join(outdir, "agreement.json"))["rows"],
+            timings=r.timings.record,
+            claims=r.claims,
+            traffic=traffic,
+            weights=weights,
+            sweep=r.sweep,
+            num_test_images=len(r.mnist.test_images),
+        )
     )
-    path = os.path.join(outdir, "report.md")
-    files.write_text(path, text)
-    return path
+    files.write_text(os.path.join(outdir, "report.md"), text)
+
+
+STAGES = (
+    Stage("classifier", "classifier/: the evaluation classifier", _classifier_stage),
+    Stage("train", "<regime>/checkpoints/: each regime's agents", _train_stage),
+    Stage("samples", "<regime>/samples/<procedure>/: Table 1's sets", _samples_stage),
+    Stage("claims", "<regime>/claims/<procedure>/: the claim sets", _claims_stage),
+    Stage("metrics", "metrics.json: every set's metrics, real images beside", _metrics_stage),
+    Stage("agreement", "agreement.json: Tables 3/4", _agreement_stage),
+    Stage("sweep", "sweep.json, sweep.png: the heterogeneity sweep", _sweep_stage),
+    Stage("report", "report.md", _report_stage),
+)
+"""The reproduction's stages, in order."""
 
 
 SWEEP_METRICS = ("accuracy", "noise_rate", "fid", "sampling_wall_time_s")

@@ -139,7 +139,7 @@ def check_first_steps(run_dir: str, steps: int) -> bool:
         )
     config = ml_collections.ConfigDict(manifest["config"])
     with tempfile.TemporaryDirectory() as tmp:
-        train_lib.train_and_evaluate(config, tmp, stop_at=steps)
+        train_lib.train(config, tmp, stop_at=steps)
         steps_at, values = plots.read_scalars(tmp)["loss"]
     again = float(values[list(steps_at).index(steps)])
     same = again == recorded[steps]

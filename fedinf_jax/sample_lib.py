@@ -226,6 +226,43 @@ def load_federation(
             f"{workdir} is a shipped run: it keeps only the agents' EMA parameters, so "
             "sampler.use_ema must be true"
         )
+    step, meta = _checkpoint_record(config, workdir)
+    record = meta.get("config", {})
+    contradicted = contradicted_fields(overrides or {}, record)
+    if contradicted:
+        raise errors.ConfigError(
+            f"the run in {workdir} fixes its {', '.join(runs.RUN_SECTIONS)}, and "
+            f"these settings contradict it: {'; '.join(contradicted)}. Drop them, or train "
+            "a new run with them"
+        )
+    merged = _with_trained_sections(config, record, workdir)
+    counts = np.asarray(meta["counts"]) if "counts" in meta else None
+    num_agents = int(meta.get("num_agents", merged.partition.num_agents))
+    merged.partition.num_agents = num_agents
+    check_config(merged, counts)
+    components = runs.resolve_score(merged)
+    agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
+    abstract = runs.abstract_agent_params(components.model, num_agents)
+    if agent_mesh is not None:
+        abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
+    field = "ema_params" if config.sampler.use_ema else "params"
+    guide = _guide_checkpoint(merged, workdir, counts, agent_mesh)
+    params = checkpoint.restore_params(workdir, abstract, step, field, num_agents)
+    guide_params = None
+    if guide is not None:
+        guide_params = checkpoint.restore_params(guide[0], abstract, guide[1], field, num_agents)
+    return Federation(merged, params, counts, int(step), components, agent_mesh, guide_params)
+
+
+def _checkpoint_record(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, dict]:
+    """(step, run record) of the checkpoint ``sampler.checkpoint_step`` (-1: the latest) in
+    ``workdir``; when there is none, the config is checked first, so that a bad setting is
+    named before the missing run.
+
+    Raises:
+      ConfigError: no checkpoint, and an invalid setting.
+      MissingInputError: no checkpoint (or not the step asked for).
+    """
     ckpt_dir = checkpoint.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         check_config(config)
@@ -244,34 +281,9 @@ def load_federation(
                 f"no checkpoint {'' if want < 0 else f'step {want} '}under {ckpt_dir} "
                 f"(steps there: {sorted(steps)})"
             )
-        meta = checkpoint.restore_meta(manager, step)
-        record = meta.get("config", {})
-        contradicted = contradicted_fields(overrides or {}, record)
-        if contradicted:
-            raise errors.ConfigError(
-                f"the run in {workdir} fixes its {', '.join(runs.RUN_SECTIONS)}, and "
-                f"these settings contradict it: {'; '.join(contradicted)}. Drop them, or train "
-                "a new run with them"
-            )
-        merged = _with_trained_sections(config, record, workdir)
-        counts = np.asarray(meta["counts"]) if "counts" in meta else None
-        num_agents = int(meta.get("num_agents", merged.partition.num_agents))
-        merged.partition.num_agents = num_agents
-        check_config(merged, counts)
+        return step, checkpoint.restore_meta(manager, step)
     finally:
         manager.close()
-    components = runs.resolve_score(merged)
-    agent_mesh = sharding.make_mesh(merged.mesh, num_agents)
-    abstract = runs.abstract_agent_params(components.model, num_agents)
-    if agent_mesh is not None:
-        abstract = sharding.abstract_on_mesh(abstract, agent_mesh)
-    field = "ema_params" if config.sampler.use_ema else "params"
-    guide = _guide_checkpoint(merged, workdir, counts, agent_mesh)
-    params = checkpoint.restore_params(workdir, abstract, step, field, num_agents)
-    guide_params = None
-    if guide is not None:
-        guide_params = checkpoint.restore_params(guide[0], abstract, guide[1], field, num_agents)
-    return Federation(merged, params, counts, int(step), components, agent_mesh, guide_params)
 
 
 def _guide_checkpoint(config, workdir: str, counts, agent_mesh) -> tuple[str, int] | None:
@@ -499,47 +511,26 @@ def sample_in_batches(
     On ``agent_mesh`` each batch is split along its ``batch`` axis and every process gets all
     the results."""
     n = len(labels)
-    if n < 1:
-        raise ValueError("nothing to sample: sampler.num_per_class must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"sampler.batch_size must be >= 1, got {batch_size}")
-    batch = min(batch_size, n)
-    if agent_mesh is not None and batch % agent_mesh.batch_shards:
-        raise ValueError(
-            f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
-            f"{agent_mesh.batch_shards}"
-        )
+    batch = _batch_size(n, batch_size, agent_mesh)
     num_batches = math.ceil(n / batch)
-    images, trajectories, stats, weights, trajectory_weights = [], [], [], [], []
-    trajectory_t = None
-    # The agents' weights, saved for a member whose weights the state and labels give.
-    agg = sampler.aggregator
-    weights_of = None
-    if agg.weights_from_state:
-        weights_of = lambda state, y: agg.weights(None, None, None, y, state)  # noqa: E731
+    parts = {"images": [], "trajectory": [], "weights": [], "trajectory_weights": []}
+    stats, trajectory_t = [], None
     from clu import periodic_actions  # imports TensorFlow: not for a run refused at its config
 
     progress = periodic_actions.ReportProgress(num_train_steps=num_batches, every_steps=1)
     progress(0)
     for b in range(num_batches):
         lo = b * batch
-        idx = np.arange(lo, lo + batch)
-        y = jnp.asarray(labels[np.minimum(idx, n - 1)])
+        y = jnp.asarray(labels[np.minimum(np.arange(lo, lo + batch), n - 1)])
         keys = sampling.sample_keys(seed, batch, start=lo)
         if agent_mesh is not None:
             y, keys = sharding.put_batch((y, keys), agent_mesh)
         out = jax.tree.map(sharding.to_host, sampler(params, keys, y))
-        y = sharding.to_host(y)
         keep = min(batch, n - lo)
-        images.append(np.asarray(out.images)[:keep])
+        for name, part in _batch_parts(sampler.aggregator, out, sharding.to_host(y)).items():
+            parts[name].append(part[(slice(None),) * _axis(name) + (slice(keep),)])
         if out.trajectory is not None:
             trajectory_t = np.asarray(out.trajectory_t)
-            trajectories.append(np.asarray(out.trajectory)[:, :keep])
-        if weights_of is not None:
-            weights.append(np.asarray(weights_of(out.aggregator_state, y))[:, :keep])
-            if out.trajectory_state is not None:
-                w = jax.vmap(weights_of, in_axes=(0, None))(out.trajectory_state, y)
-                trajectory_weights.append(np.asarray(w)[:, :, :keep])
         stats.append({k: int(v) for k, v in out.stats.items()})
         logging.info(
             "batch %d/%d: %d images, %d score evaluations, %d steps (%d rejected)",
@@ -552,15 +543,58 @@ def sample_in_batches(
         )
         progress(b + 1)  # clu: batches/s, done and ETA
     per_batch = {k: np.array([s[k] for s in stats]) for k in stats[0]}
-    joined = lambda parts, axis: np.concatenate(parts, axis) if parts else None  # noqa: E731
+    joined = {k: np.concatenate(v, _axis(k)) if v else None for k, v in parts.items()}
     return Drawn(
-        np.concatenate(images),
+        joined["images"],
         per_batch,
         trajectory_t,
-        joined(trajectories, 1),
-        joined(weights, 1),
-        joined(trajectory_weights, 2),
+        joined["trajectory"],
+        joined["weights"],
+        joined["trajectory_weights"],
     )
+
+
+# The sample axis of each per-batch output: images (N, ...), the trajectory (S, N, ...), the
+# agents' weights (K, N) and along the trajectory (S, K, N).
+_SAMPLE_AXIS = {"images": 0, "trajectory": 1, "weights": 1, "trajectory_weights": 2}
+
+
+def _axis(name: str) -> int:
+    return _SAMPLE_AXIS[name]
+
+
+def _batch_size(n: int, batch_size: int, agent_mesh: sharding.AgentMesh | None) -> int:
+    """The images per solve, checked: ``batch_size``, or all ``n`` when fewer."""
+    if n < 1:
+        raise ValueError("nothing to sample: sampler.num_per_class must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"sampler.batch_size must be >= 1, got {batch_size}")
+    batch = min(batch_size, n)
+    if agent_mesh is not None and batch % agent_mesh.batch_shards:
+        raise ValueError(
+            f"the sampler's batch ({batch} images) must be a multiple of mesh.batch = "
+            f"{agent_mesh.batch_shards}"
+        )
+    return batch
+
+
+def _batch_parts(agg: aggregators.Aggregator, out: sampling.Samples, y) -> dict[str, np.ndarray]:
+    """A solved batch's arrays: its images, its trajectory when saved, and the agents' weights
+    (at t_end and along the trajectory) for a member whose weights its state and the labels
+    give."""
+    parts = {"images": np.asarray(out.images)}
+    if out.trajectory is not None:
+        parts["trajectory"] = np.asarray(out.trajectory)
+    if agg.weights_from_state:
+
+        def weights_of(state, y):
+            return agg.weights(None, None, None, y, state)
+
+        parts["weights"] = np.asarray(weights_of(out.aggregator_state, y))
+        if out.trajectory_state is not None:
+            w = jax.vmap(weights_of, in_axes=(0, None))(out.trajectory_state, y)
+            parts["trajectory_weights"] = np.asarray(w)
+    return parts
 
 
 def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -594,18 +628,7 @@ def run(
     sampler = build_sampler(federation)
     cfg = federation.config
     labels = class_labels(cfg.sampler.num_per_class, cfg.model.num_classes)
-    logging.info(
-        "sampling %d images from %d agents (checkpoint step %d): %s %s, %s steps, aggregator %s, "
-        "agent-axis strategy %s",
-        len(labels),
-        federation.num_agents,
-        federation.step,
-        cfg.sampler.method,
-        cfg.sampler.solver,
-        "adaptive" if cfg.sampler.adaptive else f"{cfg.sampler.num_steps} {sampler.spec.schedule}",
-        cfg.aggregator.name,
-        federation.components.score_strategy,
-    )
+    _log_plan(federation, sampler, len(labels))
     start = time.time()
     drawn = sample_in_batches(
         sampler,
@@ -615,29 +638,11 @@ def run(
         cfg.sampler.seed,
         federation.agent_mesh,
     )
-    images, per_batch = drawn.images, drawn.per_batch
     wall = time.time() - start
-    pixels = sampling.to_uint8(images, cfg.data.centered)
-    stats = {
-        "num_images": len(labels),
-        "num_agents": federation.num_agents,
-        "checkpoint_step": federation.step,
-        "score_evaluations": int(per_batch["score_evaluations"].sum()),
-        # Each evaluation asks each sample's agents (every agent, or the ones a sparse member
-        # dispatches) once, twice under guidance (the null label or the guide too).
-        "network_evaluations": int(per_batch["score_evaluations"].sum())
-        * sampler.agents_asked(federation.num_agents)
-        * (1 if cfg.sampler.get("guidance", 1.0) == 1 else 2),
-        "steps": int(per_batch["num_steps"].sum()),
-        "accepted_steps": int(per_batch["num_accepted_steps"].sum()),
-        "rejected_steps": int(per_batch["num_rejected_steps"].sum()),
-        "batches": len(per_batch["num_steps"]),
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(len(labels) / wall, 4),
-        "backend": jax.default_backend(),
-    }
+    pixels = sampling.to_uint8(drawn.images, cfg.data.centered)
+    stats = _stats(federation, sampler, drawn.per_batch, len(labels), wall)
     arrays = {"images": pixels, "labels": labels.astype(np.int64)}
-    arrays.update({f"batch_{k}": v for k, v in per_batch.items()})
+    arrays.update({f"batch_{k}": v for k, v in drawn.per_batch.items()})
     if drawn.trajectory is not None:
         arrays["trajectory_t"] = drawn.trajectory_t
         arrays["trajectory"] = sampling.to_uint8(drawn.trajectory, cfg.data.centered)
@@ -654,6 +659,46 @@ def run(
         _write_atomically(outdir, cfg, stats, arrays, pixels, labels, title)
     logging.info("%d images in %.1f s (%s); wrote %s", len(labels), wall, stats, outdir)
     return outdir
+
+
+def _log_plan(federation: Federation, sampler: sampling.FederatedSampler, num_images: int):
+    cfg = federation.config
+    logging.info(
+        "sampling %d images from %d agents (checkpoint step %d): %s %s, %s steps, aggregator %s, "
+        "agent-axis strategy %s",
+        num_images,
+        federation.num_agents,
+        federation.step,
+        cfg.sampler.method,
+        cfg.sampler.solver,
+        "adaptive" if cfg.sampler.adaptive else f"{cfg.sampler.num_steps} {sampler.spec.schedule}",
+        cfg.aggregator.name,
+        federation.components.score_strategy,
+    )
+
+
+def _stats(federation: Federation, sampler, per_batch: dict, num_images: int, wall: float) -> dict:
+    """samples.json's statistics of a sampling run."""
+    evaluations = int(per_batch["score_evaluations"].sum())
+    guided = federation.config.sampler.get("guidance", 1.0) != 1
+    return {
+        "num_images": num_images,
+        "num_agents": federation.num_agents,
+        "checkpoint_step": federation.step,
+        "score_evaluations": evaluations,
+        # Each evaluation asks each sample's agents (every agent, or the ones a sparse member
+        # dispatches) once, twice under guidance (the null label or the guide too).
+        "network_evaluations": evaluations
+        * sampler.agents_asked(federation.num_agents)
+        * (2 if guided else 1),
+        "steps": int(per_batch["num_steps"].sum()),
+        "accepted_steps": int(per_batch["num_accepted_steps"].sum()),
+        "rejected_steps": int(per_batch["num_rejected_steps"].sum()),
+        "batches": len(per_batch["num_steps"]),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(num_images / wall, 4),
+        "backend": jax.default_backend(),
+    }
 
 
 def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> None:

@@ -513,11 +513,9 @@ def cheapest_cells(
 
 def render_summary(rows: list[dict], record: dict) -> str:
     """study.md: per method and aggregator, the cheapest cell (fewest score evaluations) that
-    reaches each of ``ERROR_LEVELS``; each series' fitted order and best error; where cells
-    failed (diverged or refused, with the reason); the plots."""
-
-    series = series_points(rows)
-    orders = fitted_orders(series)
+    reaches each of ``ERROR_LEVELS``; each series' fitted order and best error; the samples'
+    quality where measured; where cells failed (diverged or refused, with the reason); where the
+    adaptive controllers stepped; the plots."""
     lines = [
         "# Solver study",
         "",
@@ -527,10 +525,13 @@ def render_summary(rows: list[dict], record: dict) -> str:
         "reference (RMS over pixels in [-1, 1]).",
         "",
         "![errors](errors.png)",
-        "",
-        "## The cheapest cell for each error",
-        "",
     ]
+    for section in (_cheapest, _convergence, _quality, _failures, _adaptive_steps):
+        lines += section(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _cheapest(rows: list[dict]) -> list[str]:
     table = [
         [method, aggregator, f"{level:g}"]
         + (
@@ -540,51 +541,61 @@ def render_summary(rows: list[dict], record: dict) -> str:
         )
         for method, aggregator, level, best in cheapest_cells(rows)
     ]
-    lines += markdown_table(
-        ["method", "aggregator", "error <=", "cheapest cell", "score evals", "its error"], table
-    )
-    lines += ["", "## Convergence per series", ""]
-    series_rows = []
+    head = ["method", "aggregator", "error <=", "cheapest cell", "score evals", "its error"]
+    return ["", "## The cheapest cell for each error", "", *markdown_table(head, table)]
+
+
+def _convergence(rows: list[dict]) -> list[str]:
+    series = series_points(rows)
+    orders = fitted_orders(series)
+    table = []
     for name, points in sorted(series.items()):
         evaluations, error = min(points, key=lambda p: p[1])
         order = f"{orders[name]:.2f}" if name in orders else "-"
-        series_rows.append([f"`{name}`", order, f"{error:.3g}", str(evaluations)])
-    lines += markdown_table(["series", "fitted order", "best error", "at evals"], series_rows)
+        table.append([f"`{name}`", order, f"{error:.3g}", str(evaluations)])
+    head = ["series", "fitted order", "best error", "at evals"]
+    return ["", "## Convergence per series", "", *markdown_table(head, table)]
+
+
+def _quality(rows: list[dict]) -> list[str]:
     scored = [r for r in rows if "accuracy" in r]
-    if scored:
-        lines += ["", "## Sample quality (the reproduction's classifier)", ""]
-        lines += markdown_table(
-            ["cell", "score evals", "accuracy", "noise rate", "FID", "feature error"],
-            [
-                [
-                    f"`{r['name']}`",
-                    str(r["score_evaluations"]),
-                    f"{r['accuracy']:.3f}",
-                    f"{r['noise_rate']:.3f}",
-                    f"{r['fid']:.2f}",
-                    f"{r.get('feature_rms_error', float('nan')):.3g}",
-                ]
-                for r in scored
-            ],
-        )
+    if not scored:
+        return []
+    table = [
+        [
+            f"`{r['name']}`",
+            str(r["score_evaluations"]),
+            f"{r['accuracy']:.3f}",
+            f"{r['noise_rate']:.3f}",
+            f"{r['fid']:.2f}",
+            f"{r.get('feature_rms_error', float('nan')):.3g}",
+        ]
+        for r in scored
+    ]
+    head = ["cell", "score evals", "accuracy", "noise rate", "FID", "feature error"]
+    title = "## Sample quality (the reproduction's classifier)"
+    return ["", title, "", *markdown_table(head, table)]
+
+
+def _failures(rows: list[dict]) -> list[str]:
     failed = [r for r in rows if r.get("status") != "ok"]
-    lines += ["", "## Where cells failed", ""]
-    if failed:
-        lines += markdown_table(
-            ["cell", "status", "diverged share", "reason"],
-            [
-                [
-                    f"`{r['name']}`",
-                    r["status"],
-                    f"{r.get('diverged_share', float('nan')):.2f}",
-                    (r.get("failure") or r.get("result") or "").replace("|", "/"),
-                ]
-                for r in failed
-            ],
-        )
-    else:
-        lines.append("Every cell finished with finite samples.")
-    lines += [
+    lines = ["", "## Where cells failed", ""]
+    if not failed:
+        return [*lines, "Every cell finished with finite samples."]
+    table = [
+        [
+            f"`{r['name']}`",
+            r["status"],
+            f"{r.get('diverged_share', float('nan')):.2f}",
+            (r.get("failure") or r.get("result") or "").replace("|", "/"),
+        ]
+        for r in failed
+    ]
+    return lines + markdown_table(["cell", "status", "diverged share", "reason"], table)
+
+
+def _adaptive_steps(rows: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Where the adaptive controllers stepped",
         "",
@@ -595,20 +606,18 @@ def render_summary(rows: list[dict], record: dict) -> str:
     ]
     adaptive = [r for r in rows if r.get("status") == "ok" and r.get("step_t")]
     if not adaptive:
-        return "\n".join([*lines, "No finished adaptive cells."]) + "\n"
-    lines += markdown_table(
-        ["cell", "accepted / rejected steps", "smallest step", "at t"],
+        return [*lines, "No finished adaptive cells."]
+    table = [
         [
-            [
-                f"`{r['name']}`",
-                f"{r['accepted_steps']} / {r['rejected_steps']}",
-                f"{r['min_step']:.3g}",
-                f"{r['t_min_step']:.3g}",
-            ]
-            for r in adaptive
-        ],
-    )
-    return "\n".join(lines) + "\n"
+            f"`{r['name']}`",
+            f"{r['accepted_steps']} / {r['rejected_steps']}",
+            f"{r['min_step']:.3g}",
+            f"{r['t_min_step']:.3g}",
+        ]
+        for r in adaptive
+    ]
+    head = ["cell", "accepted / rejected steps", "smallest step", "at t"]
+    return lines + markdown_table(head, table)
 
 
 def write_results(rows: list[dict], outdir: str | os.PathLike, record: dict) -> None:
@@ -674,20 +683,15 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
     s = config.study
     with errors.as_config_error():
         cells = cells_of(s)
-    clf = None
-    if s.get("classifier"):
-        clf = sample_sets.require_classifier(s.classifier)
+    clf = sample_sets.require_classifier(s.classifier) if s.get("classifier") else None
     federation = sample_lib.load_federation(config, workdir, overrides)
-    evaluator = None
-    if clf is not None:  # FID's reference: the MNIST test set in the classifier's features
-        mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
-        evaluator = (clf, classifier.test_set_features(clf, s.classifier, mnist.test_images))
+    # FID's reference, before any solve: the MNIST test set in the classifier's features.
+    real_features = None if clf is None else _test_features(config, clf)
     sde = federation.components.sde
     with errors.as_config_error():
         base = solvers.SolverSpec.from_config(federation.config.sampler, sde)
     outdir = os.path.join(pretrained.output_root(workdir), "study", s.name)
     labels = sample_lib.class_labels(s.num_per_class)
-    keys = sample_keys(s.seed, len(labels))
     ref = s.reference
 
     def reference(cell: Cell) -> Cell:
@@ -695,6 +699,37 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
             cell.method, cell.aggregator, ref.ode_solver, ref.ode_tol, ref.sde_steps
         )
 
+    cache = CellCache(
+        os.path.join(outdir, "cells"),
+        lambda cell: cell_inputs(federation.config, federation.step, cell),
+        recompute,
+    )
+    rows = run(
+        cells,
+        lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),
+        federation.sampler_params,
+        sample_keys(s.seed, len(labels)),
+        labels,
+        cache,
+        reference,
+        _progress(),
+    )
+    if clf is not None:
+        rows = _with_quality(rows, clf, real_features, cache, labels)
+    record = {
+        "config": json.loads(config.to_json_best_effort()),
+        "workdir": os.path.abspath(workdir),
+        "checkpoint_step": federation.step,
+        "code_version": runtime.code_version(),
+    }
+    _write_outputs(rows, record, cache, labels, sde.T, outdir)
+    logging.info("%d cells: %s", len(rows), outdir)
+    return outdir
+
+
+def _progress() -> Callable[[int, int, Cell, bool], None]:
+    """``report(done, total, cell, computed)``: logs each finished cell with the elapsed time
+    and the ETA."""
     start = time.perf_counter()
 
     def report(done: int, total: int, cell: Cell, computed: bool) -> None:
@@ -710,48 +745,37 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
             eta,
         )
 
-    cache = CellCache(
-        os.path.join(outdir, "cells"),
-        lambda cell: cell_inputs(federation.config, federation.step, cell),
-        recompute,
-    )
-    rows = run(
-        cells,
-        lambda cell: sample_lib.build_sampler(federation, cell.spec(base), cell.aggregator),
-        federation.sampler_params,
-        keys,
-        labels,
-        cache,
-        reference,
-        report,
-    )
-    if evaluator is not None:
-        clf, real_features = evaluator
+    return report
 
-        @functools.cache  # a reference serves many cells: its features once
-        def features_of(name: str):
-            images = cache.load_array(name)
-            if images is None or not np.isfinite(images).all():
-                return None
-            return clf.features_and_probs(to_uint8(images))
 
-        rows = [
-            dict(row, **sample_quality(row, labels, features_of, real_features)) for row in rows
-        ]
-    record = {
-        "config": json.loads(config.to_json_best_effort()),
-        "workdir": os.path.abspath(workdir),
-        "checkpoint_step": federation.step,
-        "code_version": runtime.code_version(),
-    }
+def _test_features(config, clf) -> np.ndarray:
+    """The MNIST test images in the study's classifier's features."""
+    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
+    return classifier.test_set_features(clf, config.study.classifier, mnist.test_images)
+
+
+def _with_quality(rows: list[dict], clf, real_features, cache: CellCache, labels) -> list[dict]:
+    """``rows`` with their samples' quality (``sample_quality``) through ``clf`` against
+    ``real_features``."""
+
+    @functools.cache  # a reference serves many cells: its features once
+    def features_of(name: str):
+        images = cache.load_array(name)
+        if images is None or not np.isfinite(images).all():
+            return None
+        return clf.features_and_probs(to_uint8(images))
+
+    return [dict(row, **sample_quality(row, labels, features_of, real_features)) for row in rows]
+
+
+def _write_outputs(rows: list[dict], record: dict, cache: CellCache, labels, T: float, outdir):
+    """results.json and .csv, the error and step plots, the sample grids per budget, study.md."""
     write_results(rows, outdir, record)
     series = series_points(rows)
     plots.plot_study_errors(series, fitted_orders(series), os.path.join(outdir, "errors.png"))
-    plots.plot_study_steps(adaptive_steps(rows, sde.T), os.path.join(outdir, "steps.png"))
+    plots.plot_study_steps(adaptive_steps(rows, T), os.path.join(outdir, "steps.png"))
     for budget, cells_at in budgets(rows).items():
         images = {f"{c.method}-{c.solver}": cache.load_array(c.name) for c in cells_at}
         path = os.path.join(outdir, f"samples_{budget}.png")
         plot_solver_samples(images, labels, path, f"solvers at {budget}")
     files.write_text(os.path.join(outdir, "study.md"), render_summary(rows, record))
-    logging.info("%d cells: %s", len(rows), outdir)
-    return outdir

@@ -370,7 +370,7 @@ def training_mesh(config: ml_collections.ConfigDict) -> sharding.AgentMesh | Non
     return agent_mesh
 
 
-def train_and_evaluate(
+def train(
     config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None
 ) -> TrainState:
     """Trains the config's K agents, writing checkpoints and summaries under ``workdir``.
@@ -397,9 +397,36 @@ def train_and_evaluate(
     components, _ = check_config(config)
     pretrained.check_writable(workdir, "training")
     resume_step = check_workdir(config, workdir)
-    from clu import metric_writers, periodic_actions  # TensorFlow's import: a valid config only
-
     runtime.tensorflow()  # clu's summary writer runs TensorFlow ops
+    batcher, partition = _batcher(config)
+    agent_mesh = training_mesh(config)
+    if agent_mesh is not None:
+        logging.info("%s", agent_mesh.describe())
+    init_key, train_key = jax.random.split(runs.make_key(config.seed))
+    os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
+    resumed = resume_step is not None
+    state = _initial_state(
+        config, components, partition.num_agents, init_key, manager, workdir, agent_mesh, resumed
+    )
+    num_steps = config.train.num_steps
+    initial_step = int(state.step)
+    if initial_step >= num_steps:
+        logging.info("already trained to step %d >= num_steps %d", initial_step, num_steps)
+        manager.close()
+        return state
+    last_step = num_steps if stop_at is None else min(stop_at, num_steps)
+    t_start = time.time()
+    loop = _Loop(config, components, manager, run_record(config, partition), workdir)
+    state = loop.run(state, batcher, train_key, agent_mesh, last_step)
+    if jax.process_index() == 0:
+        logging.info("loss curves: %s", plots.plot_training_loss(workdir))
+    logging.info("trained steps %d-%d in %.1f s", initial_step, last_step, time.time() - t_start)
+    return state
+
+
+def _batcher(config: ml_collections.ConfigDict) -> tuple[AgentBatcher, partitions.Partition]:
+    """The run's partition of MNIST's training digits and each agent's batches of its shard."""
     mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     partition = make_partition(config, mnist.train_labels)
     batcher = AgentBatcher(
@@ -410,19 +437,27 @@ def train_and_evaluate(
         seed=config.seed,
         centered=config.data.centered,
     )
-    num_agents = partition.num_agents
     logging.info(
         "partition %s: %d agents, shard sizes %s",
         config.partition.name,
-        num_agents,
+        partition.num_agents,
         partition.counts.sum(axis=1).tolist(),
     )
+    return batcher, partition
 
-    agent_mesh = training_mesh(config)
-    if agent_mesh is not None:
-        logging.info("%s", agent_mesh.describe())
-    key = runs.make_key(config.seed)
-    init_key, train_key = jax.random.split(key)
+
+def _initial_state(
+    config: ml_collections.ConfigDict,
+    components: runs.Components,
+    num_agents: int,
+    init_key,
+    manager,
+    workdir: str,
+    agent_mesh: sharding.AgentMesh | None,
+    resumed: bool,
+) -> TrainState:
+    """The state training starts from: the newest intact checkpoint when ``resumed``, else K
+    freshly initialised agents; laid out on the mesh, or committed to the one device."""
     abstract = abstract_train_state(components, num_agents)
     per_agent = runs.count_params(abstract.params) // num_agents
     logging.info(
@@ -432,94 +467,98 @@ def train_and_evaluate(
         f"{per_agent * num_agents:,}",
         num_agents,
     )
-
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
-    meta = run_record(config, partition)
-    if resume_step is not None:
+    if resumed:
         target = abstract if agent_mesh is None else sharding.abstract_on_mesh(abstract, agent_mesh)
         state = _restore_intact(manager, target, num_agents, workdir)
         logging.info(
             "resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step)
         )
     else:
-        state = create_train_state(
-            runs.init_agents(components.model, num_agents, init_key), components.tx
-        )
+        params = runs.init_agents(components.model, num_agents, init_key)
+        state = create_train_state(params, components.tx)
         if agent_mesh is not None:
             state = sharding.to_mesh(state, agent_mesh)
     if agent_mesh is None:
         # Committed to the device, as a restored state and every step's output are: one argument
         # signature from the first step on, so a (resumed) run compiles its step once.
         state = jax.device_put(state, jax.devices()[0])
+    return state
 
-    num_steps = config.train.num_steps
-    initial_step = int(state.step)
-    if initial_step >= num_steps:
-        logging.info("already trained to step %d >= num_steps %d", initial_step, num_steps)
-        manager.close()
-        return state
-    train_step = build_train_step(config)
-    logging.info(
-        "agent-axis strategy for training: %s (backend %s)",
-        components.train_strategy,
-        jax.default_backend(),
-    )
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    report = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
-    )
-    last_step = num_steps if stop_at is None else min(stop_at, num_steps)
-    saved_step = initial_step
-    # The losses of the steps since the last read-back, still on the device: the host waits on
-    # the device only at log and checkpoint steps, where every pending step is checked.
-    pending: list[tuple[int, jax.Array]] = []
+class _Loop:
+    """The training loop's steps, summaries and checkpoints. The losses of the steps since the
+    last read-back stay on the device: the host waits on it only at log and checkpoint steps,
+    where every pending step is checked."""
 
-    def check_pending() -> np.ndarray | None:
-        losses = [np.asarray(loss) for _, loss in pending]
-        for (s, _), loss in zip(pending, losses, strict=True):
-            check_finite(loss, s, saved_step)
-        pending.clear()
+    def __init__(self, config, components: runs.Components, manager, meta: dict, workdir: str):
+        from clu import metric_writers  # imports TensorFlow: only for a valid config
+
+        self.config, self.components, self.manager, self.meta = config, components, manager, meta
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0
+        )
+        self.pending: list[tuple[int, jax.Array]] = []
+        self.saved_step = 0
+
+    def check_pending(self) -> np.ndarray | None:
+        losses = [np.asarray(loss) for _, loss in self.pending]
+        for (s, _), loss in zip(self.pending, losses, strict=True):
+            check_finite(loss, s, self.saved_step)
+        self.pending.clear()
         return losses[-1] if losses else None
 
-    t_start = time.time()
-    try:
-        for step in range(initial_step, last_step):
-            batch = batcher(step)
-            if agent_mesh is not None:
-                batch = sharding.to_mesh(batch, agent_mesh)
-            state, metrics = train_step(state, batch, train_key)
-            pending.append((step, metrics["loss"]))
-            done = step + 1
-            report(done)
-            log_now = done % config.train.log_every == 0 or done == num_steps
-            save_now = done % config.train.checkpoint_every == 0 or done == last_step
-            if log_now or save_now:
-                loss = check_pending()
-            if log_now:
-                scalars = {
-                    "loss": float(loss.mean()),
-                    "grad_norm": float(np.mean(metrics["grad_norm"])),
-                    "learning_rate": float(components.schedule(step)),
-                }
-                scalars.update({f"loss/agent_{k}": float(v) for k, v in enumerate(loss)})
-                writer.write_scalars(done, scalars)
-            if save_now:
-                checkpoint.save(manager, done, state, meta)
-                saved_step = done
-    except KeyboardInterrupt:
-        # If the interrupt landed inside the call, ``state`` may be the donated (deleted) input.
-        intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
-        if intact and int(state.step) > saved_step:
-            check_pending()  # never save a state whose steps went non-finite
-            logging.warning("interrupted: saving step %d before exiting", int(state.step))
-            checkpoint.save(manager, int(state.step), state, meta)
-        raise
-    finally:
-        writer.flush()
-        manager.close()
-    if jax.process_index() == 0:
-        logging.info("loss curves: %s", plots.plot_training_loss(workdir))
-    logging.info("trained steps %d-%d in %.1f s", initial_step, last_step, time.time() - t_start)
-    return state
+    def save(self, state: TrainState, step: int) -> None:
+        checkpoint.save(self.manager, step, state, self.meta)
+        self.saved_step = step
+
+    def run(self, state, batcher, train_key, agent_mesh, last_step: int) -> TrainState:
+        from clu import periodic_actions
+
+        train = self.config.train
+        train_step = build_train_step(self.config)
+        logging.info(
+            "agent-axis strategy for training: %s (backend %s)",
+            self.components.train_strategy,
+            jax.default_backend(),
+        )
+        report = periodic_actions.ReportProgress(
+            num_train_steps=train.num_steps, writer=self.writer, every_steps=train.log_every
+        )
+        self.saved_step = int(state.step)
+        try:
+            for step in range(int(state.step), last_step):
+                batch = batcher(step)
+                if agent_mesh is not None:
+                    batch = sharding.to_mesh(batch, agent_mesh)
+                state, metrics = train_step(state, batch, train_key)
+                self.pending.append((step, metrics["loss"]))
+                done = step + 1
+                report(done)
+                log_now = done % train.log_every == 0 or done == train.num_steps
+                save_now = done % train.checkpoint_every == 0 or done == last_step
+                loss = self.check_pending() if log_now or save_now else None
+                if log_now:
+                    self.log(done, step, loss, metrics)
+                if save_now:
+                    self.save(state, done)
+        except KeyboardInterrupt:
+            # If the interrupt landed inside the call, ``state`` may be the donated input.
+            intact = not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+            if intact and int(state.step) > self.saved_step:
+                self.check_pending()  # never save a state whose steps went non-finite
+                logging.warning("interrupted: saving step %d before exiting", int(state.step))
+                self.save(state, int(state.step))
+            raise
+        finally:
+            self.writer.flush()
+            self.manager.close()
+        return state
+
+    def log(self, done: int, step: int, loss: np.ndarray, metrics) -> None:
+        scalars = {
+            "loss": float(loss.mean()),
+            "grad_norm": float(np.mean(metrics["grad_norm"])),
+            "learning_rate": float(self.components.schedule(step)),
+        }
+        scalars.update({f"loss/agent_{k}": float(v) for k, v in enumerate(loss)})
+        self.writer.write_scalars(done, scalars)

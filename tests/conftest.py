@@ -335,11 +335,11 @@ def _sample_smoke(entry_points, trained, outdir) -> pathlib.Path:
 
 
 def _accelerator_dry_run(entry_points, outdir) -> tuple[dict, str]:
-    """``benchmarks/accelerator_check.py --dry_run`` on 2 virtual CPU devices (so that its
+    """``benchmarks/accelerator/check.py --dry_run`` on 2 virtual CPU devices (so that its
     sharded part runs): (its JSON record, its log)."""
     path = outdir / "accelerator.json"
     log = entry_points.run(
-        ["benchmarks/accelerator_check.py", "--dry_run", f"--output={path}"],
+        ["-m", "benchmarks.accelerator.check", "--dry_run", f"--output={path}"],
         timeout=600,
         extra_env={"XLA_FLAGS": suite_xla_flags("--xla_force_host_platform_device_count=2")},
     )

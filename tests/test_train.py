@@ -81,7 +81,7 @@ def micro_straight(tmp_path_factory):
     """``_micro_resume_config()`` trained straight to step 12 (checkpoints 4, 8, 12). Tests read
     it or copy it."""
     workdir = tmp_path_factory.mktemp("micro") / "straight"
-    train_lib.train_and_evaluate(_micro_resume_config(), str(workdir))
+    train_lib.train(_micro_resume_config(), str(workdir))
     return workdir
 
 
@@ -96,11 +96,11 @@ def test_resumed_run_equals_uninterrupted(micro_straight, tmp_path):
     new (the restored state has a fresh state's signature)."""
     config = _micro_resume_config()
     resumed = tmp_path / "resumed"
-    train_lib.train_and_evaluate(config, str(resumed), stop_at=8)
+    train_lib.train(config, str(resumed), stop_at=8)
     state, _ = _restore(resumed, config)
     assert int(state.step) == 8
     with count_compiles() as compiles:
-        train_lib.train_and_evaluate(config, str(resumed))
+        train_lib.train(config, str(resumed))
     assert compiles == []
     a, _ = _restore(resumed, config)
     b, _ = _restore(micro_straight, config)
@@ -117,17 +117,17 @@ def test_a_finished_run_refuses_other_settings_before_reading_data(micro_straigh
         (config if path == "seed" else config.train)[path] = value
         name = path if path == "seed" else f"train.{path}"
         with pytest.raises(checkpoint.CheckpointMismatchError, match=f"{name}: "):
-            train_lib.train_and_evaluate(config, str(micro_straight))
+            train_lib.train(config, str(micro_straight))
     config = _micro_resume_config()
     config.train.num_steps = 16  # the cosine decay of 12 steps is not the first 12 of 16
     with pytest.raises(checkpoint.CheckpointMismatchError, match="other learning rates"):
-        train_lib.train_and_evaluate(config, str(micro_straight))
+        train_lib.train(config, str(micro_straight))
     monkeypatch.undo()
     config = _micro_resume_config()
     config.train.log_every, config.train.keep_checkpoints = 6, 5
     before = sorted(os.listdir(micro_straight / "checkpoints"))
     with count_compiles() as compiles:
-        state = train_lib.train_and_evaluate(config, str(micro_straight))
+        state = train_lib.train(config, str(micro_straight))
     assert int(state.step) == 12 and compiles == []
     assert sorted(os.listdir(micro_straight / "checkpoints")) == before
 
@@ -141,7 +141,7 @@ def test_training_resumes_from_the_newest_intact_step(micro_straight, tmp_path, 
     shutil.copytree(micro_straight, workdir)
     zero_fill_data_files(workdir / "checkpoints" / "12")
     with caplog.at_level("WARNING"):
-        state = train_lib.train_and_evaluate(config, str(workdir))
+        state = train_lib.train(config, str(workdir))
     assert "skipping checkpoint step 12, which cannot be read" in caplog.text
     assert (workdir / checkpoint.DAMAGED_DIR / "12").is_dir()
     assert checkpoint.latest_step(str(workdir)) == 12
@@ -172,7 +172,7 @@ def test_mismatched_config_is_a_clear_error(cli_workdir):
     config = hetero.get_config("smoke")
     config.model.block_out_channels = (8, 24)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="model"):
-        train_lib.train_and_evaluate(config, str(cli_workdir))
+        train_lib.train(config, str(cli_workdir))
     manager = checkpoint.make_manager(cli_workdir, create=False)
     with pytest.raises(
         checkpoint.CheckpointMismatchError, match=r"checkpoint \(2, 16, 16\), config \(2, 24, 24\)"
@@ -226,7 +226,7 @@ def test_the_loop_checks_every_step_at_log_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_lib, "build_train_step", lambda c: fake_step)
     with pytest.raises(FloatingPointError, match=r"step 7 for agent\(s\) \[1\].*step 5\) is kept"):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        train_lib.train(config, str(tmp_path))
     assert checkpoint.latest_step(str(tmp_path)) == 5
 
 
@@ -236,7 +236,7 @@ def test_agents_trained_with_label_dropout_sample_guided(tmp_path):
     config = micro_config()
     config.train.num_steps, config.train.label_dropout = 4, 0.5
     config.train.checkpoint_every = config.train.log_every = 4
-    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    train_lib.train(config, str(tmp_path / "run"))
     config.sampler.guidance, config.sampler.num_steps = 2.0, 4
     config.sampler.num_per_class, config.sampler.progress = 1, False
     config.train.label_dropout = 0.0  # sampling takes the run's record

@@ -4,7 +4,9 @@ wall times (``fedinf_jax.pipeline`` writes ``report.md`` with ``render``; ``eval
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -13,87 +15,134 @@ from fedinf_jax.evaluation import agreement
 from fedinf_jax.evaluation.metrics import PRECISION_RECALL_REAL
 
 
-def render(
-    config,
-    agents,
-    clf_accuracy,
-    results,
-    rows,
-    timings,
-    reference,
-    claims=None,
-    weights=(),
-    traffic=None,
-    sweep=None,
-    num_test_images=10_000,
-) -> str:
-    """``report.md``'s Markdown: the agents (``agents``: one dict per regime, ``agents_row``),
-    Table 1 (with ``reference``, real images measured the same way), the claim sets, the ratios
-    to control beside the paper's, the communication a deployment would need (``traffic``: per
-    set of ``results``, ``communication.of_sample_dir``), the grids, the agents' weights
-    (``weights``: image paths relative to the report), Tables 3/4 (``rows``,
-    ``agreement_rows``), the sweep (``sweep``: ``pipeline.sweep_summary`` rows; titled by
-    ``config.sweep.title``)
-    and the wall times.
+@dataclasses.dataclass
+class ReportData:
+    """Everything ``report.md`` shows, gathered by the reproduction (``fedinf_jax.pipeline``).
 
-    ``config`` is the reproduction's (``configs/reproduce.py``): its preset, samples per digit
-    and seed are quoted.
-    """
-    lines = [
-        f"# fedinf_jax reproduction, preset `{config.preset}`",
+    ``config``: the reproduction's (``configs/reproduce.py``; its preset, samples per digit and
+    seed are quoted); ``agents``: one dict per regime (``agents_row``); ``results``: Table 1's
+    sets, each with its ``regime`` and ``procedure``; ``reference``: real images measured like a
+    set; ``claims``: the claim sets; ``traffic``: per set of ``results``
+    (``communication.of_sample_dir``); ``weights``: the agents' weights images, relative to the
+    report; ``agreement``: Tables 3/4's rows (``pipeline.agreement_rows``); ``sweep``: the
+    sweep's rows (``pipeline.sweep_summary``; titled by ``config.sweep.title``); ``timings``:
+    the wall time of each stage."""
+
+    config: Any
+    agents: list[dict]
+    classifier_accuracy: float
+    results: dict
+    reference: dict
+    agreement: list[dict]
+    timings: dict
+    claims: dict = dataclasses.field(default_factory=dict)
+    traffic: dict = dataclasses.field(default_factory=dict)
+    weights: list[str] = dataclasses.field(default_factory=list)
+    sweep: list[dict] | None = None
+    num_test_images: int = 10_000
+
+
+def render(data: ReportData) -> str:
+    """``report.md``'s Markdown: the agents, Table 1 and the claim sets, the ratios to control
+    beside the paper's, the communication a deployment would need, the grids and the agents'
+    weights, Tables 3/4, the sweep and the wall times."""
+    sections = (
+        _header,
+        _table_1,
+        _claims,
+        lambda d: _ratio_table(d.results),
+        _traffic,
+        _figures,
+        _agreement,
+        _sweep,
+        _timings,
+    )
+    return "\n".join(line for section in sections for line in section(data)) + "\n"
+
+
+def _header(d: ReportData) -> list[str]:
+    n = d.num_test_images
+    return [
+        f"# fedinf_jax reproduction, preset `{d.config.preset}`",
         "",
         f"Backend {jax.default_backend()}; evaluation classifier test accuracy "
-        f"{clf_accuracy:.4f}; {config.eval_per_class} samples per digit per set; FID against the "
-        f"{num_test_images:,} MNIST test images in the classifier's penultimate features; IS over "
+        f"{d.classifier_accuracy:.4f}; {d.config.eval_per_class} samples per digit per set; FID "
+        f"against the {n:,} MNIST test images in the classifier's penultimate features; IS over "
         "10 splits; noise rate = share with max softmax < 0.5; precision/recall with k = 3 "
-        f"against {min(PRECISION_RECALL_REAL, num_test_images):,} test images.",
+        f"against {min(PRECISION_RECALL_REAL, n):,} test images.",
         "",
         "## The agents",
         "",
-        *_shipped_note(config),
-        *_agents_table(agents, timings),
+        *_shipped_note(d.config),
+        *_agents_table(d.agents, d.timings),
+    ]
+
+
+def _table_1(d: ReportData) -> list[str]:
+    return [
         "",
         "## Table 1: sample quality",
         "",
         *metrics_table(
             ["regime", "procedure"],
-            [(["MNIST train", "real images"], reference)]
-            + [([r["regime"], r["procedure"]], r) for r in results.values()],
+            [(["MNIST train", "real images"], d.reference)]
+            + [([r["regime"], r["procedure"]], r) for r in d.results.values()],
         ),
         "",
-        f"The first row is {config.eval_per_class} real training images per digit, measured like a "
-        "sample set: a perfect generator's values at this sample size.",
+        f"The first row is {d.config.eval_per_class} real training images per digit, measured "
+        "like a sample set: a perfect generator's values at this sample size.",
     ]
-    if claims:
-        n = config.claim_per_class
-        lines += [
-            "",
-            f"## The claim sets: {n} samples per digit",
-            "",
-            "The control's `mean` and each federated regime's best corrected procedure in Table 1, "
-            f"sampled again, {n} per digit on fresh draws (seed {config.seed + 1}): the set that "
-            "chose the winner does not score it. One standard error of an accuracy p is "
-            f"sqrt(p (1 - p) / {10 * n}).",
-            "",
-            *metrics_table(
-                ["regime", "procedure"],
-                [([r["regime"], r["procedure"]], r) for r in claims.values()],
-            ),
-        ]
-    lines += _ratio_table(results)
-    if traffic:
-        lines += ["", "## Communication per generated sample", "", *_traffic_table(traffic)]
-    lines += ["", "## Figure 2: samples (first 10 per digit)", ""]
-    for r in results.values():
+
+
+def _claims(d: ReportData) -> list[str]:
+    if not d.claims:
+        return []
+    n = d.config.claim_per_class
+    return [
+        "",
+        f"## The claim sets: {n} samples per digit",
+        "",
+        "The control's `mean` and each federated regime's best corrected procedure in Table 1, "
+        f"sampled again, {n} per digit on fresh draws (seed {d.config.seed + 1}): the set that "
+        "chose the winner does not score it. One standard error of an accuracy p is "
+        f"sqrt(p (1 - p) / {10 * n}).",
+        "",
+        *metrics_table(
+            ["regime", "procedure"],
+            [([r["regime"], r["procedure"]], r) for r in d.claims.values()],
+        ),
+    ]
+
+
+def _traffic(d: ReportData) -> list[str]:
+    if not d.traffic:
+        return []
+    return ["", "## Communication per generated sample", "", *_traffic_table(d.traffic)]
+
+
+def _figures(d: ReportData) -> list[str]:
+    lines = ["", "## Figure 2: samples (first 10 per digit)", ""]
+    for r in d.results.values():
         rel = os.path.join(r["regime"], "samples", r["procedure"], "samples.png")
         lines.append(f"![{r['regime']} {r['procedure']}]({rel})")
-    if weights:
+    if d.weights:
         lines += ["", "## The agents' weights along the reverse process", ""]
-        lines += [f"![{os.path.dirname(path)}]({path})" for path in weights]
+        lines += [f"![{os.path.dirname(path)}]({path})" for path in d.weights]
+    return lines
+
+
+# What each aggregator's agreement table measures against, beside the uniform mean.
+_AGREEMENT_NOTES = {
+    "label_prior": "`superdiff_or`'s weights before any density evidence, at t = T",
+    "superdiff_and": "the drift that keeps the agents' log-densities changing equally",
+}
+
+
+def _agreement(d: ReportData) -> list[str]:
     by_aggregator = {}
-    for r in rows:  # rows written before the aggregator field existed are the mean's
+    for r in d.agreement:  # rows written before the aggregator field existed are the mean's
         by_aggregator.setdefault(r.get("aggregator", "mean"), []).append(r)
-    lines += ["", "## Agreement at a glance", ""]
+    lines = ["", "## Agreement at a glance", ""]
     lines += _agreement_summary(by_aggregator)
     lines += ["", "## Tables 3/4: agreement of the agents' scores (uniform mean)", ""]
     lines += _agreement_tables(by_aggregator.pop("mean", []))
@@ -103,19 +152,22 @@ def render(
             f"## Tables 3/4 under `{name}`: the agents' agreement with that aggregate",
             "",
         ]
-        note = {
-            "label_prior": "`superdiff_or`'s weights before any density evidence, at t = T",
-            "superdiff_and": "the drift that keeps the agents' log-densities changing equally",
-        }.get(name)
-        if note:
-            lines += [f"({note}.)", ""]
+        if name in _AGREEMENT_NOTES:
+            lines += [f"({_AGREEMENT_NOTES[name]}.)", ""]
         lines += _agreement_tables(group)
-    if sweep:
-        title = config.sweep.title[0].upper() + config.sweep.title[1:]
-        lines += ["", f"## {title}", "", *_sweep_table(sweep), "", "![sweep](sweep.png)"]
-    lines += ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _sweep(d: ReportData) -> list[str]:
+    if not d.sweep:
+        return []
+    title = d.config.sweep.title[0].upper() + d.config.sweep.title[1:]
+    return ["", f"## {title}", "", *_sweep_table(d.sweep), "", "![sweep](sweep.png)"]
+
+
+def _timings(d: ReportData) -> list[str]:
+    lines = ["", "## Wall times (s)", "", "| stage | s |", "| --- | --- |"]
+    return lines + [f"| {k} | {v} |" for k, v in d.timings.items()]
 
 
 def agents_row(regime: str, run_config) -> dict:

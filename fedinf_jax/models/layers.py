@@ -23,7 +23,7 @@ class GroupNorm(nn.Module):
     The statistics are taken in two stages: per-channel means over the spatial axes, then the
     mean over each group's channels; the normalisation is then one multiply-add per element with a
     per-(sample, channel) scale and shift. Flax reduces over (spatial..., C / G) in one strided
-    reduction, which XLA:CPU runs slowly on NHWC arrays (``benchmarks/group_norm.py``,
+    reduction, which XLA:CPU runs slowly on NHWC arrays (``benchmarks/speed/group_norm.py``,
     docs/performance.md); the sums only change order (float32 rounding).
     """
 
@@ -112,7 +112,7 @@ class Conv(nn.Module):
     checkpoints are shared), computed one of two ways (``impl``; ``auto`` picks per layer,
     ``conv_impl_for``): ``xla_conv`` (``lax.conv_general_dilated``) or ``matmul_conv`` (matmuls
     over the channel axis). Which is faster depends on the layer's width and the backend
-    (``benchmarks/conv_impl.py``, docs/performance.md).
+    (``benchmarks/speed/conv_impl.py``, docs/performance.md).
     """
 
     features: int

@@ -1,5 +1,5 @@
-"""The K-agent federated score evaluation the benchmarks time and profile (imported as
-``federated_score``: a script's folder is on its path)."""
+"""The K-agent federated score evaluation the benchmarks time and profile
+(``from benchmarks.common import federated_score``)."""
 
 import dataclasses
 from collections.abc import Callable

@@ -1,7 +1,7 @@
 """Federated sampling throughput: agent-axis strategies against the paper's Python loop, and
 score evaluations per image for adaptive against constant steps at matched accuracy.
 
-    python benchmarks/sample_throughput.py --preset=cpu --steps=10 \\
+    python -m benchmarks.speed.sample_throughput --preset=cpu --steps=10 \\
         --output=benchmarks/results/sample_throughput_cpu.json
 
 Part 1 (throughput): K agents with random weights, a fixed-step Euler probability-flow ODE with
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from candidates import CANDIDATES, candidate
 
+from benchmarks.common.candidates import CANDIDATES, candidate
 from configs import base
 from fedinf_jax import (
     agents,

@@ -12,7 +12,7 @@ evaluations) and picks each sample's; the alternatives evaluate B:
   agents evaluated on their own groups (K x G evaluations; the groups are known before the
   solve, since the draws are made once).
 
-    python benchmarks/route_gather.py --preset=cpu --num_agents=10 --batch=100
+    python -m benchmarks.speed.route_gather --preset=cpu --num_agents=10 --batch=100
 
 The draws use the heterogeneous regime's label prior (the owner of digit y holds half its
 examples, each other agent 1/18), 10 samples per digit. Random agents (cost does not depend on the
@@ -21,11 +21,8 @@ benchmarks/results/route_gather_cpu.json and .md.
 """
 
 import os
-import sys
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("preset", "cpu", "model preset (configs/base.py)")
 flags.DEFINE_integer("num_agents", 10, "K")
@@ -42,8 +39,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import timing
 
+    from benchmarks.common import timing
     from configs import base
     from fedinf_jax import agents, aggregators, data, runs, runtime, sample_lib
     from fedinf_jax.score import make_score_fn
@@ -124,9 +121,7 @@ def main(argv):
         "code_version": runtime.code_version(),
         "results": results,
     }
-    path = FLAGS.output or os.path.join(
-        os.path.dirname(__file__), "results", f"route_gather_{FLAGS.preset}.json"
-    )
+    path = FLAGS.output or os.path.join(timing.RESULTS_DIR, f"route_gather_{FLAGS.preset}.json")
     table = timing.markdown_table(
         ["way", "network evaluations", "ms per step", "speed-up", "first call (s)"],
         [

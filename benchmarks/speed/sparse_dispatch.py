@@ -1,7 +1,7 @@
 """Whole-sample wall time of the sparse members, dense (every agent on every sample) against
 sparse (only the agents each sample's weights name; fedinf_jax/dispatch.py), interleaved.
 
-    python benchmarks/sparse_dispatch.py --preset=cpu --num_agents=10 --batch=100 --steps=100
+    python -m benchmarks.speed.sparse_dispatch --preset=cpu --num_agents=10 --batch=100 --steps=100
 
 K random agents of the preset's U-Net (the cost does not depend on the weights), the
 heterogeneous regime's count matrix (the owner of digit y holds half its examples), B images,
@@ -13,11 +13,8 @@ benchmarks/results/sparse_dispatch_<preset>.json and .md.
 """
 
 import os
-import sys
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("preset", "cpu", "model preset (configs/base.py)")
 flags.DEFINE_integer("num_agents", 10, "K")
@@ -38,8 +35,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import timing
 
+    from benchmarks.common import timing
     from configs import base
     from fedinf_jax import (
         data,
@@ -123,7 +120,7 @@ def main(argv):
     }
     suffix = "_guided" if FLAGS.guided else ""
     path = FLAGS.output or os.path.join(
-        os.path.dirname(__file__), "results", f"sparse_dispatch_{FLAGS.preset}{suffix}.json"
+        timing.RESULTS_DIR, f"sparse_dispatch_{FLAGS.preset}{suffix}.json"
     )
     table = timing.markdown_table(
         ["member", "agents asked", "dense s", "sparse s", "speed-up", "first call s (d / s)"],

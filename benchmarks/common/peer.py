@@ -1,11 +1,11 @@
-"""The two sides of the peer comparison (``peer_diffusers.py``, ``accelerator_check.py``): the
+"""The two sides of the peer comparison (``peers/peer_diffusers.py``, ``accelerator/check.py``): the
 paper's stack (K diffusers ``UNet2DConditionModel`` agents in PyTorch, called one after the
 other) and fedinf_jax (stacked agents, one jitted program), on the same model config, random
-weights. Imported as ``peer`` (a script's folder is on its path)."""
+weights (``from benchmarks.common import peer``)."""
 
 import os
 
-import timing
+from benchmarks.common import timing
 
 
 def diffusers_kwargs(model_config) -> dict:
@@ -112,8 +112,7 @@ def euler_mean_sampler(lifted, comp, steps: int, num_agents: int | None = None):
 
 
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
-    import federated_score
-
+    from benchmarks.common import federated_score
     from fedinf_jax import runs, sampling
 
     comp = runs.resolve(config)

@@ -1,6 +1,6 @@
 """Agent-steps per second for K agents under each agent-axis strategy vs a Python loop.
 
-    python benchmarks/train_throughput.py --preset=cpu --num_agents=10 --batch_size=64
+    python -m benchmarks.speed.train_throughput --preset=cpu --num_agents=10 --batch_size=64
 
 The baseline is the paper's way: K separately held single-agent states and one jitted
 single-agent update called K times per step from Python. Every strategy runs the same model,
@@ -11,9 +11,9 @@ time (median of --repeats steps). Prints a table and writes JSON.
 import json
 
 import jax
-import timing
 from absl import app, flags
 
+from benchmarks.common import timing
 from configs import base
 from fedinf_jax import agents, runs, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch

@@ -6,9 +6,9 @@ mirrors it; the parameter counts are checked to agree within 1%) as stacked para
 agents in one jitted program (the configured agent-axis strategy).
 
     pip install -e '.[bench]'   # torch 2.13.0 (a CPU build is on this machine's disk), diffusers
-    python benchmarks/peer_diffusers.py --preset=cpu --num_agents=10 --batch=20 --steps=10
-    python benchmarks/peer_diffusers.py --preset=paper --num_agents=10 --batch=4 --steps=2
-    XLA_FLAGS=... python benchmarks/peer_diffusers.py --sides=jax --steps=0 --repeats=10  # options
+    python -m benchmarks.peers.peer_diffusers --preset=cpu --num_agents=10 --batch=20 --steps=10
+    python -m benchmarks.peers.peer_diffusers --preset=paper --num_agents=10 --batch=4 --steps=2
+    XLA_FLAGS=... python -m benchmarks.peers.peer_diffusers --sides=jax --steps=0 --repeats=10  # options
 
 Both sides: random weights, float32, every core. Timed after a warm-up call (in which JAX
 compiles), median of ``--repeats``:
@@ -28,8 +28,9 @@ import json
 import os
 import platform
 
-import peer
 from absl import app, flags
+
+from benchmarks.common import peer
 
 flags.DEFINE_enum(
     "preset", "cpu", ["cpu", "paper"], "model preset (both sides; cross-attention mid block)"

@@ -1,10 +1,15 @@
-"""Timing shared by the benchmarks (imported as ``timing``: a script's folder is on its path)."""
+"""Timing shared by the benchmarks (``from benchmarks.common import timing``), and where their
+results go."""
 
+import os
 import statistics
 import time
 
 import jax
 import numpy as np
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+"""benchmarks/results: each benchmark's JSON, Markdown and logs."""
 
 
 def time_calls(fn, repeats: int) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """Train-step cost of U-Net candidates on this machine: parameters, FLOPs per image, images/s and
 achieved GFLOP/s against the fp32 matrix-product ceiling measured in the same run.
 
-    python benchmarks/architectures.py                       # every candidate, batch 32, K = 1
-    python benchmarks/architectures.py --candidates=demo,cpu --batch_size=64
+    python -m benchmarks.speed.architectures                       # every candidate, batch 32, K = 1
+    python -m benchmarks.speed.architectures --candidates=demo,cpu --batch_size=64
 
 Each candidate is a preset plus ``model`` overrides (``CANDIDATES``); the presets' own rows are
 the presets as they are. FLOPs are XLA's cost analysis of the compiled train step (forward,
@@ -17,10 +17,10 @@ import statistics
 import time
 
 import jax
-import timing
 from absl import app, flags
-from candidates import CANDIDATES, candidate
 
+from benchmarks.common import timing
+from benchmarks.common.candidates import CANDIDATES, candidate
 from configs import base
 from fedinf_jax import runs, train_lib
 from fedinf_jax.input_pipeline import synthetic_batch

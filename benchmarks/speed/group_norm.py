@@ -2,13 +2,14 @@
 (same parameters and function; statistics in two stages), forward and gradient, on the ``cpu``
 preset's activation shapes for a batch of K x B images.
 
-    python benchmarks/group_norm.py --images=200
+    python -m benchmarks.speed.group_norm --images=200
 
 Prints milliseconds per call (median after a warm-up) and the speed-up.
 """
 
-import timing
 from absl import app, flags
+
+from benchmarks.common import timing
 
 flags.DEFINE_integer("images", 200, "leading batch: K agents x B images (K = 10, B = 20)")
 flags.DEFINE_integer("repeats", 7, "timed calls per measurement (median reported)")

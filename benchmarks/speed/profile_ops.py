@@ -1,6 +1,6 @@
 """Where a federated score evaluation spends its time, by JAX operation, on XLA:CPU.
 
-    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/profile_ops.py --preset=cpu
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.speed.profile_ops --preset=cpu
 
 Traces three calls of the K-agent score evaluation (``sample_lib.agent_score_fn`` and the mean)
 with ``jax.profiler`` and sums the executed thunks' durations by the JAX operation their HLO
@@ -38,9 +38,9 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 def main(argv):
     del argv
-    import federated_score
     import jax
 
+    from benchmarks.common import federated_score
     from configs import base
     from fedinf_jax import runs
 

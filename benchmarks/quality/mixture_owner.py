@@ -1,6 +1,6 @@
 """Which agent a density-weighted sample ends on, and how good the samples are by that choice.
 
-    python benchmarks/mixture_owner.py --classifier=runs/reproduce_cpu/classifier \\
+    python -m benchmarks.quality.mixture_owner --classifier=runs/reproduce_cpu/classifier \\
         runs/reproduce_cpu/heterogeneous/samples/superdiff_or
 
 For sample sets saved with their trajectory (``sampler.save_trajectory``; the pipeline does for

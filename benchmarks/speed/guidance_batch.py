@@ -2,8 +2,8 @@
 from one call on the doubled batch (``federated_score.with_null_label``, what the sampler does),
 or from two calls on the batch; beside the unguided call.
 
-    python benchmarks/guidance_batch.py                     # cpu preset, K = 10, B = 100
-    python benchmarks/guidance_batch.py --preset=demo --agents=1
+    python -m benchmarks.speed.guidance_batch                     # cpu preset, K = 10, B = 100
+    python -m benchmarks.speed.guidance_batch --preset=demo --agents=1
 
 K agents of the preset's U-Net (random parameters, the null label's class included) at B noise
 images; each variant jitted, compiled once, then timed in ``--rounds`` interleaved rounds of
@@ -17,9 +17,9 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import timing
 from absl import app, flags
 
+from benchmarks.common import timing
 from configs import base
 from fedinf_jax import data, federated_score, runs, runtime, sample_lib
 from fedinf_jax.score import null_label

@@ -1,7 +1,7 @@
 """Sample quality of a control agent against the training time it cost, per training recipe.
 
-    python benchmarks/quality_per_minute.py --workdir=runs/quality_per_minute
-    python benchmarks/quality_per_minute.py --recipes=baseline --steps=150,300,600,900,1200
+    python -m benchmarks.quality.quality_per_minute --workdir=runs/quality_per_minute
+    python -m benchmarks.quality.quality_per_minute --recipes=baseline --steps=150,300,600,900,1200
 
 For each recipe (a named set of config overrides, ``RECIPES``) and each step budget, one control
 agent (``configs/control.py:PRESET``, all 60,000 training images) is trained from scratch with
@@ -25,10 +25,10 @@ import resource
 import time
 
 import ml_collections
-import timing
 from absl import app, flags, logging
-from candidates import candidate
 
+from benchmarks.common import timing
+from benchmarks.common.candidates import candidate
 from configs import classifier as classifier_config
 from configs import control
 from fedinf_jax import data, files, runs, runtime, sample_lib, train_lib
@@ -162,7 +162,7 @@ def train_cell(config, workdir: str) -> dict:
     resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
     ceiling = timing.sgemm_gflops()
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    train_lib.train_and_evaluate(config, workdir)
+    train_lib.train(config, workdir)
     cost = {
         "train_wall_s": time.perf_counter() - wall,
         "train_cpu_s": _cpu_seconds() - cpu,

@@ -1,6 +1,6 @@
 """How concentrated ``superdiff_or``'s weights are along the reverse process, per step count.
 
-    python benchmarks/superdiff_weights.py --config=configs/homo.py:cpu \\
+    python -m benchmarks.quality.superdiff_weights --config=configs/homo.py:cpu \\
         --workdir=runs/reproduce_cpu/homogeneous --steps=100,400 --num_per_class=2
 
 For each Euler-Maruyama step count, samples ``num_per_class`` images per digit from a trained

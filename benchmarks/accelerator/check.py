@@ -1,8 +1,8 @@
 """The accelerator check: one command that measures what this project claims for GPUs and TPUs,
 written as it goes, for a device lent for minutes.
 
-    python benchmarks/accelerator_check.py                # about 8 minutes on one H100/H200
-    python benchmarks/accelerator_check.py --dry_run      # the same code paths, tiny, on CPU
+    python -m benchmarks.accelerator.check                # about 8 minutes on one H100/H200
+    python -m benchmarks.accelerator.check --dry_run      # the same code paths, tiny, on CPU
 
 Parts, in order, each time-boxed (a part starts only while the total is under ``--budget_s``;
 within a part, a measurement starts only while the part is under its share), each written to
@@ -16,7 +16,7 @@ as it ends, then printed as a Markdown table:
 3. ``agent_axis``: the federated score and a 250-step probability-flow Euler sample of 100
    images under the uniform mean, with ``vmap`` and with ``map`` on the agent axis (images/s);
 4. ``cpu_preset_batch``: the ``cpu`` preset's K = 10 sampling at a batch of 1000 images;
-5. ``diffusers_peer``: the paper's stack (PyTorch + diffusers, ``benchmarks/peer.py``)
+5. ``diffusers_peer``: the paper's stack (PyTorch + diffusers, ``benchmarks/common/peer.py``)
    on the same device and work beside fedinf_jax (skipped, with the reason, without the
    ``bench`` extra);
 6. ``sharded``: with more than one device, the agents sharded over all of them sample the same
@@ -28,12 +28,9 @@ runs every part on the tiny micro U-Net (one level, no attention, K = 2, batch 8
 
 import os
 import platform
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_bool("dry_run", False, "every part at tiny sizes (CPU, under 2 minutes)")
 flags.DEFINE_float("budget_s", 480.0, "start no part after this many seconds")
@@ -130,8 +127,8 @@ def _flops(compiled) -> float | None:
 
 def _train_part(sizes, within, peaks) -> dict:
     import jax
-    import timing
 
+    from benchmarks.common import timing
     from fedinf_jax import runs, train_lib
     from fedinf_jax.input_pipeline import synthetic_batch
 
@@ -176,8 +173,7 @@ def _train_part(sizes, within, peaks) -> dict:
 
 def _sampler(comp, strategy: str, steps: int, agent_mesh=None, k=None):
     """``peer.euler_mean_sampler`` over the agents lifted by ``strategy`` (on ``agent_mesh``)."""
-    import peer
-
+    from benchmarks.common import peer
     from fedinf_jax import sample_lib
 
     lifted = sample_lib.agent_score_fn(comp, strategy, agent_mesh)
@@ -187,8 +183,8 @@ def _sampler(comp, strategy: str, steps: int, agent_mesh=None, k=None):
 def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:
     """First call and steady images/s of an ``steps``-step sample of ``n`` images."""
     import jax.numpy as jnp
-    import timing
 
+    from benchmarks.common import timing
     from fedinf_jax import runs, sampling
 
     config = model_config(preset)
@@ -211,9 +207,7 @@ def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:
 
 
 def _agent_axis_part(sizes, within) -> dict:
-    import federated_score
-    import timing
-
+    from benchmarks.common import federated_score, timing
     from fedinf_jax import runs
 
     preset, k, n, steps = sizes
@@ -245,7 +239,7 @@ def _diffusers_part(sizes, within) -> dict:
         import torch
     except ImportError as err:
         return {"status": f"skipped: {err} (pip install -e '.[bench]')"}
-    import peer
+    from benchmarks.common import peer
 
     preset, k, b, steps = sizes
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,6 +296,7 @@ def main(argv):
     del argv
     import jax
 
+    from benchmarks.common import timing
     from fedinf_jax import files, runtime
 
     runtime.setup()
@@ -309,9 +304,7 @@ def main(argv):
     sizes = SIZES["dry_run" if FLAGS.dry_run else "full"]
     device = _device_part()
     name = "dry_run" if FLAGS.dry_run else device["device_kind"].replace(" ", "_").lower()
-    path = FLAGS.output or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"accelerator_{name}.json"
-    )
+    path = FLAGS.output or os.path.join(timing.RESULTS_DIR, f"accelerator_{name}.json")
     record = {
         "dry_run": FLAGS.dry_run,
         "budget_s": FLAGS.budget_s,

@@ -1,5 +1,5 @@
-"""U-Net candidates for this CPU, shared by ``architectures.py`` (cost) and
-``quality_per_minute.py`` (quality): a name -> (preset, ``model`` overrides)."""
+"""U-Net candidates for this CPU, shared by ``speed/architectures.py`` (cost) and
+``quality/quality_per_minute.py`` (quality): a name -> (preset, ``model`` overrides)."""
 
 
 def _stem(channels: tuple[int, ...]) -> tuple[str, dict]:

@@ -4,7 +4,7 @@ Compiles one federated score evaluation (K agents' scores on a batch, then the a
 its density update where it has one) on a mesh of virtual CPU devices, and lists the collective
 operations XLA put in the program, with their operand shapes and the bytes of their operands:
 
-    python benchmarks/sharded_collectives.py --devices=4 --num_agents=10 --batch=100
+    python -m benchmarks.speed.sharded_collectives --devices=4 --num_agents=10 --batch=100
 
 Results: benchmarks/results/sharded_collectives.log. The parameters never appear in a collective.
 """

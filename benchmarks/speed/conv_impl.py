@@ -1,7 +1,7 @@
 """3x3 convolutions on XLA:CPU three ways, beside PyTorch's (oneDNN) ``conv2d``: where the paper
 architecture's time goes, against diffusers at the paper's channel counts.
 
-    python benchmarks/conv_impl.py
+    python -m benchmarks.speed.conv_impl
 
 For each shape (kernel 3x3 or 1x1, batch, height, channels; 'SAME' padding) times one forward:
 the U-Net's ``layers.Conv`` as ``xla`` (``lax.conv_general_dilated``, what ``flax.linen.Conv``
@@ -13,8 +13,9 @@ torch is installed (``pip install .[bench]``). Prints milliseconds (median) and 
 
 import os
 
-import timing
 from absl import app, flags
+
+from benchmarks.common import timing
 
 flags.DEFINE_integer("repeats", 5, "timed calls per measurement (median reported)")
 FLAGS = flags.FLAGS

@@ -1,0 +1,2 @@
+"""The accelerator check: the project's GPU/TPU claims in one command (tested on virtual CPU
+devices)."""

@@ -1,0 +1,1 @@
+"""fedinf_jax against the paper's stack (PyTorch + diffusers)."""

@@ -1,0 +1,2 @@
+"""Quality experiments: sample quality against training time, and the density-weighted
+members' weights."""

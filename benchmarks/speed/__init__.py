@@ -1,0 +1,1 @@
+"""Speed benchmarks of this project's own parts on this machine."""
