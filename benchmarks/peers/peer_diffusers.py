@@ -8,7 +8,8 @@ agents in one jitted program (the configured agent-axis strategy).
     pip install -e '.[bench]'   # torch 2.13.0 (a CPU build is on this machine's disk), diffusers
     python -m benchmarks.peers.peer_diffusers --preset=cpu --num_agents=10 --batch=20 --steps=10
     python -m benchmarks.peers.peer_diffusers --preset=paper --num_agents=10 --batch=4 --steps=2
-    XLA_FLAGS=... python -m benchmarks.peers.peer_diffusers --sides=jax --steps=0 --repeats=10  # options
+    # options:
+    XLA_FLAGS=... python -m benchmarks.peers.peer_diffusers --sides=jax --steps=0 --repeats=10
 
 Both sides: random weights, float32, every core. Timed after a warm-up call (in which JAX
 compiles), median of ``--repeats``:

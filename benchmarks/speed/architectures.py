@@ -1,7 +1,7 @@
 """Train-step cost of U-Net candidates on this machine: parameters, FLOPs per image, images/s and
 achieved GFLOP/s against the fp32 matrix-product ceiling measured in the same run.
 
-    python -m benchmarks.speed.architectures                       # every candidate, batch 32, K = 1
+    python -m benchmarks.speed.architectures            # every candidate, batch 32, K = 1
     python -m benchmarks.speed.architectures --candidates=demo,cpu --batch_size=64
 
 Each candidate is a preset plus ``model`` overrides (``CANDIDATES``); the presets' own rows are

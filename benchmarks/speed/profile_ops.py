@@ -1,6 +1,7 @@
 """Where a federated score evaluation spends its time, by JAX operation, on XLA:CPU.
 
-    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.speed.profile_ops --preset=cpu
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \\
+        python -m benchmarks.speed.profile_ops --preset=cpu
 
 Traces three calls of the K-agent score evaluation (``sample_lib.agent_score_fn`` and the mean)
 with ``jax.profiler`` and sums the executed thunks' durations by the JAX operation their HLO
