@@ -349,14 +349,14 @@ def test_ratios_to_control_and_the_papers():
         "heterogeneous/paper": result("heterogeneous", "paper", 2.5, 10.0, 0.5, 0.6),
         "heterogeneous/label_prior": result("heterogeneous", "label_prior", 8.0, 1.5, 0.9, 0.02),
     }
-    rows = _table_rows(report._ratio_table(results))
+    rows = _table_rows(report.ratio_table(results))
     assert rows == [
         ["heterogeneous", "paper", "0.50", "5.0", "-0.400", "+0.500", "0.53", "22.9"],
         ["heterogeneous", "label_prior", "1.00", "1.5", "-0.050", "+0.020", "0.53", "22.9"],
     ]
     del results["control/mean"]
-    assert len(_table_rows(report._ratio_table(results))) == 1
-    assert report._ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []
+    assert len(_table_rows(report.ratio_table(results))) == 1
+    assert report.ratio_table({"heterogeneous/paper": results["heterogeneous/paper"]}) == []
 
 
 def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
@@ -414,7 +414,7 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     assert rows[2]["accuracy"] == pytest.approx(0.75)
     assert rows[0]["accuracy_se"] == pytest.approx(0.2 / np.sqrt(3))  # std 0.2 over 3 seeds
     assert rows[0]["noise_rate_se"] == pytest.approx(0.0) and rows[0]["fid"] == 1.0
-    table = _table_rows(report._sweep_table(rows))
+    table = _table_rows(report.sweep_table(rows))
     assert table[2] == ["dirichlet:alpha=0.1", "route", "3", "0.750 +- 0.115", "0.100 +- 0.000",
                         "1.00 +- 0.58", "9"]  # fmt: skip
     from fedinf_jax import plots

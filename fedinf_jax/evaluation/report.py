@@ -50,7 +50,7 @@ def render(data: ReportData) -> str:
         _header,
         _table_1,
         _claims,
-        lambda d: _ratio_table(d.results),
+        lambda d: ratio_table(d.results),
         _traffic,
         _figures,
         _agreement,
@@ -162,7 +162,7 @@ def _sweep(d: ReportData) -> list[str]:
     if not d.sweep:
         return []
     title = d.config.sweep.title[0].upper() + d.config.sweep.title[1:]
-    return ["", f"## {title}", "", *_sweep_table(d.sweep), "", "![sweep](sweep.png)"]
+    return ["", f"## {title}", "", *sweep_table(d.sweep), "", "![sweep](sweep.png)"]
 
 
 def _timings(d: ReportData) -> list[str]:
@@ -230,7 +230,7 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
     return lines
 
 
-def _sweep_table(sweep: list[dict]) -> list[str]:
+def sweep_table(sweep: list[dict]) -> list[str]:
     """Per partition and procedure: mean +- standard error over the seeds."""
     head = ["partition", "procedure", "seeds", "accuracy", "noise rate", "FID", "sampling s"]
     rows = [
@@ -303,7 +303,7 @@ PAPER_TABLE1 = {"control": (5.9459, 1.6274), "homogeneous": (3.6795, 31.7551),
                 "heterogeneous": (3.1651, 37.1922)}  # fmt: skip
 
 
-def _ratio_table(results: dict) -> list[str]:
+def ratio_table(results: dict) -> list[str]:
     """Federated / control for each set, against the control set of the same procedure (the
     corrected aggregators against the control's ``mean``), beside the paper's ratios: raw IS and
     FID depend on the feature extractor, their ratios less so."""
