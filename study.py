@@ -15,7 +15,7 @@ bad setting stops with one line, "error: ...", exit status 2, before any checkpo
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedinf_jax import runtime, study
+from fedinf_jax import runtime, study_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,7 +36,7 @@ runtime.define_distributed_flags()
 def main(argv):
     runtime.start_distributed_entry_point(argv)
     overrides = config_flags.get_override_values(FLAGS["config"])
-    study.run_study(FLAGS.config, FLAGS.workdir, overrides, FLAGS.recompute)
+    study_lib.run_study(FLAGS.config, FLAGS.workdir, overrides, FLAGS.recompute)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ LAYERS = {
         "evaluation.sample_sets",
         "evaluation.report",
     ),
-    "workflows": ("plots", "train_lib", "sample_lib", "study", "pipeline", "pretrain_lib"),
+    "workflows": (
+        "plots",
+        "train_lib",
+        "sample_lib",
+        "study",
+        "study_lib",
+        "pipeline",
+        "pretrain_lib",
+    ),
 }
 LEVEL = {module: level for level, modules in enumerate(LAYERS.values()) for module in modules}
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

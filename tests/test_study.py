@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from fedinf_jax import aggregators, errors, provenance, sampling, solvers, study
+from fedinf_jax import aggregators, errors, provenance, sampling, solvers, study, study_lib
 from fedinf_jax.sde import VPSDE
 from tests.test_sampling import MUS, gaussian_agents
 
@@ -111,7 +111,7 @@ def test_study_measures_against_the_reference_and_caches_cells(tmp_path):
         else:
             assert abs(fitted - order) < 0.5, (solver, orders)
 
-    study.write_results(again, tmp_path / "out", {"config": {"name": "test"}})
+    study_lib.write_results(again, tmp_path / "out", {"config": {"name": "test"}})
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["config"] == {"name": "test"} and record["rows"] == again
     with open(tmp_path / "out" / "results.csv") as f:
@@ -178,7 +178,7 @@ def test_cheapest_cells_take_the_fewest_evaluations_that_reach_each_error():
     ]
     chosen = {
         (agg, level): best and best["name"]
-        for _, agg, level, best in study.cheapest_cells(rows, (0.3, 0.1, 0.01, 0.003))
+        for _, agg, level, best in study_lib.cheapest_cells(rows, (0.3, 0.1, 0.01, 0.003))
     }
     assert chosen == {
         ("label_prior", 0.3): "g",
@@ -207,7 +207,7 @@ def test_a_refused_cell_is_recorded_with_its_reason(tmp_path):
 
 
 def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path, monkeypatch):
-    """``study.run_study`` on the session's smoke training run (copied), its samples scored by
+    """``study_lib.run_study`` on the session's smoke training run (copied), its samples scored by
     the smoke pipeline's classifier: its files read back, a rerun computes nothing; a bad grid is
     named before any checkpoint is read."""
     workdir = tmp_path / "run"
@@ -218,7 +218,7 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
     # The plumbing, not the error: a cheap reference (Heun: a third of tsit5's stages to compile).
     config.study.reference.ode_solver, config.study.reference.ode_tol = "heun", 1e-2
     config.study.classifier = str(reproduced[0] / "classifier")
-    outdir = study.run_study(config, str(workdir))
+    outdir = study_lib.run_study(config, str(workdir))
     record = json.loads((tmp_path / "run" / "study" / "default" / "results.json").read_text())
     assert outdir == str(workdir / "study" / "default")
     assert record["checkpoint_step"] == 30 and record["code_version"]
@@ -242,7 +242,7 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
         raise AssertionError("a cached cell was solved again")
 
     monkeypatch.setattr(study, "measure", no_solving)
-    study.run_study(config, str(workdir))
+    study_lib.run_study(config, str(workdir))
     # Other draws: the cached cells were made from other inputs. Refused before any solve, or
     # solved again with recompute (the patched solve is reached).
     config.study.seed = 1
@@ -250,25 +250,25 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
         provenance.StaleOutputError,
         match=r"study cell ode-euler-uniform4-mean: .*study.seed: 0 -> 1",
     ):
-        study.run_study(config, str(workdir))
+        study_lib.run_study(config, str(workdir))
     with pytest.raises(AssertionError, match="a cached cell was solved again"):
-        study.run_study(config, str(workdir), recompute=True)
+        study_lib.run_study(config, str(workdir), recompute=True)
     config.study.seed = 0
     config.sampler.t_end = 2e-3  # a sampler setting the cells share
     with pytest.raises(provenance.StaleOutputError, match=r"sampler.t_end: 0.001 -> 0.002"):
-        study.run_study(config, str(workdir))
+        study_lib.run_study(config, str(workdir))
     config.sampler.t_end = 1e-3
     config.study.num_steps = (4, 8)  # a grown grid: only its new cell is solved
     solved.clear()
     with pytest.raises(AssertionError, match="a cached cell was solved again"):
-        study.run_study(config, str(workdir))
+        study_lib.run_study(config, str(workdir))
     assert solved == ["ode-euler-uniform8-mean"]
     config.study.num_steps = (4,)
     # Guidance as a grid axis (a procedure's settings): these agents have no null label, so the
     # guided cell is refused with the reason, and nothing is solved.
     config.study.aggregators = ("mean", "mean:guidance=2")
     solved.clear()
-    study.run_study(config, str(workdir))
+    study_lib.run_study(config, str(workdir))
     record = json.loads((workdir / "study" / "default" / "results.json").read_text())
     guided = [r for r in record["rows"] if r["aggregator"] == "mean:guidance=2"]
     assert [r["status"] for r in guided] == ["refused"] and solved == []
@@ -276,8 +276,8 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
     config.study.aggregators = ("mean",)
     config.study.solvers.ode = ("rk4",)
     with pytest.raises(errors.ConfigError, match="unknown ode solver 'rk4'"):
-        study.run_study(config, str(tmp_path / "nothing"))
+        study_lib.run_study(config, str(tmp_path / "nothing"))
     config.study.solvers.ode = ("euler",)
     config.study.classifier = str(tmp_path / "no_classifier")
     with pytest.raises(errors.MissingInputError, match="no classifier checkpoint"):
-        study.run_study(config, str(workdir))
+        study_lib.run_study(config, str(workdir))
