@@ -8,7 +8,8 @@ Each run is trained under --workdir/<name> exactly as train.py would train it (i
 that train.py command), resumably: run the same command again to go on. Once trained, a
 federation's EMA parameters (a classifier's checkpoint) are written to --dest/<name> with
 pretrained.json: the commands, the resolved config, the partition's count matrix, the step, the
-code's commit, a digest of the arrays and a sha256 per file (fedinf_jax/pretrained.py). Where
+code's commit, a digest of the arrays and a sha256 per file (fedinf_jax/pretrain_lib.py writes
+them, fedinf_jax/pretrained.py verifies them). Where
 --dest already ships a run, the log says whether the regenerated arrays are bitwise the shipped
 ones before replacing it. MNIST is read as train.py reads it.
 
