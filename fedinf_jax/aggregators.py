@@ -83,11 +83,14 @@ class Aggregator(NamedTuple):
 # A factory's parameters that come from the run, not from the config (the partition's count
 # matrix, K, the agents' SDE, the sampler's method); every other parameter of a registered factory
 # is a setting of that member, with a default.
+_NO_COUNTS = (
+    "the partition's count matrix n[agent, class], and the checkpoint carries none (it is written "
+    "by train.py into the checkpoint's meta)"
+)
 AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry(
     "aggregator",
     context={
-        "counts": "the partition's count matrix n[agent, class], and the checkpoint carries none "
-        "(it is written by train.py into the checkpoint's meta)",
+        "counts": _NO_COUNTS,
         "num_agents": "the number of agents",
         "sde": "the agents' SDE",
         "method": "the sampler's method",
@@ -589,10 +592,7 @@ def superdiff_and(sde: SDE, method: str, probes: int = 1, ridge: float = 1e-6) -
 
 def _need_counts(name: str, counts) -> np.ndarray:
     if counts is None:
-        raise ValueError(
-            f"aggregator {name!r} needs the partition's count matrix n[agent, class], and the "
-            "checkpoint carries none (it is written by train.py into the checkpoint's meta)"
-        )
+        raise ValueError(f"aggregator {name!r} needs {_NO_COUNTS}")
     return np.asarray(counts)
 
 

@@ -417,7 +417,8 @@ def run(config: ml_collections.ConfigDict, outdir: str, recompute: bool = False)
 
 class Reproduction:
     """One run of the stages under ``outdir``: what they share (the config, MNIST, the wall
-    times) and what each leaves for the next (``report``: the report's data as it fills)."""
+    times) and what each leaves for the next (the classifier and its test features, the sets'
+    metrics, the reference, the claims, the sweep)."""
 
     def __init__(self, config: ml_collections.ConfigDict, outdir: str, recompute: bool):
         self.config, self.outdir, self.recompute = config, outdir, recompute

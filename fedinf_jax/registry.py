@@ -98,8 +98,7 @@ class Registry(Generic[T]):
           ValueError: an unknown name, or a context parameter without a default not given.
         """
         params = inspect.signature(self.get(name)).parameters
-        settings = self.settings(name)
-        kwargs = {k: section[k] for k in (section or {}) if k in settings}
+        kwargs = {k: section[k] for k in (section or {}) if k in params and k not in self.context}
         for key, what in self.context.items():
             if key not in params:
                 continue

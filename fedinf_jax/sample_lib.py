@@ -449,10 +449,7 @@ def grouped_score_fn(
     grouped = dispatch.grouped(make_score_fn(components.model, components.sde, components.param))
     if agent_mesh is None:
         return grouped
-    lifted = sharding.over_sharded_pairs(grouped, agent_mesh)
-    return lambda params, x, t, y, agent_index: sharding.first_agents(
-        lifted(params, x, t, y, agent_index), agent_mesh.num_agents
-    )
+    return sharding.without_padding(sharding.over_sharded_pairs(grouped, agent_mesh), agent_mesh)
 
 
 def agent_score_fn(
@@ -471,9 +468,7 @@ def agent_score_fn(
     lifted = sharding.over_sharded_agents(
         score_fn, agent_mesh, strategy, in_axes, batch_args=(1, 2, 3), map_unroll=unroll
     )
-    return lambda params, x, t, y: sharding.first_agents(
-        lifted(params, x, t, y), agent_mesh.num_agents
-    )
+    return sharding.without_padding(lifted, agent_mesh)
 
 
 GRID_PER_CLASS = 10
@@ -528,7 +523,7 @@ def sample_in_batches(
         out = jax.tree.map(sharding.to_host, sampler(params, keys, y))
         keep = min(batch, n - lo)
         for name, part in _batch_parts(sampler.aggregator, out, sharding.to_host(y)).items():
-            parts[name].append(part[(slice(None),) * _axis(name) + (slice(keep),)])
+            parts[name].append(part[(slice(None),) * _SAMPLE_AXIS[name] + (slice(keep),)])
         if out.trajectory is not None:
             trajectory_t = np.asarray(out.trajectory_t)
         stats.append({k: int(v) for k, v in out.stats.items()})
@@ -543,7 +538,7 @@ def sample_in_batches(
         )
         progress(b + 1)  # clu: batches/s, done and ETA
     per_batch = {k: np.array([s[k] for s in stats]) for k in stats[0]}
-    joined = {k: np.concatenate(v, _axis(k)) if v else None for k, v in parts.items()}
+    joined = {k: np.concatenate(v, _SAMPLE_AXIS[k]) if v else None for k, v in parts.items()}
     return Drawn(
         joined["images"],
         per_batch,
@@ -557,10 +552,6 @@ def sample_in_batches(
 # The sample axis of each per-batch output: images (N, ...), the trajectory (S, N, ...), the
 # agents' weights (K, N) and along the trajectory (S, K, N).
 _SAMPLE_AXIS = {"images": 0, "trajectory": 1, "weights": 1, "trajectory_weights": 2}
-
-
-def _axis(name: str) -> int:
-    return _SAMPLE_AXIS[name]
 
 
 def _batch_size(n: int, batch_size: int, agent_mesh: sharding.AgentMesh | None) -> int:

@@ -138,6 +138,12 @@ def first_agents(tree, num_agents: int):
     return jax.tree.map(lambda leaf: leaf[:num_agents] if leaf.ndim else leaf, tree)
 
 
+def without_padding(lifted: Callable, agent_mesh: AgentMesh) -> Callable:
+    """``lifted`` (a function whose output is stacked on the mesh's padded agents) with the
+    padding agents dropped from its output."""
+    return lambda *args: first_agents(lifted(*args), agent_mesh.num_agents)
+
+
 def put(tree, sharding: NamedSharding):
     """Host arrays (equal on every process) as global arrays laid out by ``sharding``; each
     process transfers only the shards its devices hold."""
