@@ -31,7 +31,9 @@ probability-flow ODE's density change needs it). ``weights(agent_scores, t, x, y
 divergence=...])`` returns the (agents, batch) weights of a member that is a weighted sum of the
 agents' scores (``weighted_sum`` builds one; ``median`` and ``trimmed_mean`` have none), and
 ``weights_from_state`` says they are a function of the state and the labels alone, which change
-along the solve (``superdiff_or``, ``route``: the sampler saves them).
+along the solve (``superdiff_or``, ``route``: the sampler saves them); ``weights_from_labels``
+says they are a function of the labels alone, the same all along the solve (``label_prior``,
+``weighted``), so ``keep_top_k`` knows the agents asked before the solve starts.
 ``dispatch(state, y)``, where given, returns (m, batch) agent numbers: for each sample, the m
 agents whose weights can be non-zero during the whole solve, known from the initial state and
 the labels alone. The sampler then evaluates only those (``fedinf_jax.dispatch``), and the other
@@ -68,7 +70,7 @@ class EmptyState(NamedTuple):
 class Aggregator(NamedTuple):
     """``init(num_agents, x, y, keys=None) -> state``; ``aggregate(scores, t, x, y, state) ->
     (score, state)``; optionally ``tendency``, ``noise``, ``weights``, ``weights_from_state``,
-    ``divergence_probes`` and ``dispatch`` (see the module docstring)."""
+    ``weights_from_labels``, ``divergence_probes`` and ``dispatch`` (see the module docstring)."""
 
     init: Callable[..., Any]
     aggregate: Callable[..., tuple[Array, Any]]
@@ -78,6 +80,7 @@ class Aggregator(NamedTuple):
     divergence_probes: int = 0
     dispatch: Callable[[Any, Array], Array] | None = None
     weights_from_state: bool = False
+    weights_from_labels: bool = False
 
 
 # A factory's parameters that come from the run, not from the config (the partition's count
@@ -182,7 +185,7 @@ def weighted(weights=(), counts=None) -> Aggregator:
     if counts is not None and w.shape != (len(counts),):
         raise ValueError(f"aggregator weights: {w.size} entries for {len(counts)} agents")
     w = jnp.asarray(w / w.sum(), jnp.float32)
-    return weighted_sum(lambda *_, **__: w)
+    return weighted_sum(lambda *_, **__: w, weights_from_labels=True)
 
 
 @member("label_prior")
@@ -193,8 +196,8 @@ def label_prior(counts, top_k: int = 0) -> Aggregator:
     other agent 1/18 (the pooled data's posterior); with ``partitions.heterogeneous``' sizes,
     which use every class up, the owner gets (9/8)(1 - N / (18 n_y)) (0.51 for digit 3). This is the
     mixture weight without its density term. ``top_k`` > 0 keeps each class's k largest weights,
-    renormalised (ties to the lower agent index): a router with nothing to train, whose other
-    agents need not be asked.
+    renormalised (``keep_top_k``): a router with nothing to train, whose other agents need not
+    be asked.
 
     Raises:
       ValueError: a class that no agent holds (its weights would be 0/0), or top_k outside
@@ -204,16 +207,9 @@ def label_prior(counts, top_k: int = 0) -> Aggregator:
     totals = n.sum(axis=0)
     if np.any(totals == 0):
         raise ValueError(f"classes {np.flatnonzero(totals == 0).tolist()} are held by no agent")
-    rho = n / totals  # (agents, classes)
-    kept = None
-    if _check_top_k(top_k, len(n)):
-        ranked = np.argsort(-rho, axis=0, kind="stable")  # (K, classes), ties to the lower index
-        np.put_along_axis(rho, ranked[top_k:], 0.0, axis=0)
-        rho = rho / rho.sum(axis=0)
-        kept = jnp.asarray(ranked[:top_k], jnp.int32)  # (k, classes): the agents asked
-    rho = jnp.asarray(rho, jnp.float32)
-    dispatch = None if kept is None else (lambda state, y: kept[:, y])
-    return weighted_sum(lambda scores, t, x, y, *_, **__: rho[:, y], dispatch=dispatch)
+    rho = jnp.asarray(n / totals, jnp.float32)  # (agents, classes)
+    member = weighted_sum(lambda scores, t, x, y, *_, **__: rho[:, y], weights_from_labels=True)
+    return keep_top_k(member, top_k, len(n))
 
 
 def _check_top_k(top_k: int, num_agents: int | None) -> bool:
@@ -224,14 +220,43 @@ def _check_top_k(top_k: int, num_agents: int | None) -> bool:
     return top_k > 0 and top_k != num_agents
 
 
-def _top_k_softmax(logits: Array, top_k: int) -> Array:
-    """softmax over axis 0 of (agents, batch) logits, restricted to each column's ``top_k``
-    largest (renormalised; agents tied with the k-th largest are kept too); 0 keeps every
-    agent."""
-    if top_k <= 0 or top_k >= logits.shape[0]:
-        return jax.nn.softmax(logits, axis=0)
-    kth = jax.lax.top_k(logits.T, top_k)[0][:, -1]  # (batch,): the k-th largest logit
-    return jax.nn.softmax(jnp.where(logits >= kth, logits, -jnp.inf), axis=0)
+def keep_top_k(member: Aggregator, k: int, num_agents: int | None = None) -> Aggregator:
+    """``member`` restricted to each sample's k largest weights, renormalised: exactly k agents,
+    ties to the lower agent index (``jax.lax.top_k``'s order). A wrapper in optax's manner: it
+    takes a weighted member (built by ``weighted_sum``) and returns one. k = 0 or K returns
+    ``member`` itself. When the member's weights come from the labels alone
+    (``weights_from_labels``), the k agents are known before the solve and declared
+    (``dispatch``), so the sampler asks only them; otherwise they change along the solve and
+    every agent is asked.
+
+    Raises:
+      ValueError: a member without weights, or k outside [0, K].
+    """
+    if member.weights is None:
+        raise ValueError("keep_top_k needs a member that is a weighted sum (one with weights)")
+    if not _check_top_k(k, num_agents):
+        return member
+
+    def full_weights(scores, t, x, y, state, divergence=None):  # (agents, batch)
+        w = member.weights(scores, t, x, y, state, divergence)
+        return jnp.broadcast_to(w.reshape(w.shape[0], -1), (w.shape[0], y.shape[0]))
+
+    def kept(w):  # (k, batch): the agents of each column's k largest weights
+        return jax.lax.top_k(w.T, k)[1].T
+
+    def weights(scores, t, x, y, state, divergence=None):
+        w = full_weights(scores, t, x, y, state, divergence)
+        w = w * jax.nn.one_hot(kept(w), w.shape[0], axis=0, dtype=w.dtype).sum(axis=1)
+        return w / w.sum(axis=0)
+
+    def dispatch(state, y):
+        return kept(full_weights(None, None, None, y, state))
+
+    return member._replace(
+        aggregate=weighted_sum(weights).aggregate,
+        weights=weights,
+        dispatch=dispatch if member.weights_from_labels else None,
+    )
 
 
 def schedule(weight_fn: Callable[[Array, Array], Array]) -> Aggregator:
@@ -407,8 +432,9 @@ def superdiff_or(
         table; ``uniform`` (or None) adds nothing.
       temperature: T > 0.
       probes: Rademacher probes per ODE step (ignored on the SDE).
-      top_k: k > 0 keeps each sample's k largest weights at each step, renormalised (a sparse
-        posterior router; every agent's log-density is still tracked); 0: every agent.
+      top_k: k > 0 keeps each sample's k largest weights at each step, renormalised
+        (``keep_top_k``: a sparse posterior router; every agent's log-density is still tracked,
+        so every agent is asked); 0: every agent.
 
     Raises:
       ValueError: an unknown method or prior, no probe for the ODE, T <= 0, a named prior
@@ -417,7 +443,6 @@ def superdiff_or(
     probes = _check_method(method, probes)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_top_k(top_k, num_agents)
     if isinstance(prior, str):
         check_choice("prior", prior, PRIORS)
         prior = (
@@ -431,15 +456,16 @@ def superdiff_or(
         logits = temperature * state.log_q
         if table is not None:
             logits = logits + table[:, y]
-        return _top_k_softmax(logits, top_k)
+        return jax.nn.softmax(logits, axis=0)
 
-    return weighted_sum(
+    member = weighted_sum(
         weights,
         init=_density_init(sde),
         tendency=_density_tendency(sde, method),
         divergence_probes=probes,
         weights_from_state=True,
     )
+    return keep_top_k(member, top_k, num_agents)
 
 
 class RouteState(NamedTuple):

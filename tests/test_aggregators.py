@@ -183,6 +183,29 @@ def test_top_k_keeps_the_largest_weights_renormalised():
     np.testing.assert_allclose(out, np.einsum("kb,kb...->b...", expected, scores), atol=1e-5)
 
 
+def test_keep_top_k_is_one_wrapper_for_every_weighted_member():
+    """keep_top_k keeps exactly k agents, ties to the lower index, whatever the member: equal
+    tracked log-densities under the uniform prior (superdiff_or at t = T) keep agents 0..k-1;
+    fixed weights with a tie likewise. Weights from the labels alone are declared as the agents
+    asked (dispatch); state-driven ones are not. A member without weights is refused."""
+    scores, t, x, y = _inputs()
+    member = A.superdiff_or(VPSDE(), "sde", num_agents=K, prior="uniform", top_k=2)
+    assert member.dispatch is None
+    weights = np.asarray(member.weights(None, None, None, y, A.DensityState(jnp.zeros((K, B)))))
+    np.testing.assert_array_equal(weights, np.tile([[0.5], [0.5], [0], [0], [0]], (1, B)))
+
+    fixed = A.keep_top_k(A.weighted([1.0, 3.0, 3.0, 1.0, 2.0]), 2, K)
+    kept = fixed.weights(scores, t, x, y, A.EmptyState())
+    np.testing.assert_allclose(kept, np.tile([[0], [0.5], [0.5], [0], [0]], (1, B)))
+    np.testing.assert_array_equal(fixed.dispatch(A.EmptyState(), y), np.tile([[1], [2]], (1, B)))
+    np.testing.assert_allclose(
+        fixed.aggregate(scores, t, x, y, A.EmptyState())[0], (scores[1] + scores[2]) / 2, rtol=1e-6
+    )
+    assert A.keep_top_k(A.weighted([1.0] * K), K, K).dispatch is None  # k = K: the member itself
+    with pytest.raises(ValueError, match="keep_top_k needs a member that is a weighted sum"):
+        A.keep_top_k(A.median(), 1, K)
+
+
 def test_route_draws_each_samples_agent_from_the_prior():
     """Each sample's agent ~ n_{k,y} / n_y (the label prior) or n_k / N (shares), one draw per
     sample key (the same key, the same agent); the aggregate is that agent's score."""
