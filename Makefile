@@ -1,4 +1,5 @@
-# The README's commands: `make demo`, `make test`, `make reproduce [PRESET=cpu|paper]`.
+# The README's commands: `make demo`, `make test`, `make reproduce [PRESET=cpu|paper]`,
+# `make reproduce-shipped`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 PRESET ?= cpu
 REGIME ?= hetero
 
-.PHONY: install test lint demo demo-train reproduce pretrained train benchmark clean
+.PHONY: install test lint demo demo-train reproduce reproduce-shipped pretrained train benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,13 @@ demo-train: install
 # preset on 2 cores; rerunning resumes where it stopped.
 reproduce: install
 	$(PY) reproduce.py --config=configs/reproduce.py:$(PRESET) --outdir=runs/reproduce_$(PRESET)
+
+# The same experiment on the shipped federations (pretrained/cpu) instead of training: every set
+# the results pages quote (docs/reproduce_cpu), runs/reproduce_shipped. About 2.5 hours of
+# sampling on 2 cores; rerunning resumes.
+reproduce-shipped: install
+	$(PY) reproduce.py --config=configs/reproduce.py:cpu --config.pretrained=pretrained/cpu \
+		--outdir=runs/reproduce_shipped
 
 # The trained runs shipped in pretrained/cpu (pretrain.py): the evaluation classifier and the cpu
 # preset's three regimes, trained from scratch under runs/pretrain_cpu and written there. Hours on
