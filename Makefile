@@ -44,7 +44,7 @@ reproduce: install
 	$(PY) reproduce.py --config=configs/reproduce.py:$(PRESET) --outdir=runs/reproduce_$(PRESET)
 
 # The same experiment on the shipped federations (pretrained/cpu) instead of training: every set
-# the results pages quote (docs/reproduce_cpu), runs/reproduce_shipped. About 2.5 hours of
+# the results pages quote (docs/reproduce_cpu), runs/reproduce_shipped. About 3 hours of
 # sampling on 2 cores; rerunning resumes.
 reproduce-shipped: install
 	$(PY) reproduce.py --config=configs/reproduce.py:cpu --config.pretrained=pretrained/cpu \
