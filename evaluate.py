@@ -6,7 +6,8 @@ label accuracy, noise rate, precision and recall (the pipeline's Table 1 metrics
 
 Each argument is a sample set: the --outdir of sample.py or a <regime>/samples/<procedure> folder
 of reproduce.py. Prints Table 1's rows for them and writes each set's metrics to
-SAMPLE_DIR/metrics.json. MNIST is read from --mnist_dir, else $FEDINF_MNIST_DIR, else TFDS
+SAMPLE_DIR/metrics.json (--nowrite_metrics: prints only, writing nothing, e.g. for the sets
+committed under docs/). MNIST is read from --mnist_dir, else $FEDINF_MNIST_DIR, else TFDS
 (--tfds_data_dir).
 """
 
@@ -23,22 +24,29 @@ flags.DEFINE_string("mnist_dir", None, "MNIST IDX folder (default $FEDINF_MNIST_
 flags.DEFINE_string(
     "tfds_data_dir", None, "TFDS data_dir for 'mnist' without an IDX folder (default TFDS's own)."
 )
+flags.DEFINE_bool(
+    "write_metrics", True, "Write each set's metrics.json beside its samples (else print only)."
+)
 flags.mark_flags_as_required(["classifier"])
 
 
-def evaluate(classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist) -> dict[str, dict]:
+def evaluate(
+    classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist, write: bool = True
+) -> dict[str, dict]:
     """Each sample set's metrics (``sample_sets.evaluate_sample_dir``), also written to its
-    ``metrics.json``. Every folder is checked before anything is computed or written."""
+    ``metrics.json`` when ``write``. Every folder is checked before anything is computed or
+    written."""
     for sample_dir in sample_dirs:
         sample_sets.check_sample_dir(sample_dir)
     clf, real_features = sample_sets.load_evaluator(classifier_dir, mnist)
     results = {}
     for sample_dir in sample_dirs:
         results[sample_dir] = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
-        files.write_json(
-            os.path.join(sample_dir, "metrics.json"),
-            dict(results[sample_dir], classifier=classifier_dir),
-        )
+        if write:
+            files.write_json(
+                os.path.join(sample_dir, "metrics.json"),
+                dict(results[sample_dir], classifier=classifier_dir),
+            )
     return results
 
 
@@ -46,9 +54,8 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError("give one or more sample set folders (sample.py's --outdir)")
     runtime.setup()
-    results = evaluate(
-        FLAGS.classifier, argv[1:], data.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
-    )
+    mnist = data.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
+    results = evaluate(FLAGS.classifier, argv[1:], mnist, FLAGS.write_metrics)
     print("\n".join(report.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
 
 

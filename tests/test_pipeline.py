@@ -217,7 +217,10 @@ def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no classifier checkpoint in '.*nothing'"):
         evaluate.evaluate(missing, [str(sample_dir)], mnist)
 
+    (printed,) = evaluate.evaluate(clf_dir, [str(sample_dir)], mnist, write=False).values()
+    assert not (sample_dir / "metrics.json").exists()  # --nowrite_metrics: printed only
     (result,) = evaluate.evaluate(clf_dir, [str(sample_dir)], mnist).values()
+    assert printed == result
     result = json.loads(json.dumps(result))
     pipeline_result = json.loads((outdir / "metrics.json").read_text())["results"]
     expected = pipeline_result["heterogeneous/superdiff_or"]
