@@ -37,7 +37,7 @@ demo: install
 demo-train: install
 	$(PY) reproduce.py --config=configs/reproduce.py:demo --outdir=runs/reproduce_demo
 
-# The paper's experiment (fedinf_jax/pipeline.py): classifier, three regimes, samples under every
+# The paper's experiment (fedinf_jax/workflows/pipeline.py): classifier, three regimes, samples under every
 # procedure, metrics, agreement tables, runs/reproduce_$(PRESET)/report.md. Hours for the `cpu`
 # preset on 2 cores; rerunning resumes where it stopped.
 reproduce: install

@@ -15,7 +15,8 @@ import os
 
 from absl import app, flags
 
-from fedinf_jax import data, files, runtime
+from fedinf_jax.core import files, runtime
+from fedinf_jax.data import digits
 from fedinf_jax.evaluation import report, sample_sets
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ flags.mark_flags_as_required(["classifier"])
 
 
 def evaluate(
-    classifier_dir: str, sample_dirs: list[str], mnist: data.Mnist, write: bool = True
+    classifier_dir: str, sample_dirs: list[str], mnist: digits.Mnist, write: bool = True
 ) -> dict[str, dict]:
     """Each sample set's metrics (``sample_sets.evaluate_sample_dir``), also written to its
     ``metrics.json`` when ``write``. Every folder is checked before anything is computed or
@@ -54,7 +55,7 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError("give one or more sample set folders (sample.py's --outdir)")
     runtime.setup()
-    mnist = data.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
+    mnist = digits.load_mnist(FLAGS.mnist_dir, FLAGS.tfds_data_dir)
     results = evaluate(FLAGS.classifier, argv[1:], mnist, FLAGS.write_metrics)
     print("\n".join(report.metrics_table(["sample set"], [([d], r) for d, r in results.items()])))
 

@@ -8,8 +8,8 @@ Each run is trained under --workdir/<name> exactly as train.py would train it (i
 that train.py command), resumably: run the same command again to go on. Once trained, a
 federation's EMA parameters (a classifier's checkpoint) are written to --dest/<name> with
 pretrained.json: the commands, the resolved config, the partition's count matrix, the step, the
-code's commit, a digest of the arrays and a sha256 per file (fedinf_jax/pretrain_lib.py writes
-them, fedinf_jax/pretrained.py verifies them). Where
+code's commit, a digest of the arrays and a sha256 per file (fedinf_jax/workflows/pretrain_lib.py
+writes them, fedinf_jax/agents/pretrained.py verifies them). Where
 --dest already ships a run, the log says whether the regenerated arrays are bitwise the shipped
 ones before replacing it. MNIST is read as train.py reads it.
 
@@ -26,8 +26,9 @@ import sys
 from absl import app, flags, logging
 
 from configs import reproduce as reproduce_config
-from fedinf_jax import pipeline, pretrain_lib, runtime, train_lib
+from fedinf_jax.core import runtime
 from fedinf_jax.evaluation import classifier
+from fedinf_jax.workflows import pipeline, pretrain_lib, train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "The regimes' preset (configs/base.py).")

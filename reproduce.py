@@ -13,7 +13,8 @@ can be overridden with --config.FIELD=VALUE.
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedinf_jax import pipeline, runtime
+from fedinf_jax.core import runtime
+from fedinf_jax.workflows import pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -13,7 +13,7 @@
 partition, training recipe); the config's ``sampler`` and ``aggregator`` sections
 (configs/base.py documents every field) choose how to sample (aggregators: mean weighted
 label_prior schedule median trimmed_mean superdiff_or route superdiff_and, and whatever else
-registers in fedinf_jax.aggregators.AGGREGATORS; a member's settings are
+registers in fedinf_jax.sampling.aggregators.AGGREGATORS; a member's settings are
 --config.aggregator.MEMBER.SETTING). A bad setting, a trained-section flag that contradicts the
 run, or a checkpoint that cannot be read stops with one line, "error: ...", exit status 2.
 
@@ -26,7 +26,8 @@ WORKDIR/samples/<method>_<solver>_<aggregator>.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedinf_jax import runtime, sample_lib
+from fedinf_jax.core import runtime
+from fedinf_jax.workflows import sample_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -15,7 +15,8 @@ bad setting stops with one line, "error: ...", exit status 2, before any checkpo
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedinf_jax import runtime, study_lib
+from fedinf_jax.core import runtime
+from fedinf_jax.workflows import study_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -14,7 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedinf_jax import runtime, train_lib
+from fedinf_jax.core import runtime
+from fedinf_jax.workflows import train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

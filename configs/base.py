@@ -26,7 +26,7 @@ import dataclasses
 
 import ml_collections
 
-from fedinf_jax import aggregators, solvers
+from fedinf_jax.sampling import aggregators, solvers
 
 PRESETS = ("smoke", "demo", "cpu", "paper")
 MODIFIERS = ("paper_sampler",)
@@ -86,7 +86,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     # > 1: a patch_size x patch_size pixel-unshuffle stem; the U-Net runs at 28 / patch_size.
     config.model.patch_size = 1
-    # How the network's output is read (fedinf_jax/score.py): "edm" (Karras et al. 2022
+    # How the network's output is read (fedinf_jax/diffusion/score.py): "edm" (Karras et al. 2022
     # preconditioning; v-prediction under VP) or "eps" (noise prediction).
     config.model.parametrization = "edm"
     config.model.sigma_data = 0.5  # edm: the data's scale
@@ -110,9 +110,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-4
     config.train.grad_clip = 1.0
     config.train.ema_decay = 0.999
-    # Training times (fedinf_jax/score.py): "uniform_t", t ~ U(sde.eps, T); "lognormal", EDM's
-    # ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha; "log_snr", ln sigma
-    # uniform between sigma(sde.eps) and sigma(T).
+    # Training times (fedinf_jax/diffusion/score.py): "uniform_t", t ~ U(sde.eps, T); "lognormal",
+    # EDM's ln sigma ~ N(p_mean, p_std^2) for the noise level sigma = std / alpha; "log_snr", ln
+    # sigma uniform between sigma(sde.eps) and sigma(T).
     config.train.noise = "uniform_t"
     config.train.p_mean = -1.2  # EDM's (Karras et al. 2022, Table 1)
     config.train.p_std = 1.2
@@ -126,7 +126,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 3
 
-    # How the stacked agent axis is executed ("auto": per backend, see fedinf_jax/agents.py).
+    # How the stacked agent axis is executed ("auto": per backend, see
+    # fedinf_jax/agents/agent_axis.py).
     config.agent_axis = ml_collections.ConfigDict()
     config.agent_axis.train = "auto"
     config.agent_axis.score = "auto"
@@ -140,7 +141,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # Same parameters either way.
     config.conv_impl = "auto"
 
-    # The device mesh (fedinf_jax/sharding.py), used when there is more than one device: the
+    # The device mesh (fedinf_jax/agents/sharding.py), used when there is more than one device: the
     # stacked agents are split along "agents", the sampler's batch along "batch" (sampling only).
     # agents x batch must equal the number of devices; agents = 0: all devices not on the batch
     # axis. K not a multiple of agents: zero agents pad the agent axis (never aggregated).
@@ -148,7 +149,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.agents = 0
     config.mesh.batch = 1
 
-    # Sampling (sample.py; fedinf_jax/sampling.py). Times t run from T (noise) to t_end (data).
+    # Sampling (sample.py; fedinf_jax/sampling/federated_sampler.py). Times t run from T (noise) to
+    # t_end (data).
     config.sampler = ml_collections.ConfigDict()
     config.sampler.method = "sde"  # "sde": reverse SDE; "ode": probability-flow ODE
     # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8, and
@@ -156,7 +158,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # sde: euler (Euler-Maruyama, the Ito solver) heun euler_heun milstein reversible_heun sea
     # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive).
     config.sampler.solver = "euler"
-    # The solver settings' defaults are the library's (fedinf_jax.solvers.SolverSpec, RootFinder).
+    # The solver settings' defaults are the library's (fedinf_jax.sampling.solvers.SolverSpec,
+    # RootFinder).
     spec = solvers.SolverSpec
     config.sampler.num_steps = spec.num_steps  # constant steps (adaptive = False)
     config.sampler.adaptive = spec.adaptive  # PIDController(rtol, atol) instead of constant steps
@@ -166,15 +169,17 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # padded to max_steps + 1 times, an input of one compiled solve for every budget)
     config.sampler.max_steps = spec.max_steps
     # The implicit solvers' stage equations: Newton's method, its linear systems solved by
-    # matrix-free GMRES (fedinf_jax.solvers.RootFinder); a step whose Newton iteration has not
-    # converged within max_steps fails (adaptive steps: rejected and shortened).
+    # matrix-free GMRES (fedinf_jax.sampling.solvers.RootFinder); a step whose Newton iteration has
+    # not converged within max_steps fails (adaptive steps: rejected and shortened).
     config.sampler.root_finder = ml_collections.ConfigDict(dataclasses.asdict(solvers.RootFinder()))
     config.sampler.t_end = spec.t_end  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
-    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/solvers.py, tau_grid.
+    # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/sampling/solvers.py,
+    # tau_grid.
     config.sampler.schedule = spec.schedule
-    # The SDE's Brownian paths (fedinf_jax.solvers.BROWNIAN): "auto" (per-step draws for constant
-    # steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the steps).
+    # The SDE's Brownian paths (fedinf_jax.sampling.solvers.BROWNIAN): "auto" (per-step draws for
+    # constant steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the
+    # steps).
     config.sampler.brownian = spec.brownian
     # A final Tweedie step x0 = (x + std^2 s) / alpha at t_end.
     config.sampler.denoise = spec.denoise
@@ -198,8 +203,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.checkpoint_step = -1  # -1: the latest checkpoint
     config.sampler.progress = True  # a solver progress bar (Diffrax's TqdmProgressMeter)
 
-    # How the server combines the agents' scores (fedinf_jax/aggregators.py): ``name`` and one
-    # section per member with settings, e.g. --config.aggregator.superdiff_or.temperature=0.5
+    # How the server combines the agents' scores (fedinf_jax/sampling/aggregators.py): ``name`` and
+    # one section per member with settings, e.g. --config.aggregator.superdiff_or.temperature=0.5
     # (each setting is documented on its member's factory).
     config.aggregator = aggregators.config_section("mean")
 

@@ -1,5 +1,5 @@
-"""The reproduction pipeline (reproduce.py, fedinf_jax/pipeline.py): what to train, sample and
-measure. ``--config=configs/reproduce.py:PRESET`` with PRESET the regimes' model preset
+"""The reproduction pipeline (reproduce.py, fedinf_jax/workflows/pipeline.py): what to train, sample
+and measure. ``--config=configs/reproduce.py:PRESET`` with PRESET the regimes' model preset
 (smoke, demo, cpu, paper).
 """
 
@@ -60,7 +60,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.data.tfds_data_dir = ""
     # "paper": the paper's procedure (configs/base.py, paper_sampler); the others: the corrected
     # sampler with that aggregator, at its defaults or with settings after a colon
-    # ("label_prior:top_k=1"; fedinf_jax.pipeline.parse_procedure). With one agent every
+    # ("label_prior:top_k=1"; fedinf_jax.workflows.pipeline.parse_procedure). With one agent every
     # aggregator is the agent, so the control regime runs only "paper" and "mean".
     config.procedures = (
         "paper",

@@ -1,4 +1,4 @@
-"""A solver stability study (fedinf_jax/study.py) on a trained run's agents.
+"""A solver stability study (fedinf_jax/workflows/study.py) on a trained run's agents.
 
     python study.py --config=configs/study.py:cpu --workdir=runs/hetero_cpu
     python study.py --config=configs/study.py:smoke --workdir=runs/hetero_smoke \\

@@ -15,7 +15,7 @@ import tempfile
 
 from absl import app, flags
 
-from fedinf_jax import data
+from fedinf_jax.data import digits
 
 NUM_TRAIN = 6000
 NUM_TEST = 1000
@@ -27,17 +27,17 @@ flags.DEFINE_bool("check", False, "Compare the shipped files with the rule's ins
 flags.mark_flag_as_required("mnist_dir")
 
 
-def write(mnist: data.Mnist, out: pathlib.Path) -> None:
-    subset = data.Mnist(
+def write(mnist: digits.Mnist, out: pathlib.Path) -> None:
+    subset = digits.Mnist(
         mnist.train_images[:NUM_TRAIN],
         mnist.train_labels[:NUM_TRAIN],
         mnist.test_images[:NUM_TEST],
         mnist.test_labels[:NUM_TEST],
     )
-    data.save_mnist_idx(subset, out / "mnist_subset")
+    digits.save_mnist_idx(subset, out / "mnist_subset")
     (out / "mnist_labels").mkdir(parents=True, exist_ok=True)
     for name in LABEL_FILES:
-        data.write_idx(out / "mnist_labels" / data.IDX_FILES[name], getattr(mnist, name))
+        digits.write_idx(out / "mnist_labels" / digits.IDX_FILES[name], getattr(mnist, name))
 
 
 def _content(path: pathlib.Path) -> bytes:
@@ -48,7 +48,7 @@ def _content(path: pathlib.Path) -> bytes:
 
 def main(argv):
     del argv
-    mnist = data.load_mnist_idx(flags.FLAGS.mnist_dir)
+    mnist = digits.load_mnist_idx(flags.FLAGS.mnist_dir)
     if not flags.FLAGS.check:
         write(mnist, HERE)
         print(f"wrote {HERE / 'mnist_subset'} and {HERE / 'mnist_labels'}")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import data, runtime
+from fedinf_jax.core import runtime
+from fedinf_jax.data import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,8 @@ def micro_train_step(strategy: str, agent_mesh=None):
     """``micro_config()``'s train step through ``strategy``, on ``agent_mesh`` when given, as the
     trainer builds it (``train_lib.components_train_step``) but without donating its input;
     cached, so that one compilation serves every test of a process."""
-    from fedinf_jax import runs, train_lib
+    from fedinf_jax.agents import runs
+    from fedinf_jax.workflows import train_lib
 
     config = micro_config()
     return train_lib.components_train_step(config, runs.resolve(config), strategy, agent_mesh)
@@ -116,21 +118,21 @@ def mnist_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def mnist(mnist_dir) -> data.Mnist:
-    return data.load_mnist_idx(mnist_dir)
+def mnist(mnist_dir) -> digits.Mnist:
+    return digits.load_mnist_idx(mnist_dir)
 
 
 @pytest.fixture(scope="session")
 def mnist_train_labels() -> np.ndarray:
     """MNIST's 60,000 training labels, the full canonical file (partitions see only labels)."""
-    return data.read_idx(MNIST_LABELS_DIR / data.IDX_FILES["train_labels"]).astype(np.int32)
+    return digits.read_idx(MNIST_LABELS_DIR / digits.IDX_FILES["train_labels"]).astype(np.int32)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def mnist_env(mnist_dir):
     """The code under test, in this process and in the entry points run in subprocesses, reads
     the suite's subset through the environment, whatever the caller's shell set."""
-    os.environ[data.MNIST_DIR_ENV] = str(mnist_dir)
+    os.environ[digits.MNIST_DIR_ENV] = str(mnist_dir)
 
 
 _NICE = shutil.which("nice")

@@ -14,17 +14,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from fedinf_jax import (
-    agents,
-    aggregators,
-    checkpoint,
-    runs,
-    sample_lib,
-    sampling,
-    sharding,
-    train_lib,
-)
-from fedinf_jax.input_pipeline import synthetic_batch
+from fedinf_jax.agents import agent_axis, checkpoint, runs, sharding
+from fedinf_jax.data.input_pipeline import synthetic_batch
+from fedinf_jax.sampling import aggregators, federated_sampler
+from fedinf_jax.workflows import sample_lib, train_lib
 from tests.conftest import micro_config, micro_train_step
 
 DEVICES = 4
@@ -59,7 +52,7 @@ def test_shard_map_is_exact_on_the_miscompiled_pattern():
     def f(w, x):
         return _conv(jnp.concatenate([_conv(x, w["a"]), _conv(x, w["b"])], -1), w["c"])
 
-    loop = jnp.stack([f(agents.agent(w, i), x) for i in range(k)])
+    loop = jnp.stack([f(agent_axis.agent(w, i), x) for i in range(k)])
     agent_mesh = _mesh(k)
     for strategy in ("vmap", "map"):
         lifted = sharding.over_sharded_agents(f, agent_mesh, strategy, in_axes=(0, None))
@@ -93,7 +86,7 @@ def test_sharded_train_step_equals_one_device(comp, num_agents=6):
     assert sharded_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
     out_state, metrics = _two_steps(step, sharded_state, sharding.to_mesh(batch, agent_mesh), key)
     assert out_state.params["params"]["conv_in"]["kernel"].sharding.spec == P("agents")
-    assert agents.num_agents_of(out_state.params) == agent_mesh.padded_agents
+    assert agent_axis.num_agents_of(out_state.params) == agent_mesh.padded_agents
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     real = sharding.first_agents(out_state, num_agents)
     for a, b in zip(jax.tree.leaves(real), jax.tree.leaves(ref_state), strict=True):
@@ -142,7 +135,7 @@ def test_sharded_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):
     config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
-    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    keys, y = federated_sampler.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
     for name in ("label_prior", "superdiff_or"):
         config.aggregator.name = name
         single = _federation(comp, config, num_agents, None)
@@ -168,7 +161,7 @@ def test_sharded_guided_sampling_equals_one_device(num_agents=3, agent_shards=2)
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
     comp = runs.resolve_score(config)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
-    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    keys, y = federated_sampler.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
     single = _federation(comp, config, num_agents, None)
     sharded = _federation(comp, config, num_agents, agent_mesh)
     ref = sample_lib.build_sampler(single)(single.params, keys, y)
@@ -185,7 +178,7 @@ def test_sharded_sparse_sampling_equals_one_device(comp, num_agents=3, agent_sha
     config.sampler.update(num_steps=4, batch_size=4, num_per_class=1, t_end=0.5, denoise=False)
     config.mesh.update(agents=agent_shards, batch=DEVICES // agent_shards)
     agent_mesh = sharding.make_mesh(config.mesh, num_agents)
-    keys, y = sampling.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
+    keys, y = federated_sampler.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
     single = _federation(comp, config, num_agents, None)
     sharded = _federation(comp, config, num_agents, agent_mesh)
     for procedure in ("route", "label_prior:top_k=2"):

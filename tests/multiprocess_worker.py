@@ -22,7 +22,7 @@ def case():
     components, params, counts, labels)."""
     import numpy as np
 
-    from fedinf_jax import runs
+    from fedinf_jax.agents import runs
     from tests.conftest import micro_config
 
     config = micro_config()
@@ -41,14 +41,15 @@ def main(process_id: int, port: int, outdir: str) -> None:
     os.environ["XLA_FLAGS"] = suite_xla_flags(
         f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     )
-    from fedinf_jax import runtime
+    from fedinf_jax.core import runtime
 
     runtime.initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id)
     import jax
     import numpy as np
 
-    from fedinf_jax import checkpoint, sample_lib, sharding, train_lib
-    from fedinf_jax.input_pipeline import synthetic_batch
+    from fedinf_jax.agents import checkpoint, sharding
+    from fedinf_jax.data.input_pipeline import synthetic_batch
+    from fedinf_jax.workflows import sample_lib, train_lib
     from tests.conftest import micro_train_step
 
     config, comp, params, counts, labels = case()

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax import agents, runs, train_lib
-from fedinf_jax.input_pipeline import synthetic_batch
-from fedinf_jax.score import make_score_fn
+from fedinf_jax.agents import agent_axis, runs
+from fedinf_jax.data.input_pipeline import synthetic_batch
+from fedinf_jax.diffusion.score import make_score_fn
+from fedinf_jax.workflows import train_lib
 from tests.conftest import count_traces, micro_config, micro_train_step
 
 K, B = 2, 4
@@ -29,17 +30,17 @@ def _two_steps(step, comp, params, batch, key):
     return step(state, batch, key)
 
 
-@pytest.mark.parametrize("strategy", agents.STRATEGIES)
+@pytest.mark.parametrize("strategy", agent_axis.STRATEGIES)
 def test_stacked_forward_equals_loop(setup, strategy):
     _, comp, params, batch = setup
     score_fn = make_score_fn(comp.model, comp.sde, comp.param)
     x, y = batch["images"][0], batch["labels"][0]
     t = jnp.linspace(0.1, 0.9, B)
-    lifted = agents.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
-    stacked = agents.maybe_jit(lifted, strategy)
+    lifted = agent_axis.over_agents(score_fn, strategy, in_axes=(0, None, None, None))
+    stacked = agent_axis.maybe_jit(lifted, strategy)
     out = stacked(params, x, t, y)
     single = jax.jit(score_fn)
-    loop = jnp.stack([single(agents.agent(params, i), x, t, y) for i in range(K)])
+    loop = jnp.stack([single(agent_axis.agent(params, i), x, t, y) for i in range(K)])
     assert out.shape == (K, B, 28, 28, 1)
     np.testing.assert_allclose(out, loop, rtol=2e-5, atol=2e-5)
 
@@ -51,7 +52,7 @@ def test_map_unroll_is_the_same_map(map_unroll):
     w = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
     fn = lambda w, x: {"y": jnp.tanh(x @ w), "s": jnp.sum(w)}  # noqa: E731
-    lifted = jax.jit(agents.over_agents(fn, "map", (0, None), map_unroll))
+    lifted = jax.jit(agent_axis.over_agents(fn, "map", (0, None), map_unroll))
     loop = [fn(w[i], x) for i in range(5)]
     out = lifted(w, x)
     np.testing.assert_allclose(out["y"], np.stack([o["y"] for o in loop]), rtol=1e-6)
@@ -61,8 +62,9 @@ def test_map_unroll_is_the_same_map(map_unroll):
 def test_train_step_same_numbers_for_each_strategy_kind(setup):
     """The train step lifted by an unrolled loop over agents (``loop``, CPU training's default)
     and by batching (``vmap``, the accelerators') gives the same numbers. ``unroll`` and ``map``
-    lift through the same ``agents.over_agents`` as ``loop`` and ``vmap``, checked on the network
-    above; each extra strategy here would cost a train-step compilation (~15 s on 2 cores)."""
+    lift through the same ``agent_axis.over_agents`` as ``loop`` and ``vmap``, checked on the
+    network above; each extra strategy here would cost a train-step compilation (~15 s on 2
+    cores)."""
     _, comp, params, batch = setup
     key = jax.random.key(3)
     results = {}
@@ -105,16 +107,16 @@ def test_agent_isolation(setup, strategy):
     a, _ = _two_steps(step, comp, params, batch, key)
     b, _ = _two_steps(step, comp, params, other, key)
     for x, y in zip(
-        jax.tree.leaves(agents.agent(a.params, 0)),
-        jax.tree.leaves(agents.agent(b.params, 0)),
+        jax.tree.leaves(agent_axis.agent(a.params, 0)),
+        jax.tree.leaves(agent_axis.agent(b.params, 0)),
         strict=True,
     ):
         np.testing.assert_array_equal(x, y)
     changed = [
         not np.array_equal(x, y)
         for x, y in zip(
-            jax.tree.leaves(agents.agent(a.params, 1)),
-            jax.tree.leaves(agents.agent(b.params, 1)),
+            jax.tree.leaves(agent_axis.agent(a.params, 1)),
+            jax.tree.leaves(agent_axis.agent(b.params, 1)),
             strict=True,
         )
     ]
@@ -122,11 +124,11 @@ def test_agent_isolation(setup, strategy):
 
 
 def test_strategy_resolution():
-    assert agents.resolve_strategy("auto", "train", backend="cpu") == "loop"
-    assert agents.resolve_strategy("auto", "score", backend="cpu") == "map"
-    assert agents.resolve_strategy("auto", "train", backend="gpu") == "vmap"
-    assert agents.resolve_strategy("map", "train") == "map"
+    assert agent_axis.resolve_strategy("auto", "train", backend="cpu") == "loop"
+    assert agent_axis.resolve_strategy("auto", "score", backend="cpu") == "map"
+    assert agent_axis.resolve_strategy("auto", "train", backend="gpu") == "vmap"
+    assert agent_axis.resolve_strategy("map", "train") == "map"
     with pytest.raises(ValueError, match="map_unroll must be >= 1, got 0"):
-        agents.over_agents(jnp.sin, "map", map_unroll=0)
+        agent_axis.over_agents(jnp.sin, "map", map_unroll=0)
     with pytest.raises(ValueError, match=r"valid: \['auto', 'vmap', 'map', 'unroll', 'loop'\]"):
-        agents.resolve_strategy("pmap", "train")
+        agent_axis.resolve_strategy("pmap", "train")

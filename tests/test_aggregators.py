@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax import aggregators as A
-from fedinf_jax import partitions
-from fedinf_jax.sde import VPSDE
+from fedinf_jax.data import partitions
+from fedinf_jax.diffusion.sde import VPSDE
+from fedinf_jax.sampling import aggregators as A
 
 K, B = 5, 6
 COUNTS = np.array([[30, 5], [10, 5], [5, 20], [5, 10], [10, 10]])
@@ -404,7 +404,8 @@ def test_guided_superdiff_or_with_exact_densities_is_the_pooled_model_guided():
 def test_guidance_one_builds_the_member_itself():
     """w = 1 is no guidance: make_aggregator returns the member, bitwise the unguided one."""
     from configs import base
-    from fedinf_jax import runs, sample_lib
+    from fedinf_jax.agents import runs
+    from fedinf_jax.workflows import sample_lib
 
     config = base.get_config("smoke")
     components = runs.resolve_score(config)

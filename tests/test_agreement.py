@@ -3,9 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 
-from fedinf_jax import agents, aggregators, runs
+from fedinf_jax.agents import agent_axis, runs
+from fedinf_jax.diffusion.score import make_score_fn
 from fedinf_jax.evaluation import agreement
-from fedinf_jax.score import make_score_fn
+from fedinf_jax.sampling import aggregators
 from tests.conftest import micro_config
 
 
@@ -27,7 +28,7 @@ def test_table_on_an_untrained_single_agent():
     config = micro_config()
     comp = runs.resolve(config)
     params = runs.init_agents(comp.model, 1, runs.make_key(0))
-    lifted = agents.over_agents(
+    lifted = agent_axis.over_agents(
         make_score_fn(comp.model, comp.sde, comp.param), "vmap", (0, None, None, None)
     )
     rng = np.random.default_rng(0)

@@ -8,8 +8,9 @@ import pytest
 
 from configs import control, hetero
 from configs import reproduce as reproduce_config
-from fedinf_jax import errors, pipeline, runtime, sample_lib, train_lib
+from fedinf_jax.core import errors, runtime
 from fedinf_jax.evaluation import sample_sets
+from fedinf_jax.workflows import pipeline, sample_lib, train_lib
 from tests.conftest import BAD_INPUTS
 
 

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import (
-    agents,
-    aggregators,
-    dispatch,
-    federated_score,
-    sample_lib,
-    sampling,
-    solvers,
-)
-from fedinf_jax.sde import VPSDE
+from fedinf_jax.agents import agent_axis, dispatch
+from fedinf_jax.diffusion.sde import VPSDE
+from fedinf_jax.sampling import aggregators, federated_sampler, federated_score, solvers
+from fedinf_jax.workflows import sample_lib
 from tests.conftest import count_traces
 
 K = 4
@@ -50,7 +44,7 @@ def test_grouped_equals_dense_on_the_pairs_it_asks_and_zero_elsewhere(layout):
     the default layout (tiles of half the mean group, two per step), whole-mean tiles one per
     step, and three per step (the tile count rounded up to a multiple of three)."""
     score = gaussian_score(VPSDE())
-    dense = agents.over_agents(score, "vmap", (0, None, None, None))
+    dense = agent_axis.over_agents(score, "vmap", (0, None, None, None))
     grouped = jax.jit(dispatch.grouped(score, *layout), static_argnums=5)
     b = 12
     x = jax.random.normal(jax.random.key(0), (b, 2))
@@ -102,7 +96,7 @@ def test_tiles_hold_any_assignment():
 def _samplers(aggregator, guided=False, **spec):
     sde = VPSDE()
     score = gaussian_score(sde)
-    dense = agents.over_agents(score, "vmap", (0, None, None, None))
+    dense = agent_axis.over_agents(score, "vmap", (0, None, None, None))
     grouped = dispatch.grouped(score)
     if guided:
         dense = federated_score.with_null_label(dense, 10)
@@ -113,7 +107,7 @@ def _samplers(aggregator, guided=False, **spec):
         num_steps=spec.get("num_steps", 20),
         adaptive=spec.get("adaptive", False),
     )
-    make = lambda g: sampling.FederatedSampler(dense, sde, aggregator, spec, (2,), None, g)  # noqa: E731
+    make = lambda g: federated_sampler.FederatedSampler(dense, sde, aggregator, spec, (2,), None, g)  # noqa: E731
     return make(None), make(grouped)
 
 
@@ -145,7 +139,7 @@ def test_sparse_sampler_equals_dense_on_a_gaussian_federation(member, spec):
     agg = _guided_member(member) if guided else SPARSE_MEMBERS[member]()
     dense, sparse = _samplers(agg, guided, **spec)
     assert sparse.score.sparse and not dense.score.sparse
-    keys = sampling.sample_keys(0, 24)
+    keys = federated_sampler.sample_keys(0, 24)
     labels = jnp.arange(24, dtype=jnp.int32) % 10
     a, b = dense({"mu": MUS}, keys, labels), sparse({"mu": MUS}, keys, labels)
     np.testing.assert_allclose(b.images, a.images, rtol=1e-5, atol=1e-5)
@@ -193,7 +187,7 @@ def test_sparse_sampler_equals_dense_on_smoke_agents(smoke_run, procedure):
     sparse = sample_lib.build_sampler(federation, procedure=procedure)
     dense = sample_lib.build_sampler(federation, procedure=procedure, sparse=False)
     assert sparse.score.sparse and not dense.score.sparse
-    keys, labels = sampling.sample_keys(0, 10), jnp.arange(10, dtype=jnp.int32)
+    keys, labels = federated_sampler.sample_keys(0, 10), jnp.arange(10, dtype=jnp.int32)
     params = federation.sampler_params
     a, b = dense(params, keys, labels), sparse(params, keys, labels)
     np.testing.assert_allclose(b.images, a.images, rtol=1e-4, atol=1e-4)

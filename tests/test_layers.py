@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import runs
+from fedinf_jax.agents import runs
 from fedinf_jax.models.layers import (
     CONV_IMPLS,
     MATMUL_MIN_CHANNELS,

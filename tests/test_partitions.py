@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedinf_jax import partitions as P
+from fedinf_jax.data import partitions as P
 
 
 def _assert_disjoint_and_consistent(partition, labels):

@@ -10,8 +10,9 @@ import pytest
 
 import evaluate
 from configs import homo, reproduce
-from fedinf_jax import errors, pipeline
+from fedinf_jax.core import errors
 from fedinf_jax.evaluation import report
+from fedinf_jax.workflows import pipeline
 from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
 
 PROCEDURES = REPRODUCE_PROCEDURES
@@ -420,6 +421,6 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     table = _table_rows(report.sweep_table(rows))
     assert table[2] == ["dirichlet:alpha=0.1", "route", "3", "0.750 +- 0.115", "0.100 +- 0.000",
                         "1.00 +- 0.58", "9"]  # fmt: skip
-    from fedinf_jax import plots
+    from fedinf_jax.workflows import plots
 
     assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"), "K scaling")) > 1000

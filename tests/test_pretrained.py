@@ -1,5 +1,5 @@
-"""Shipped runs (fedinf_jax/pretrained.py): a trained run exported as a read-only workdir samples
-exactly like the run it came from, is verified on load, and is never written into."""
+"""Shipped runs (fedinf_jax/agents/pretrained.py): a trained run exported as a read-only workdir
+samples exactly like the run it came from, is verified on load, and is never written into."""
 
 import json
 import os
@@ -11,18 +11,10 @@ import pytest
 
 from configs import base
 from configs import reproduce as reproduce_config
-from fedinf_jax import (
-    checkpoint,
-    errors,
-    pipeline,
-    pretrain_lib,
-    pretrained,
-    runs,
-    runtime,
-    sample_lib,
-    train_lib,
-)
+from fedinf_jax.agents import checkpoint, pretrained, runs
+from fedinf_jax.core import errors, runtime
 from fedinf_jax.evaluation import classifier
+from fedinf_jax.workflows import pipeline, pretrain_lib, sample_lib, train_lib
 
 
 def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""What made an output: inputs, digests, and the rerun's decision (fedinf_jax/provenance.py)."""
+"""What made an output: inputs, digests, and the rerun's decision
+(fedinf_jax/core/provenance.py)."""
 
 import json
 
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from configs import hetero
-from fedinf_jax import checkpoint, optim, provenance, runs, sample_lib, train_lib
+from fedinf_jax.agents import checkpoint, runs
+from fedinf_jax.core import provenance
+from fedinf_jax.models import optim
+from fedinf_jax.workflows import sample_lib, train_lib
 
 
 def test_flatten_and_digest_are_canonical():

@@ -1,8 +1,11 @@
 import pytest
 
-from fedinf_jax import agents, aggregators, partitions, score, sde, solvers
+from fedinf_jax.agents import agent_axis
+from fedinf_jax.core.registry import Registry, check_choice
+from fedinf_jax.data import partitions
+from fedinf_jax.diffusion import score, sde
 from fedinf_jax.models import layers
-from fedinf_jax.registry import Registry, check_choice
+from fedinf_jax.sampling import aggregators, solvers
 
 
 def test_register_get_and_order():
@@ -46,7 +49,7 @@ def test_unknown_name_lists_the_valid_ones():
         solvers.SCHEDULES,
         sde.SDES,
         partitions.PARTITIONS,
-        agents.STRATEGIES,
+        agent_axis.STRATEGIES,
         layers.CONV_IMPLS,
         score.TRAINING_NOISE,
     ],

@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import (
-    agents,
-    aggregators,
-    errors,
-    federated_score,
-    reverse,
-    runtime,
-    sample_lib,
-    sampling,
-    solvers,
-)
-from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
+from fedinf_jax.agents import agent_axis
+from fedinf_jax.core import errors, runtime
+from fedinf_jax.diffusion.sde import VESDE, VPSDE, SubVPSDE
+from fedinf_jax.sampling import aggregators, federated_sampler, federated_score, reverse, solvers
+from fedinf_jax.workflows import sample_lib
 from tests.conftest import count_traces, zero_fill_data_files
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
@@ -37,18 +30,18 @@ def gaussian_agents(sde, strategy="vmap"):
         alpha, var = alpha[:, None], (alpha**2 * S0**2 + std**2)[:, None]
         return -(x - alpha * params["mu"]) / var
 
-    return agents.over_agents(score, strategy, in_axes=(0, None, None, None))
+    return agent_axis.over_agents(score, strategy, in_axes=(0, None, None, None))
 
 
 def make_sampler(sde, aggregator, method="ode", solver="euler", num_steps=20, **spec):
     spec = solvers.SolverSpec(
         method=method, solver=solvers.make_solver(method, solver), num_steps=num_steps, **spec
     )
-    return sampling.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
+    return federated_sampler.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
 
 
 def draw(sampler, n, seed=0, mus=MUS):
-    return sampler({"mu": mus}, sampling.sample_keys(seed, n), jnp.zeros(n, jnp.int32))
+    return sampler({"mu": mus}, federated_sampler.sample_keys(seed, n), jnp.zeros(n, jnp.int32))
 
 
 CLOSED_FORM_CASES = [
@@ -114,13 +107,13 @@ def test_guided_gaussian_federation_matches_the_tilted_closed_form():
         alpha, var = alpha[:, None], (alpha**2 * S0**2 + std**2)[:, None]
         return -(x - alpha * params["mu"][y]) / var
 
-    lifted = agents.over_agents(score, "vmap", in_axes=(0, None, None, None))
+    lifted = agent_axis.over_agents(score, "vmap", in_axes=(0, None, None, None))
     mus = jnp.stack([MUS, MUS[::-1] - 1.0], axis=1)  # (agents, label 0 and the null label, 2)
     spec = solvers.SolverSpec(
         method="ode", solver=solvers.make_solver("ode", "tsit5"), adaptive=True, rtol=1e-4,
         atol=1e-4, t_end=1e-3,
     )  # fmt: skip
-    sampler = sampling.FederatedSampler(
+    sampler = federated_sampler.FederatedSampler(
         federated_score.with_null_label(lifted, null),
         sde,
         aggregators.guided(aggregators.mean(), w, null),
@@ -249,7 +242,7 @@ def test_sde_solvers_converge_at_their_strong_and_weak_orders_on_one_brownian_tr
 
 def test_diffrax_euler_maruyama_equals_a_scan():
     sampler = make_sampler(VPSDE(), aggregators.mean(), "sde", "euler", 50, denoise=False)
-    keys, labels = sampling.sample_keys(3, 64), jnp.zeros(64, jnp.int32)
+    keys, labels = federated_sampler.sample_keys(3, 64), jnp.zeros(64, jnp.int32)
     out = sampler({"mu": MUS}, keys, labels)
     ref = jax.jit(reverse_euler_maruyama, static_argnums=0)(sampler, {"mu": MUS}, keys, labels)
     np.testing.assert_allclose(out.images, ref, rtol=1e-5, atol=1e-5)
@@ -352,7 +345,7 @@ def test_aggregator_state_is_carried_through_the_solve(method, solver, steps, ad
     sampler = make_sampler(
         sde, _tracking_aggregator(), method, solver, steps, adaptive=adaptive, denoise=False
     )
-    keys = sampling.sample_keys(0, 32)
+    keys = federated_sampler.sample_keys(0, 32)
     out = sampler({"mu": MUS}, keys, jnp.zeros(32, jnp.int32))
     x_T, _ = sampler.prior(keys)
     expected = np.sum(out.images - x_T, axis=1) + (sde.T - sampler.spec.t_end)
@@ -388,7 +381,9 @@ def test_non_finite_scores_name_the_agent_and_time():
     spec = solvers.SolverSpec(
         method="ode", solver=solvers.make_solver("ode", "euler"), num_steps=10
     )
-    sampler = sampling.FederatedSampler(late_failure, sde, aggregators.median(), spec, (2,))
+    sampler = federated_sampler.FederatedSampler(
+        late_failure, sde, aggregators.median(), spec, (2,)
+    )
     with pytest.raises(FloatingPointError, match=r"agent\(s\) \[2\] .* at t = 0\.2"):
         draw(sampler, 4)
 
@@ -418,7 +413,7 @@ def test_bad_settings_are_clear_errors():
         make_sampler(sde, aggregators.mean(), "ode", "tsit5", adaptive=True, schedule="karras")
     with pytest.raises(ValueError, match="one key per label"):
         make_sampler(sde, aggregators.mean())(
-            {"mu": MUS}, sampling.sample_keys(0, 3), jnp.zeros(4, jnp.int32)
+            {"mu": MUS}, federated_sampler.sample_keys(0, 3), jnp.zeros(4, jnp.int32)
         )
     config = base.get_config("smoke")
     config.sampler.solver = "nope"

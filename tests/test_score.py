@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedinf_jax import sde as sde_lib
-from fedinf_jax.score import (
+from fedinf_jax.diffusion import sde as sde_lib
+from fedinf_jax.diffusion.score import (
     PARAMETRIZATIONS,
     Parametrization,
     make_time_sampler,
@@ -112,8 +112,8 @@ def test_uniform_training_noise_and_bad_names():
 def test_label_dropout_replaces_labels_by_the_null_label():
     """A model with the null label has one more class; with dropout 1 every label is the null
     label, and the times and noise are those of the same key without dropout."""
-    from fedinf_jax import runs
-    from fedinf_jax.score import make_loss_fn, null_label
+    from fedinf_jax.agents import runs
+    from fedinf_jax.diffusion.score import make_loss_fn, null_label
     from tests.conftest import micro_config
 
     config = micro_config()

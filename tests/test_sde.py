@@ -6,7 +6,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from configs import base
-from fedinf_jax import sde as sde_lib
+from fedinf_jax.diffusion import sde as sde_lib
 
 CONFIG = base.get_config("smoke").sde
 

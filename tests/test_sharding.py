@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from fedinf_jax import checkpoint, runtime, sample_lib, train_lib
-from fedinf_jax.input_pipeline import synthetic_batch
+from fedinf_jax.agents import checkpoint
+from fedinf_jax.core import runtime
+from fedinf_jax.data.input_pipeline import synthetic_batch
+from fedinf_jax.workflows import sample_lib, train_lib
 from tests import multiprocess_worker
 from tests.conftest import MULTIDEVICE_COUNT, micro_train_step
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from configs import reproduce as reproduce_config
-from fedinf_jax import pipeline, pretrained, provenance, runs, sample_lib
+from fedinf_jax.agents import pretrained, runs
+from fedinf_jax.core import provenance
 from fedinf_jax.evaluation import classifier
+from fedinf_jax.workflows import pipeline, sample_lib
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "cpu"
 FEDERATIONS = tuple(reproduce_config.REGIME_FILES)  # control, homogeneous, heterogeneous

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from fedinf_jax import aggregators, errors, provenance, sampling, solvers, study, study_lib
-from fedinf_jax.sde import VPSDE
+from fedinf_jax.core import errors, provenance
+from fedinf_jax.diffusion.sde import VPSDE
+from fedinf_jax.sampling import aggregators, federated_sampler, solvers
+from fedinf_jax.workflows import study, study_lib
 from tests.test_sampling import MUS, gaussian_agents
 
 SDE = VPSDE()
@@ -19,7 +21,7 @@ REFERENCE = study.Cell("ode", "tsit5", "mean", tol=1e-6)
 
 
 def _sampler_for(cell):
-    return sampling.FederatedSampler(
+    return federated_sampler.FederatedSampler(
         gaussian_agents(SDE), SDE, aggregators.mean(), cell.spec(BASE), (2,)
     )
 
@@ -32,7 +34,7 @@ def _run(cells, cache, sampler_for=_sampler_for, reference=REFERENCE, num=64):
         cells,
         sampler_for,
         {"mu": MUS},
-        sampling.sample_keys(0, num),
+        federated_sampler.sample_keys(0, num),
         np.zeros(num, np.int32),
         cache,
         reference=lambda c: reference,
@@ -126,12 +128,12 @@ def test_an_implicit_stage_that_does_not_converge_fails_the_cell():
     tight = dataclasses.replace(BASE, root_finder=solvers.RootFinder(rtol=1e-7, atol=1e-7))
 
     def sampler_for(cell):
-        return sampling.FederatedSampler(
+        return federated_sampler.FederatedSampler(
             gaussian_agents(SDE), SDE, aggregators.mean(), cell.spec(tight), (2,)
         )
 
     cell = study.Cell("ode", "implicit_euler", "mean", num_steps=4)
-    keys = sampling.sample_keys(0, 8)
+    keys = federated_sampler.sample_keys(0, 8)
     row, _ = study.measure(cell, sampler_for(cell), {"mu": MUS}, keys, np.zeros(8, np.int32))
     assert row["status"] == "failed" and "nonlinear solver" in row["result"], row
     with pytest.raises(ValueError, match=r"root_finder needs rtol > 0"):
@@ -146,7 +148,9 @@ def test_tracked_log_densities_converge_to_the_reference_path(tmp_path):
 
     def sampler_for(cell):
         agg = aggregators.superdiff_or(SDE, "sde", prior="uniform")
-        return sampling.FederatedSampler(gaussian_agents(SDE), SDE, agg, cell.spec(sde_base), (2,))
+        return federated_sampler.FederatedSampler(
+            gaussian_agents(SDE), SDE, agg, cell.spec(sde_base), (2,)
+        )
 
     cells = [study.Cell("sde", "euler", "superdiff_or", num_steps=n) for n in (8, 32)]
     reference = study.Cell("sde", "euler", "superdiff_or", num_steps=256)

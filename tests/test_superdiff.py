@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedinf_jax import agents, density, reverse, sampling, solvers
-from fedinf_jax import aggregators as A
-from fedinf_jax.sde import VESDE, VPSDE, SubVPSDE
+from fedinf_jax.agents import agent_axis
+from fedinf_jax.diffusion import density
+from fedinf_jax.diffusion.sde import VESDE, VPSDE, SubVPSDE
+from fedinf_jax.sampling import aggregators as A
+from fedinf_jax.sampling import federated_sampler, reverse, solvers
 
 S0 = 0.5  # each agent's data: an equal-weight mixture of N(mu_ic, S0^2 I) in 2-D
 MUS = jnp.array([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])  # one component per agent
@@ -43,7 +45,7 @@ def gaussian_agents(sde):
     def score(params, x, t, y):
         return jax.grad(lambda z: jnp.sum(_log_density(sde, z, t, params["mu"])))(x)
 
-    return agents.over_agents(score, "vmap", in_axes=(0, None, None, None))
+    return agent_axis.over_agents(score, "vmap", in_axes=(0, None, None, None))
 
 
 def solve(sde, aggregator, method, solver, steps, n, mus, save=0, denoise=True, seed=0):
@@ -54,13 +56,15 @@ def solve(sde, aggregator, method, solver, steps, n, mus, save=0, denoise=True, 
         save_trajectory=save,
         denoise=denoise,
     )
-    sampler = sampling.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
-    return sampler, sampler({"mu": mus}, sampling.sample_keys(seed, n), jnp.zeros(n, jnp.int32))
+    sampler = federated_sampler.FederatedSampler(gaussian_agents(sde), sde, aggregator, spec, (2,))
+    return sampler, sampler(
+        {"mu": mus}, federated_sampler.sample_keys(seed, n), jnp.zeros(n, jnp.int32)
+    )
 
 
 def test_log_density_rate_worked_forms():
-    """The general rate reduces to its VP and VE forms (fedinf_jax/density.py); the ODE adds
-    -(g^2/2) div s."""
+    """The general rate reduces to its VP and VE forms (fedinf_jax/diffusion/density.py); the ODE
+    adds -(g^2/2) div s."""
     k1, k2 = jax.random.split(jax.random.key(0))
     scores = jax.random.normal(k1, (3, 4, 5))
     x = jax.random.normal(k2, (4, 5))
@@ -229,7 +233,7 @@ def test_superdiff_and_is_superdiffs_two_agent_equation():
         MUS[:2],
         denoise=False,
     )
-    keys = sampling.sample_keys(0, n)
+    keys = federated_sampler.sample_keys(0, n)
     tau1 = sde.T - sampler.spec.t_end
     taus = jnp.linspace(0.0, tau1, steps + 1)
     x, path_keys = sampler.prior(keys)

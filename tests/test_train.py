@@ -12,7 +12,10 @@ import optax
 import pytest
 
 from configs import base, hetero
-from fedinf_jax import checkpoint, data, errors, plots, runs, sample_lib, train_lib
+from fedinf_jax.agents import checkpoint, runs
+from fedinf_jax.core import errors
+from fedinf_jax.data import digits
+from fedinf_jax.workflows import plots, sample_lib, train_lib
 from tests.conftest import count_compiles, micro_config, zero_fill_data_files
 
 
@@ -111,7 +114,7 @@ def test_resumed_run_equals_uninterrupted(micro_straight, tmp_path):
 def test_a_finished_run_refuses_other_settings_before_reading_data(micro_straight, monkeypatch):
     """A new learning rate, seed or batch on a finished run: one error naming the field, before
     any data is read; a new log interval is no other run (nothing trained, nothing compiled)."""
-    monkeypatch.setattr(data, "load_mnist", lambda *a: pytest.fail("data read"))
+    monkeypatch.setattr(digits, "load_mnist", lambda *a: pytest.fail("data read"))
     for path, value in (("learning_rate", 1e-3), ("batch_size", 2), ("seed", 3)):
         config = _micro_resume_config()
         (config if path == "seed" else config.train)[path] = value
@@ -160,7 +163,7 @@ def test_training_lowers_the_loss_on_mnist(cli_workdir, mnist):
             in_axes=(0, None, None, None),
         )
     )
-    x = jnp.asarray(data.to_model_input(mnist.test_images[:64]))
+    x = jnp.asarray(digits.to_model_input(mnist.test_images[:64]))
     y = jnp.asarray(mnist.test_labels[:64])
     key = jax.random.key(7)
     before = np.asarray(loss_fn(initial, x, y, key))

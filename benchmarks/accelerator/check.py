@@ -129,8 +129,9 @@ def _train_part(sizes, within, peaks) -> dict:
     import jax
 
     from benchmarks.common import timing
-    from fedinf_jax import runs, train_lib
-    from fedinf_jax.input_pipeline import synthetic_batch
+    from fedinf_jax.agents import runs
+    from fedinf_jax.data.input_pipeline import synthetic_batch
+    from fedinf_jax.workflows import train_lib
 
     preset, k, batch = sizes
     out = {}
@@ -174,7 +175,7 @@ def _train_part(sizes, within, peaks) -> dict:
 def _sampler(comp, strategy: str, steps: int, agent_mesh=None, k=None):
     """``peer.euler_mean_sampler`` over the agents lifted by ``strategy`` (on ``agent_mesh``)."""
     from benchmarks.common import peer
-    from fedinf_jax import sample_lib
+    from fedinf_jax.workflows import sample_lib
 
     lifted = sample_lib.agent_score_fn(comp, strategy, agent_mesh)
     return peer.euler_mean_sampler(lifted, comp, steps, k)
@@ -185,13 +186,14 @@ def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:
     import jax.numpy as jnp
 
     from benchmarks.common import timing
-    from fedinf_jax import runs, sampling
+    from fedinf_jax.agents import runs
+    from fedinf_jax.sampling import federated_sampler
 
     config = model_config(preset)
     comp = runs.resolve(config)
     params = runs.init_agents(comp.model, k, runs.make_key(0))
     sampler = _sampler(comp, strategy, steps)
-    keys, labels = sampling.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
+    keys, labels = federated_sampler.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
     first_s, sample_s = timing.time_calls(
         lambda: sampler.solve(params, keys, labels).images, repeats
     )
@@ -208,7 +210,7 @@ def _sample_rate(preset, k, n, steps, strategy, repeats) -> dict:
 
 def _agent_axis_part(sizes, within) -> dict:
     from benchmarks.common import federated_score, timing
-    from fedinf_jax import runs
+    from fedinf_jax.agents import runs
 
     preset, k, n, steps = sizes
     out = {}
@@ -259,14 +261,15 @@ def _sharded_part(sizes, within) -> dict:
     import ml_collections
     import numpy as np
 
-    from fedinf_jax import runs, sampling, sharding
+    from fedinf_jax.agents import runs, sharding
+    from fedinf_jax.sampling import federated_sampler
 
     if jax.device_count() < 2:
         return {"status": f"skipped: {jax.device_count()} device"}
     preset, k, n, steps = sizes
     comp = runs.resolve(model_config(preset))
     params = runs.init_agents(comp.model, k, runs.make_key(0))
-    keys, labels = sampling.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
+    keys, labels = federated_sampler.sample_keys(0, n), jnp.arange(n, dtype=jnp.int32) % 10
     single = _sampler(comp, "vmap", steps).solve(params, keys, labels).images
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"agents": 0, "batch": 1}), k)
     sharded = _sampler(comp, "vmap", steps, mesh, k)
@@ -297,7 +300,7 @@ def main(argv):
     import jax
 
     from benchmarks.common import timing
-    from fedinf_jax import files, runtime
+    from fedinf_jax.core import files, runtime
 
     runtime.setup()
     start = time.perf_counter()

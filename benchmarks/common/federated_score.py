@@ -7,7 +7,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax import data, runs, sample_lib
+from fedinf_jax.agents import runs
+from fedinf_jax.data import digits
+from fedinf_jax.workflows import sample_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,6 @@ def build(comp: runs.Components, k: int, b: int) -> FederatedScore:
     params = runs.init_agents(comp.model, k, runs.make_key(0))
     lifted = sample_lib.agent_score_fn(comp)
     federated = jax.jit(lambda p, x, t, y: lifted(p, x, t, y).mean(0))
-    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
+    x = jax.random.normal(jax.random.key(1), (b, *digits.IMAGE_SHAPE))
     t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
     return FederatedScore(lifted, federated, params, (x, t, y))

@@ -97,7 +97,8 @@ def euler_mean_sampler(lifted, comp, steps: int, num_agents: int | None = None):
     """The fedinf_jax sampler the timed loops run: ``steps`` Euler steps of the probability-flow
     ODE down to t = 1e-3 under the uniform mean of ``lifted``'s agent scores, no denoising
     (``num_agents``: K when the parameters carry padding agents, on a mesh)."""
-    from fedinf_jax import aggregators, data, sampling, solvers
+    from fedinf_jax.data import digits
+    from fedinf_jax.sampling import aggregators, federated_sampler, solvers
 
     spec = solvers.SolverSpec(
         method="ode",
@@ -106,14 +107,15 @@ def euler_mean_sampler(lifted, comp, steps: int, num_agents: int | None = None):
         t_end=1e-3,
         denoise=False,
     )
-    return sampling.FederatedSampler(
-        lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE, num_agents=num_agents
+    return federated_sampler.FederatedSampler(
+        lifted, comp.sde, aggregators.mean(), spec, digits.IMAGE_SHAPE, num_agents=num_agents
     )
 
 
 def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     from benchmarks.common import federated_score
-    from fedinf_jax import runs, sampling
+    from fedinf_jax.agents import runs
+    from fedinf_jax.sampling import federated_sampler
 
     comp = runs.resolve(config)
     score = federated_score.build(comp, k, b)
@@ -131,7 +133,7 @@ def jax_side(config, k: int, b: int, steps: int, repeats: int) -> dict:
     }
     if steps:
         sampler = euler_mean_sampler(score.lifted, comp, steps)
-        keys = sampling.sample_keys(0, b)
+        keys = federated_sampler.sample_keys(0, b)
         result["sample_s"] = _median_time(
             lambda: sampler(params, keys, y).images.block_until_ready(), repeats
         )

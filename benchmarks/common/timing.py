@@ -52,7 +52,7 @@ def sgemm_gflops(n: int = 4096, repeats: int = 3) -> float:
 def write_results(path: str, record: dict, table: str) -> None:
     """Writes a benchmark's ``record`` to ``path`` (JSON) and its Markdown ``table`` beside it
     (``.md``), and prints the table."""
-    from fedinf_jax import files
+    from fedinf_jax.core import files
 
     files.write_json(path, record)
     files.write_text(path.replace(".json", ".md"), table)

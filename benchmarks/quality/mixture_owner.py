@@ -15,7 +15,7 @@ posterior weights are a martingale: their mean stays the prior).
 import numpy as np
 from absl import app, flags
 
-from fedinf_jax import runtime
+from fedinf_jax.core import runtime
 from fedinf_jax.evaluation import sample_sets
 
 FLAGS = flags.FLAGS

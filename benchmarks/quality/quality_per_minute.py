@@ -31,8 +31,11 @@ from benchmarks.common import timing
 from benchmarks.common.candidates import candidate
 from configs import classifier as classifier_config
 from configs import control
-from fedinf_jax import data, files, runs, runtime, sample_lib, train_lib
+from fedinf_jax.agents import runs
+from fedinf_jax.core import files, runtime
+from fedinf_jax.data import digits
 from fedinf_jax.evaluation import classifier, sample_sets
+from fedinf_jax.workflows import sample_lib, train_lib
 
 # Each recipe: the config overrides it applies to the preset (dotted keys; "architecture" names a
 # U-Net of candidates.py, whose model overrides apply). "baseline" spells out
@@ -321,7 +324,7 @@ def main(argv):
         clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
         clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
         clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
-        mnist = data.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
+        mnist = digits.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
         real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
     rows = []
     cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]

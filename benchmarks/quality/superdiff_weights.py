@@ -17,7 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from fedinf_jax import runtime, sample_lib
+from fedinf_jax.core import runtime
+from fedinf_jax.workflows import sample_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A regime config, e.g. configs/homo.py:cpu.")

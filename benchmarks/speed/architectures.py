@@ -22,8 +22,9 @@ from absl import app, flags
 from benchmarks.common import timing
 from benchmarks.common.candidates import CANDIDATES, candidate
 from configs import base
-from fedinf_jax import runs, train_lib
-from fedinf_jax.input_pipeline import synthetic_batch
+from fedinf_jax.agents import runs
+from fedinf_jax.data.input_pipeline import synthetic_batch
+from fedinf_jax.workflows import train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("candidates", list(CANDIDATES), f"Which to time; known: {sorted(CANDIDATES)}.")

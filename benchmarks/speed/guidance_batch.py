@@ -21,8 +21,12 @@ from absl import app, flags
 
 from benchmarks.common import timing
 from configs import base
-from fedinf_jax import data, federated_score, runs, runtime, sample_lib
-from fedinf_jax.score import null_label
+from fedinf_jax.agents import runs
+from fedinf_jax.core import runtime
+from fedinf_jax.data import digits
+from fedinf_jax.diffusion.score import null_label
+from fedinf_jax.sampling import federated_score
+from fedinf_jax.workflows import sample_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "The U-Net's preset (configs/base.py).")
@@ -46,7 +50,7 @@ def variants(k: int, b: int) -> tuple[dict, tuple]:
     def two_calls(p, x, t, y):
         return jnp.concatenate([lifted(p, x, t, y), lifted(p, x, t, jnp.full_like(y, null))])
 
-    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
+    x = jax.random.normal(jax.random.key(1), (b, *digits.IMAGE_SHAPE))
     t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
     fns = {"unguided": lifted, "guided, doubled batch": doubled, "guided, two calls": two_calls}
     return {name: jax.jit(fn) for name, fn in fns.items()}, (params, x, t, y)

@@ -43,7 +43,7 @@ def main(argv):
 
     from benchmarks.common import federated_score
     from configs import base
-    from fedinf_jax import runs
+    from fedinf_jax.agents import runs
 
     comp = runs.resolve(base.get_config(FLAGS.preset))
     k, b = FLAGS.num_agents, FLAGS.batch

@@ -5,7 +5,7 @@ sampler does), each sample's agent gathered per sample, and each agent on its ow
 score per sample is used. The sampler evaluates all K agents on the batch (K x B network
 evaluations) and picks each sample's; the alternatives evaluate B:
 
-* ``all agents``: ``agents.over_agents`` (the preset's strategy) on the batch, then the pick;
+* ``all agents``: ``agent_axis.over_agents`` (the preset's strategy) on the batch, then the pick;
 * ``gathered``: each sample's parameters gathered (B copies), the network vmapped over samples
   (XLA turns it into per-sample kernels);
 * ``grouped``: the samples sorted by agent, each agent's group padded to the largest (G), the
@@ -42,15 +42,19 @@ def main(argv):
 
     from benchmarks.common import timing
     from configs import base
-    from fedinf_jax import agents, aggregators, data, runs, runtime, sample_lib
-    from fedinf_jax.score import make_score_fn
+    from fedinf_jax.agents import agent_axis, runs
+    from fedinf_jax.core import runtime
+    from fedinf_jax.data import digits
+    from fedinf_jax.diffusion.score import make_score_fn
+    from fedinf_jax.sampling import aggregators
+    from fedinf_jax.workflows import sample_lib
 
     runtime.setup()
     config = base.get_config(FLAGS.preset)
     comp = runs.resolve(config)
     k, b = FLAGS.num_agents, FLAGS.batch
     params = runs.init_agents(comp.model, k, runs.make_key(0))
-    x = jax.random.normal(jax.random.key(1), (b, *data.IMAGE_SHAPE))
+    x = jax.random.normal(jax.random.key(1), (b, *digits.IMAGE_SHAPE))
     t, y = jnp.full((b,), 0.5), jnp.arange(b) % 10
     counts = np.full((k, 10), 1.0)
     counts[np.arange(10) % k, np.arange(10)] = 9.0  # the owner of digit y: 9 / 18 = 1/2
@@ -82,7 +86,7 @@ def main(argv):
         mine = np.flatnonzero(agent == i)
         slot[i] = np.resize(mine, g) if mine.size else 0
         back[mine] = i * g + np.arange(mine.size)
-    per_agent = agents.over_agents(score_fn, comp.score_strategy, (0, 0, 0, 0), comp.map_unroll)
+    per_agent = agent_axis.over_agents(score_fn, comp.score_strategy, (0, 0, 0, 0), comp.map_unroll)
 
     @jax.jit
     def grouped(params, x, t, y):

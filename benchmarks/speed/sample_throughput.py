@@ -30,17 +30,11 @@ from absl import app, flags
 
 from benchmarks.common.candidates import CANDIDATES, candidate
 from configs import base
-from fedinf_jax import (
-    agents,
-    aggregators,
-    data,
-    reverse,
-    runs,
-    sample_lib,
-    sampling,
-    solvers,
-)
-from fedinf_jax.score import make_score_fn
+from fedinf_jax.agents import agent_axis, runs
+from fedinf_jax.data import digits
+from fedinf_jax.diffusion.score import make_score_fn
+from fedinf_jax.sampling import aggregators, federated_sampler, reverse, solvers
+from fedinf_jax.workflows import sample_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "Model preset of the random-weight agents (part 1).")
@@ -76,15 +70,15 @@ def _spec(solver, steps=100, adaptive=False, tol=1e-3):
 def _sampler(comp, strategy, spec, agent_mesh=None):
     lifted = sample_lib.agent_score_fn(comp, strategy, agent_mesh)
     k = agent_mesh.num_agents if agent_mesh is not None else None
-    return sampling.FederatedSampler(
-        lifted, comp.sde, aggregators.mean(), spec, data.IMAGE_SHAPE, num_agents=k
+    return federated_sampler.FederatedSampler(
+        lifted, comp.sde, aggregators.mean(), spec, digits.IMAGE_SHAPE, num_agents=k
     )
 
 
 def _paper_loop(comp, params, keys, labels, steps, sampler):
     """The paper's execution: host loop over steps and agents, one jitted call per agent."""
     score_one = jax.jit(make_score_fn(comp.model, comp.sde, comp.param))
-    singles = [agents.agent(params, i) for i in range(agents.num_agents_of(params))]
+    singles = [agent_axis.agent(params, i) for i in range(agent_axis.num_agents_of(params))]
     sde, t_end = comp.sde, sampler.spec.t_end
 
     @jax.jit
@@ -100,7 +94,7 @@ def _paper_loop(comp, params, keys, labels, steps, sampler):
             x = euler(x, sum(scores) / len(scores), sde.T - tau0, tau1 - tau0)
         t = jnp.full((x.shape[0],), t_end)
         mean_score = sum(score_one(p, x, t, labels) for p in singles) / len(singles)
-        return sampling.tweedie_denoise(sde, x, mean_score, t_end)
+        return federated_sampler.tweedie_denoise(sde, x, mean_score, t_end)
 
     return run
 
@@ -109,7 +103,7 @@ def throughput(config):
     k, b, steps = FLAGS.num_agents, FLAGS.batch, FLAGS.steps
     comp = runs.resolve(config)
     params = runs.init_agents(comp.model, k, runs.make_key(0))
-    keys = sampling.sample_keys(0, b)
+    keys = federated_sampler.sample_keys(0, b)
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
     model = " ".join(filter(None, (FLAGS.preset, FLAGS.candidate)))
     print(
@@ -169,7 +163,7 @@ def quality(config):
     federation = sample_lib.load_federation(config, FLAGS.workdir)
     comp = federation.components
     n = FLAGS.quality_batch
-    keys = sampling.sample_keys(0, n)
+    keys = federated_sampler.sample_keys(0, n)
     labels = jnp.asarray(np.arange(n) % 10, jnp.int32)
 
     def solve(spec):

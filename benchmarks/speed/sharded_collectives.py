@@ -1,4 +1,5 @@
-"""What crosses devices per score evaluation when the agents are sharded (fedinf_jax/sharding.py).
+"""What crosses devices per score evaluation when the agents are sharded
+(fedinf_jax/agents/sharding.py).
 
 Compiles one federated score evaluation (K agents' scores on a batch, then the aggregator, and
 its density update where it has one) on a mesh of virtual CPU devices, and lists the collective
@@ -64,7 +65,9 @@ def main(argv):
     import numpy as np
 
     from configs import base
-    from fedinf_jax import aggregators, runs, sample_lib, sharding
+    from fedinf_jax.agents import runs, sharding
+    from fedinf_jax.sampling import aggregators
+    from fedinf_jax.workflows import sample_lib
 
     config = base.get_config("cpu")
     comp = runs.resolve(config)

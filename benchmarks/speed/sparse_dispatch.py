@@ -1,5 +1,5 @@
 """Whole-sample wall time of the sparse members, dense (every agent on every sample) against
-sparse (only the agents each sample's weights name; fedinf_jax/dispatch.py), interleaved.
+sparse (only the agents each sample's weights name; fedinf_jax/agents/dispatch.py), interleaved.
 
     python -m benchmarks.speed.sparse_dispatch --preset=cpu --num_agents=10 --batch=100 --steps=100
 
@@ -38,16 +38,13 @@ def main(argv):
 
     from benchmarks.common import timing
     from configs import base
-    from fedinf_jax import (
-        data,
-        runs,
-        runtime,
-        sample_lib,
-        sampling,
-        solvers,
-    )
-    from fedinf_jax.federated_score import with_null_label
-    from fedinf_jax.score import null_label
+    from fedinf_jax.agents import runs
+    from fedinf_jax.core import runtime
+    from fedinf_jax.data import digits
+    from fedinf_jax.diffusion.score import null_label
+    from fedinf_jax.sampling import federated_sampler, solvers
+    from fedinf_jax.sampling.federated_score import with_null_label
+    from fedinf_jax.workflows import sample_lib
 
     runtime.setup()
     config = base.get_config(FLAGS.preset)
@@ -62,7 +59,7 @@ def main(argv):
     if FLAGS.guided:
         dense_fn = with_null_label(dense_fn, null_label(comp.model))
         grouped_fn = with_null_label(grouped_fn, null_label(comp.model))
-    keys = sampling.sample_keys(0, b)
+    keys = federated_sampler.sample_keys(0, b)
     labels = jnp.asarray(np.arange(b) % 10, jnp.int32)
     samplers = {}
     for procedure in MEMBERS:
@@ -71,8 +68,8 @@ def main(argv):
             section, counts, k, comp, "sde", 2.0 if FLAGS.guided else 1.0, None
         )
         for path, grouped in (("dense", None), ("sparse", grouped_fn)):
-            samplers[procedure, path] = sampling.FederatedSampler(
-                dense_fn, comp.sde, member, spec, data.IMAGE_SHAPE, k, grouped
+            samplers[procedure, path] = federated_sampler.FederatedSampler(
+                dense_fn, comp.sde, member, spec, digits.IMAGE_SHAPE, k, grouped
             )
 
     def call(sampler):

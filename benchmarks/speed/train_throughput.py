@@ -15,9 +15,10 @@ from absl import app, flags
 
 from benchmarks.common import timing
 from configs import base
-from fedinf_jax import agents, runs, train_lib
-from fedinf_jax.input_pipeline import synthetic_batch
-from fedinf_jax.score import make_loss_fn
+from fedinf_jax.agents import agent_axis, runs
+from fedinf_jax.data.input_pipeline import synthetic_batch
+from fedinf_jax.diffusion.score import make_loss_fn
+from fedinf_jax.workflows import train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "cpu", "Model preset (smoke, demo, cpu, paper).")
@@ -56,7 +57,8 @@ def main(_):
             one = jax.jit(train_lib.make_train_step(loss_fn, comp.tx, 0.999, "unroll"))
             singles = [
                 train_lib.TrainState(
-                    state.step, *(agents.stack_agents([agents.agent(x, i)]) for x in state[1:])
+                    state.step,
+                    *(agent_axis.stack_agents([agent_axis.agent(x, i)]) for x in state[1:]),
                 )
                 for i in range(k)
             ]
@@ -65,7 +67,7 @@ def main(_):
             def run(one=one, singles=singles, sub=sub):
                 return [one(s, bt, key)[1]["loss"] for s, bt in zip(singles, sub, strict=True)]
         else:
-            step = agents.maybe_jit(
+            step = agent_axis.maybe_jit(
                 train_lib.make_train_step(loss_fn, comp.tx, 0.999, strategy), strategy
             )
 

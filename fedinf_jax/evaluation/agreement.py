@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedinf_jax.agents import num_agents_of
-from fedinf_jax.aggregators import Aggregator
+from fedinf_jax.agents.agent_axis import num_agents_of
+from fedinf_jax.sampling.aggregators import Aggregator
 
 PAPER_TIMES = (1.0, 0.5, 0.1, 0.01)
 INPUTS = ("noise", "label")

@@ -26,7 +26,10 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from fedinf_jax import checkpoint, data, files, optim, pretrained, provenance
+from fedinf_jax.agents import checkpoint, pretrained
+from fedinf_jax.core import files, provenance
+from fedinf_jax.data import digits
+from fedinf_jax.models import optim
 from fedinf_jax.models.layers import GroupNorm
 
 
@@ -86,7 +89,7 @@ class TrainedClassifier:
         apply = _jitted_apply(self.model)
         feats, probs = [], []
         for lo in range(0, len(images), batch_size):
-            x = jnp.asarray(data.to_model_input(images[lo : lo + batch_size], self.centered))
+            x = jnp.asarray(digits.to_model_input(images[lo : lo + batch_size], self.centered))
             logits, f = apply(self.params, x)
             feats.append(np.asarray(f, np.float64))
             probs.append(np.asarray(jax.nn.softmax(logits), np.float64))
@@ -112,7 +115,7 @@ def _shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.n
 
 def _abstract_params(model: Classifier):
     return jax.eval_shape(
-        lambda k: model.init(k, jnp.zeros((1, *data.IMAGE_SHAPE))), jax.random.key(0)
+        lambda k: model.init(k, jnp.zeros((1, *digits.IMAGE_SHAPE))), jax.random.key(0)
     )
 
 
@@ -237,10 +240,10 @@ def train_classifier(
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier:
     """Trains and saves the classifier under ``workdir``."""
-    mnist = data.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
+    mnist = digits.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
     model = make_classifier(config.model)
     tx = optim.make_optimizer(config.train)
-    params = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, *data.IMAGE_SHAPE)))
+    params = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, *digits.IMAGE_SHAPE)))
     opt_state = tx.init(params)
 
     def loss_fn(p, x, y):
@@ -265,7 +268,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier
         if pos == 0 and s:
             order = rng.permutation(n)
         idx = order[pos * b : (pos + 1) * b]
-        x = data.to_model_input(
+        x = digits.to_model_input(
             _shift(mnist.train_images[idx], rng, config.train.max_shift), config.data.centered
         )
         params, opt_state, loss = step(params, opt_state, x, mnist.train_labels[idx])

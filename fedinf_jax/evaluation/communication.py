@@ -25,7 +25,7 @@ import json
 import math
 import os
 
-from fedinf_jax import data
+from fedinf_jax.data import digits
 
 VALUE_BYTES = 4
 
@@ -81,7 +81,7 @@ def of_sample_dir(sample_dir: str, params_per_agent: int) -> dict:
     per_score = (2 if guided else 1) * stats["score_evaluations"]
     asked = round(network / per_score) if network else k
     evaluations = stats["score_evaluations"] / stats["batches"]
-    traffic = sample_traffic(asked, evaluations, math.prod(data.IMAGE_SHAPE), probes, guided)
+    traffic = sample_traffic(asked, evaluations, math.prod(digits.IMAGE_SHAPE), probes, guided)
     fedavg = fedavg_round_bytes(k, params_per_agent)
     return dict(
         traffic, fedavg_round_bytes=fedavg, samples_per_fedavg_round=fedavg / traffic["bytes"]

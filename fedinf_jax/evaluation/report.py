@@ -1,6 +1,6 @@
 """The reproduction's report: Markdown tables of the metrics, the agents' agreement and the
-wall times (``fedinf_jax.pipeline`` writes ``report.md`` with ``render``; ``evaluate.py`` prints
-``metrics_table``)."""
+wall times (``fedinf_jax.workflows.pipeline`` writes ``report.md`` with ``render``; ``evaluate.py``
+prints ``metrics_table``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from fedinf_jax.evaluation.metrics import PRECISION_RECALL_REAL
 
 @dataclasses.dataclass
 class ReportData:
-    """Everything ``report.md`` shows, gathered by the reproduction (``fedinf_jax.pipeline``).
+    """Everything ``report.md`` shows, gathered by the reproduction
+    (``fedinf_jax.workflows.pipeline``).
 
     ``config``: the reproduction's (``configs/reproduce.py``; its preset, samples per digit and
     seed are quoted); ``agents``: one dict per regime (``agents_row``); ``results``: Table 1's
@@ -232,19 +233,11 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
 
 def sweep_table(sweep: list[dict]) -> list[str]:
     """Per partition and procedure: mean +- standard error over the seeds."""
-    head = ["partition", "procedure", "seeds", "accuracy", "noise rate", "FID", "sampling s"]
-    rows = [
-        [
-            r["partition"],
-            r["procedure"],
-            str(r["seeds"]),
-            f"{r['accuracy']:.3f} +- {r['accuracy_se']:.3f}",
-            f"{r['noise_rate']:.3f} +- {r['noise_rate_se']:.3f}",
-            f"{r['fid']:.2f} +- {r['fid_se']:.2f}",
-            f"{r['sampling_wall_time_s']:.0f}",
-        ]
-        for r in sweep
-    ]
+    head = ["partition", "procedure", "seeds", *QUALITY_HEAD, "sampling s"]
+    rows = []
+    for r in sweep:
+        keys = [r["partition"], r["procedure"], str(r["seeds"])]
+        rows.append([*keys, *quality_cells(r, with_se=True), f"{r['sampling_wall_time_s']:.0f}"])
     return [
         "Each partition's K agents trained on it, sampled under each procedure; mean +- standard "
         "error over the seeds (each seed draws the partition and the training anew).",
@@ -279,6 +272,21 @@ def _traffic_table(traffic: dict) -> list[str]:
         "moves every agent's weights down and up once.",
         "",
         *markdown_table(head, rows),
+    ]
+
+
+# The quality figures the sweep's and the studies' tables show alike: (header, metric, format).
+QUALITY_COLUMNS = (("accuracy", "accuracy", ".3f"), ("noise rate", "noise_rate", ".3f"))
+QUALITY_COLUMNS += (("FID", "fid", ".2f"),)
+QUALITY_HEAD = [head for head, _, _ in QUALITY_COLUMNS]
+
+
+def quality_cells(r: dict, with_se: bool = False) -> list[str]:
+    """A row's accuracy, noise rate and FID (``QUALITY_COLUMNS``), each followed by its
+    standard error (the row's ``<metric>_se``) when ``with_se``."""
+    return [
+        f"{r[key]:{fmt}}" + (f" +- {r[key + '_se']:{fmt}}" if with_se else "")
+        for _, key, fmt in QUALITY_COLUMNS
     ]
 
 

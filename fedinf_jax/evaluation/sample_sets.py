@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from fedinf_jax import data, errors, files
+from fedinf_jax.core import errors, files
+from fedinf_jax.data import digits
 from fedinf_jax.evaluation import classifier, metrics
 
 
@@ -75,7 +76,7 @@ def evaluate_sample_dir(
     )
 
 
-def reference_set(mnist: data.Mnist, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def reference_set(mnist: digits.Mnist, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` MNIST training images of each digit (none of them in FID's test-set
     reference): real data, measured like a sample set of the same size, show each metric's value
     for a perfect generator at that size (FID's finite-sample floor, IS's ceiling)."""
@@ -83,7 +84,7 @@ def reference_set(mnist: data.Mnist, per_class: int, seed: int) -> tuple[np.ndar
     index = np.concatenate(
         [
             rng.choice(np.flatnonzero(mnist.train_labels == c), per_class, replace=False)
-            for c in range(data.NUM_CLASSES)
+            for c in range(digits.NUM_CLASSES)
         ]
     )
     return mnist.train_images[index], mnist.train_labels[index]
@@ -100,7 +101,7 @@ def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
     return clf
 
 
-def load_evaluator(classifier_dir: str, mnist: data.Mnist):
+def load_evaluator(classifier_dir: str, mnist: digits.Mnist):
     """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
     clf = require_classifier(classifier_dir)
     return clf, classifier.test_set_features(clf, classifier_dir, mnist.test_images)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedinf_jax.registry import Registry, check_choice
+from fedinf_jax.core.registry import Registry, check_choice
 
 
 class GroupNorm(nn.Module):

@@ -12,11 +12,12 @@ up blocks of ``layers_per_block + 1`` ResNet blocks over concatenated skips and 
 upsampler to the skip's size; GroupNorm, SiLU, ``conv_out``. Labels enter as one one-hot token
 that the transformers cross-attend to (cross_attention_dim = number of classes), as in the paper.
 
-The network predicts the noise eps; ``fedinf_jax.score`` turns that into a score.
+The network predicts the noise eps; ``fedinf_jax.diffusion.score`` turns that into a score.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -61,13 +62,19 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
     return x.reshape(b, h * p, w * p, c // (p * p))
 
 
-class ResnetBlock(nn.Module):
+class _NormedBlock(nn.Module):
+    """The settings the U-Net's GroupNorm-opened blocks share: the norm's groups, the dtype and
+    how their convolutions run (``layers.Conv``)."""
+
+    groups: int
+    dtype: jnp.dtype
+    conv_impl: str
+
+
+class ResnetBlock(_NormedBlock):
     """GN -> SiLU -> conv3x3 -> + proj(SiLU(temb)) -> GN -> SiLU -> conv3x3, 1x1 shortcut."""
 
     features: int
-    groups: int
-    dtype: jnp.dtype = jnp.float32
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, temb):
@@ -120,13 +127,10 @@ class TransformerBlock(nn.Module):
         return x + nn.Dense(dim, dtype=self.dtype, name="ff_out")(h * nn.gelu(gate, False))
 
 
-class SpatialTransformer(nn.Module):
+class SpatialTransformer(_NormedBlock):
     """diffusers' Transformer2DModel: GN -> conv1x1 -> TransformerBlock over pixels -> conv1x1."""
 
     heads: int
-    groups: int
-    dtype: jnp.dtype = jnp.float32
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
@@ -202,7 +206,10 @@ class UNet(nn.Module):
         chans = tuple(self.block_out_channels)
         down_attn = tuple(self.attention_levels)
         up_attn = down_attn if self.up_attention_levels is None else tuple(self.up_attention_levels)
-        groups, dtype, conv = self.norm_groups, self.dtype, self.conv_impl
+        dtype, conv = self.dtype, self.conv_impl
+        shared = dict(groups=self.norm_groups, dtype=dtype, conv_impl=conv)
+        resnet = functools.partial(ResnetBlock, **shared)
+        attend = functools.partial(SpatialTransformer, heads=self.num_heads, **shared)
         temb_dim = 4 * chans[0]
         temb = timestep_embedding(t, chans[0])
         temb = nn.Dense(temb_dim, dtype=dtype, name="time_linear_1")(temb)
@@ -217,11 +224,9 @@ class UNet(nn.Module):
         skips = [h]
         for level, ch in enumerate(chans):
             for i in range(self.layers_per_block):
-                h = ResnetBlock(ch, groups, dtype, conv, name=f"down_{level}_res_{i}")(h, temb)
+                h = resnet(features=ch, name=f"down_{level}_res_{i}")(h, temb)
                 if down_attn[level]:
-                    h = SpatialTransformer(
-                        self.num_heads, groups, dtype, conv, name=f"down_{level}_attn_{i}"
-                    )(h, context)
+                    h = attend(name=f"down_{level}_attn_{i}")(h, context)
                 skips.append(h)
             if level < len(chans) - 1:
                 h = nn.Conv(
@@ -229,27 +234,25 @@ class UNet(nn.Module):
                 )(h)
                 skips.append(h)
 
-        h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_0")(h, temb)
+        h = resnet(features=chans[-1], name="mid_res_0")(h, temb)
         if self.mid_attention:
-            h = SpatialTransformer(self.num_heads, groups, dtype, conv, name="mid_attn")(h, context)
-        h = ResnetBlock(chans[-1], groups, dtype, conv, name="mid_res_1")(h, temb)
+            h = attend(name="mid_attn")(h, context)
+        h = resnet(features=chans[-1], name="mid_res_1")(h, temb)
 
         for level in reversed(range(len(chans))):
             ch = chans[level]
             for i in range(self.layers_per_block + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResnetBlock(ch, groups, dtype, conv, name=f"up_{level}_res_{i}")(h, temb)
+                h = resnet(features=ch, name=f"up_{level}_res_{i}")(h, temb)
                 if up_attn[level]:
-                    h = SpatialTransformer(
-                        self.num_heads, groups, dtype, conv, name=f"up_{level}_attn_{i}"
-                    )(h, context)
+                    h = attend(name=f"up_{level}_attn_{i}")(h, context)
             if level > 0:
                 # Nearest 2x, cropped to the next skip's size (7 -> 4 -> 8 -> 7 at 28x28).
                 b, hh, ww, c = h.shape
                 h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), "nearest")
                 th, tw = skips[-1].shape[1:3]
                 h = Conv(ch, 3, conv, dtype, name=f"up_{level}_upsample")(h[:, :th, :tw])
-        h = GroupNorm(groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
+        h = GroupNorm(self.norm_groups, epsilon=1e-5, dtype=dtype, name="norm_out")(h)
         h = Conv(out_channels, 3, conv, dtype, name="conv_out")(nn.silu(h))
         return h.astype(jnp.float32)
 
