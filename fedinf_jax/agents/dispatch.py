@@ -28,6 +28,7 @@ instead of K x B.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,31 +72,16 @@ def grouped(score_fn: Callable, tiles_per_group: int = 2, side_by_side: int = 2)
     ):
         k = num_agents_of(params)
         m, b = agent_index.shape
-        pairs = m * b
         g = side_by_side
-        tile = tile_size(pairs, (total_agents or k) * tiles_per_group)
-        tiles = -(-num_tiles(pairs, k, tile) // g) * g
+        tile = tile_size(m * b, (total_agents or k) * tiles_per_group)
+        tiles = -(-num_tiles(m * b, k, tile) // g) * g
         slots = tiles * tile
-        agent = agent_index.reshape(-1).astype(jnp.int32) - offset  # (P,) local numbers
-        sample = jnp.tile(jnp.arange(b), m)
-        agent = jnp.where((agent >= 0) & (agent < k), agent, k)  # k: not here
-        count = jnp.bincount(agent, length=k + 1)[:k]
-        tiles_of = -(-count // tile)
-        first_tile = jnp.cumsum(tiles_of) - tiles_of
-        first_pair = jnp.cumsum(count) - count
-        order = jnp.argsort(agent, stable=True)
-        sorted_agent = agent[order]
-        here = sorted_agent < k
-        a = jnp.minimum(sorted_agent, k - 1)
-        slot = jnp.where(here, first_tile[a] * tile + jnp.arange(pairs) - first_pair[a], slots)
-        slot_pair = jnp.full((slots,), -1, jnp.int32).at[slot].set(order, mode="drop")
-        used = jnp.sum(tiles_of)
-        tile_agent = jnp.searchsorted(jnp.cumsum(tiles_of), jnp.arange(tiles), side="right")
+        lay = _layout(agent_index, offset, k, tile, tiles)
 
         def one_tile(i):
-            members = jax.lax.dynamic_slice(slot_pair, (i * tile,), (tile,))
-            s = sample[jnp.maximum(members, 0)]
-            own = jax.tree.map(lambda leaf: leaf[jnp.minimum(tile_agent[i], k - 1)], params)
+            members = jax.lax.dynamic_slice(lay.slot_pair, (i * tile,), (tile,))
+            s = lay.sample[jnp.maximum(members, 0)]
+            own = jax.tree.map(lambda leaf: leaf[jnp.minimum(lay.tile_agent[i], k - 1)], params)
             return score_fn(own, x[s], t[s], y[s])
 
         def one_step(j):  # g tiles, independent, so that they run side by side
@@ -104,12 +90,49 @@ def grouped(score_fn: Callable, tiles_per_group: int = 2, side_by_side: int = 2)
         shape = jax.eval_shape(one_step, 0)
         out = jax.lax.map(
             lambda j: jax.lax.cond(
-                j * g < used, one_step, lambda _: jnp.zeros(shape.shape, shape.dtype), j
+                j * g < lay.used, one_step, lambda _: jnp.zeros(shape.shape, shape.dtype), j
             ),
             jnp.arange(tiles // g),
         ).reshape(slots, *shape.shape[2:])
-        slot_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set(jnp.minimum(slot, slots - 1))
+        slot_of_pair = (
+            jnp.zeros((m * b,), jnp.int32).at[lay.order].set(jnp.minimum(lay.slot, slots - 1))
+        )
         dense = jnp.zeros((k, b, *shape.shape[2:]), shape.dtype)
-        return dense.at[agent, sample].set(out[slot_of_pair], mode="drop")
+        return dense.at[lay.agent, lay.sample].set(out[slot_of_pair], mode="drop")
 
     return scores
+
+
+class _Layout(NamedTuple):
+    """Where each (agent, sample) pair of an ``agent_index`` is evaluated: the pairs sorted by
+    agent, each agent's pairs filling whole tiles of ``tile`` slots, one agent per tile."""
+
+    agent: Array  # (P,) each pair's agent on this device, K for another device's
+    sample: Array  # (P,) each pair's sample
+    order: Array  # (P,) the pairs sorted by agent (stable)
+    slot: Array  # (P,) the slot of each sorted pair; slots (out of range) for another device's
+    slot_pair: Array  # (slots,) the pair in each slot, -1 for an empty one
+    used: Array  # how many tiles hold a pair (the first ones)
+    tile_agent: Array  # (tiles,) each tile's agent
+
+
+def _layout(agent_index: Array, offset, k: int, tile: int, tiles: int) -> _Layout:
+    """``grouped``'s layout of the (m, batch) ``agent_index`` for K = ``k`` local agents
+    numbered from ``offset``, in ``tiles`` tiles of ``tile`` slots."""
+    m, b = agent_index.shape
+    pairs, slots = m * b, tiles * tile
+    agent = agent_index.reshape(-1).astype(jnp.int32) - offset  # (P,) local numbers
+    sample = jnp.tile(jnp.arange(b), m)
+    agent = jnp.where((agent >= 0) & (agent < k), agent, k)  # k: not here
+    count = jnp.bincount(agent, length=k + 1)[:k]
+    tiles_of = -(-count // tile)
+    first_tile = jnp.cumsum(tiles_of) - tiles_of
+    first_pair = jnp.cumsum(count) - count
+    order = jnp.argsort(agent, stable=True)
+    sorted_agent = agent[order]
+    here = sorted_agent < k
+    a = jnp.minimum(sorted_agent, k - 1)
+    slot = jnp.where(here, first_tile[a] * tile + jnp.arange(pairs) - first_pair[a], slots)
+    slot_pair = jnp.full((slots,), -1, jnp.int32).at[slot].set(order, mode="drop")
+    tile_agent = jnp.searchsorted(jnp.cumsum(tiles_of), jnp.arange(tiles), side="right")
+    return _Layout(agent, sample, order, slot, slot_pair, jnp.sum(tiles_of), tile_agent)

@@ -371,19 +371,24 @@ def run(
         ref = reference(cell)
         if ref.name not in references:  # each reference read or solved once per run
             references[ref.name] = solved(ref)
-        ref_row, ref_arrays, _ = references[ref.name]
-        row = dict(row, reference=ref_row["name"])
-        row["rms_error"] = (
-            rms_error(arrays["images"], ref_arrays["images"])
-            if "images" in arrays and "images" in ref_arrays
-            else float("nan")
-        )
-        if "log_q" in arrays and "log_q" in ref_arrays:  # (agents, N): the error per sample
-            row["log_density_drift"] = rms_error(arrays["log_q"].T, ref_arrays["log_q"].T)
-        rows.append(row)
+        rows.append(_against_reference(row, arrays, *references[ref.name][:2]))
         if report is not None:
             report(i + 1, len(cells), cell, computed)
     return rows
+
+
+def _against_reference(row: dict, arrays: dict, ref_row: dict, ref_arrays: dict) -> dict:
+    """A cell's ``row`` with its reference's name, its images' RMS error to the reference's
+    (NaN when either has none) and, where both tracked log-densities, their drift."""
+    row = dict(row, reference=ref_row["name"])
+    row["rms_error"] = (
+        rms_error(arrays["images"], ref_arrays["images"])
+        if "images" in arrays and "images" in ref_arrays
+        else float("nan")
+    )
+    if "log_q" in arrays and "log_q" in ref_arrays:  # (agents, N): the error per sample
+        row["log_density_drift"] = rms_error(arrays["log_q"].T, ref_arrays["log_q"].T)
+    return row
 
 
 def series_name(row: dict) -> str:
