@@ -22,7 +22,7 @@ def _layer(module: str) -> str:
 
 def _modules() -> dict[str, pathlib.Path]:
     """Every module of the package by dotted name below it ("models.unet"; a package by its
-    own name); the top-level ``__init__`` is left out (it is empty)."""
+    own name); the top-level ``__init__`` is left out (a docstring, no imports)."""
     found = {}
     for path in sorted((ROOT / PACKAGE).rglob("*.py")):
         parts = path.relative_to(ROOT / PACKAGE).with_suffix("").parts
@@ -91,3 +91,9 @@ def test_the_rule_can_fail():
         ("diffusion.sde", 4, False),
     ]
     assert LEVEL[_layer("workflows.pipeline")] > LEVEL[_layer("sampling.solvers")]
+
+
+def test_the_package_root_imports_nothing():
+    """``import fedinf_jax`` loads no layer: the root holds its docstring only."""
+    tree = ast.parse((ROOT / PACKAGE / "__init__.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
