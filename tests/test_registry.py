@@ -30,6 +30,15 @@ def test_duplicate_name_is_refused():
     assert reg.get("a") == 1
 
 
+def test_register_all_is_register_in_order():
+    reg = Registry("widget").register_all({"b": 2, "a": 1})
+    assert reg.names() == ("b", "a") and reg.get("a") == 1
+    assert reg.register_all({"c": 3}) is reg and reg.names() == ("b", "a", "c")
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        reg.register_all({"d": 4, "a": 5})
+    assert reg.get("a") == 1 and "d" not in reg  # all or nothing
+
+
 def test_unknown_name_lists_the_valid_ones():
     reg = Registry("widget")
     reg.register("x", 1)

@@ -61,12 +61,28 @@ class Registry(Generic[T]):
         """
 
         def add(member: T) -> T:
-            if name in self._members:
-                raise ValueError(f"{self.family} {name!r} is already registered")
+            self._check_free(name)
             self._members[name] = member
             return member
 
         return add if member is None else add(member)
+
+    def register_all(self, members: Mapping[str, T]) -> Registry[T]:
+        """Registers each of ``members`` under its name, in order, as ``register`` does; returns
+        the registry, so a family can be defined as a table.
+
+        Raises:
+          ValueError: a name is already registered in this family (nothing is registered then).
+        """
+        for name in members:
+            self._check_free(name)
+        for name, member in members.items():
+            self.register(name, member)
+        return self
+
+    def _check_free(self, name: str) -> None:
+        if name in self._members:
+            raise ValueError(f"{self.family} {name!r} is already registered")
 
     def get(self, name: str) -> T:
         """The member called ``name``.

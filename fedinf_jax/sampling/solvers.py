@@ -23,18 +23,18 @@ from fedinf_jax.diffusion.sde import SDE
 from fedinf_jax.sampling.aggregators import Aggregator
 
 METHODS = density.METHODS
-ODE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("ode solver")
-for _name, _solver in (
-    ("euler", diffrax.Euler),
-    ("heun", diffrax.Heun),
-    ("midpoint", diffrax.Midpoint),
-    ("ralston", diffrax.Ralston),
-    ("bosh3", diffrax.Bosh3),
-    ("tsit5", diffrax.Tsit5),
-    ("dopri5", diffrax.Dopri5),
-    ("dopri8", diffrax.Dopri8),
-):
-    ODE_SOLVERS.register(_name, _solver)
+ODE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("ode solver").register_all(
+    {
+        "euler": diffrax.Euler,
+        "heun": diffrax.Heun,
+        "midpoint": diffrax.Midpoint,
+        "ralston": diffrax.Ralston,
+        "bosh3": diffrax.Bosh3,
+        "tsit5": diffrax.Tsit5,
+        "dopri5": diffrax.Dopri5,
+        "dopri8": diffrax.Dopri8,
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,31 +77,27 @@ class RootFinder:
 # and below t = 0, where the VP marginals are undefined (std^2 < 0), once the step exceeds
 # about 4 t_end. Freezing the drift there kept them finite but cut their convergence order below
 # Kvaerno3's (measured in docs/usage.md).
-for _name, _solver in (
-    ("implicit_euler", diffrax.ImplicitEuler),
-    ("kvaerno3", diffrax.Kvaerno3),
-):
-    ODE_SOLVERS.register(_name, _solver)
+ODE_SOLVERS.register_all({"implicit_euler": diffrax.ImplicitEuler, "kvaerno3": diffrax.Kvaerno3})
 # The reverse SDE's noise is additive (it does not depend on x), so the Ito and Stratonovich
 # readings agree and every solver below converges to the same process; only Euler-Maruyama is an
 # Ito solver, which the aggregators whose state the noise drives require (``check_solver_for``).
 # Not registered: ItoMilstein (its Levy-area term materialises the diffusion's Jacobian over the
 # whole batched state: hundreds of GB for a batch of images).
-SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solver")
-for _name, _solver in (
-    ("euler", diffrax.Euler),  # Euler-Maruyama
-    ("heun", diffrax.Heun),
-    ("euler_heun", diffrax.EulerHeun),
-    ("milstein", diffrax.StratonovichMilstein),  # = Heun-like for additive noise
-    ("reversible_heun", diffrax.ReversibleHeun),
-    ("sea", diffrax.SEA),  # the stochastic Runge-Kutta solvers for additive noise
-    ("shark", diffrax.ShARK),
-    ("sra1", diffrax.SRA1),
-    ("spark", diffrax.SPaRK),
-    ("general_shark", diffrax.GeneralShARK),
-    ("slow_rk", diffrax.SlowRK),
-):
-    SDE_SOLVERS.register(_name, _solver)
+SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solver").register_all(
+    {
+        "euler": diffrax.Euler,  # Euler-Maruyama
+        "heun": diffrax.Heun,
+        "euler_heun": diffrax.EulerHeun,
+        "milstein": diffrax.StratonovichMilstein,  # = Heun-like for additive noise
+        "reversible_heun": diffrax.ReversibleHeun,
+        "sea": diffrax.SEA,  # the stochastic Runge-Kutta solvers for additive noise
+        "shark": diffrax.ShARK,
+        "sra1": diffrax.SRA1,
+        "spark": diffrax.SPaRK,
+        "general_shark": diffrax.GeneralShARK,
+        "slow_rk": diffrax.SlowRK,
+    }
+)
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
 
 
