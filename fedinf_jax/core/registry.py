@@ -76,8 +76,7 @@ class Registry(Generic[T]):
         """
         for name in members:
             self._check_free(name)
-        for name, member in members.items():
-            self.register(name, member)
+        self._members.update(members)
         return self
 
     def _check_free(self, name: str) -> None:

@@ -276,8 +276,11 @@ def _traffic_table(traffic: dict) -> list[str]:
 
 
 # The quality figures the sweep's and the studies' tables show alike: (header, metric, format).
-QUALITY_COLUMNS = (("accuracy", "accuracy", ".3f"), ("noise rate", "noise_rate", ".3f"))
-QUALITY_COLUMNS += (("FID", "fid", ".2f"),)
+QUALITY_COLUMNS = (
+    ("accuracy", "accuracy", ".3f"),
+    ("noise rate", "noise_rate", ".3f"),
+    ("FID", "fid", ".2f"),
+)
 QUALITY_HEAD = [head for head, _, _ in QUALITY_COLUMNS]
 
 
