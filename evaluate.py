@@ -39,10 +39,10 @@ def evaluate(
     written."""
     for sample_dir in sample_dirs:
         sample_sets.check_sample_dir(sample_dir)
-    clf, real_features = sample_sets.load_evaluator(classifier_dir, mnist)
+    clf, real = sample_sets.load_evaluator(classifier_dir, mnist)
     results = {}
     for sample_dir in sample_dirs:
-        results[sample_dir] = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
+        results[sample_dir] = sample_sets.evaluate_sample_dir(clf, real, sample_dir)
         if write:
             files.write_json(
                 os.path.join(sample_dir, "metrics.json"),

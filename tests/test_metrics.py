@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+from scipy.stats import norm
 
 from fedinf_jax.evaluation import metrics as M
 
@@ -98,3 +99,51 @@ def test_bad_inputs():
         M.inception_score(np.eye(3), splits=5)
     with pytest.raises(ValueError, match=r"features must be \(N >= 2, D\)"):
         M.fid(np.ones((1, 3)), np.ones((5, 3)))
+
+
+def _rounded_noise(images, grey_levels, seed=0):
+    """``images`` plus Gaussian noise of ``grey_levels`` standard deviation, rounded and clipped
+    to uint8 as ``federated_sampler.to_uint8`` does."""
+    noise = np.random.default_rng(seed).normal(0.0, grey_levels, images.shape)
+    return np.clip(np.rint(images + noise), 0, 255).astype(np.uint8)
+
+
+def test_pixel_fidelity_of_real_blank_and_noisy_digits(mnist):
+    """Known answers: real test digits light about 0.5% of the border ring and are 82% black;
+    blank images light nothing and are all black; noise of s grey levels on a black pixel lights
+    it with probability P(s z > 10.5) = 1 - Phi(10.5 / s) and leaves it 0 with Phi(0.5 / s)."""
+    real = mnist.test_images
+    assert 0.002 < M.background_speckle(real) < 0.01
+    assert 0.78 < M.black_share(real) < 0.86
+    assert M.grey_level_distance(real, real) == 0.0
+
+    blank = np.zeros((50, 28, 28), np.uint8)
+    assert M.background_speckle(blank) == 0.0 and M.black_share(blank) == 1.0
+    # All of the blank set's mass in the first bin: the distance is what the real set has
+    # elsewhere.
+    np.testing.assert_allclose(M.grey_level_distance(blank, real), 1.0 - M.grey_histogram(real)[0])
+    assert M.background_speckle(np.full((5, 28, 28), 255, np.uint8)) == 1.0
+
+    ring = M.border_ring((28, 28))
+    assert ring.sum() == 28 * 28 - 22 * 22
+    background = real[:, ring] == 0  # the ring's black pixels, most of it
+    for s in (3.0, 6.0, 12.0):
+        noisy = _rounded_noise(real, s)
+        lit = noisy[:, ring] > M.SPECKLE_LEVEL
+        np.testing.assert_allclose(lit[background].mean(), norm.sf(10.5 / s), atol=0.004)
+        np.testing.assert_allclose((noisy == 0)[real == 0].mean(), norm.cdf(0.5 / s), atol=0.004)
+        assert M.background_speckle(noisy) > M.background_speckle(real)
+    # More noise, further from the real histogram, and the measure is symmetric.
+    d = [M.grey_level_distance(_rounded_noise(real, s), real) for s in (3.0, 6.0, 12.0, 24.0)]
+    assert d == sorted(d) and d[-1] > 0.2
+    noisy = _rounded_noise(real, 12.0)
+    assert M.grey_level_distance(noisy, real) == M.grey_level_distance(real, noisy)
+
+    fid = M.fidelity(noisy, real)
+    assert fid == {
+        "speckle": M.background_speckle(noisy),
+        "black": M.black_share(noisy),
+        "grey_distance": M.grey_level_distance(noisy, real),
+    }
+    with pytest.raises(ValueError, match="uint8"):
+        M.background_speckle(real.astype(np.float32))

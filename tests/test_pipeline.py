@@ -52,9 +52,12 @@ def test_report_tables_parse(reproduced):
         fid_se = float(row[3].split("+-")[1])  # a bootstrap over the set (test_metrics)
         assert fid >= 0.0 and fid_se >= 0.0
         assert all(0.0 <= v <= 1.0 for v in (accuracy, noise, precision, recall))
-    assert table1[0][8:] == ["-", "-"]  # real images: no sampler
+        speckle, black, grey_distance = (float(v) for v in row[8:11])
+        assert all(0.0 <= v <= 1.0 for v in (speckle, black, grey_distance))
+    assert table1[0][11:] == ["-", "-"]  # real images: no sampler
+    assert float(table1[0][8]) < 0.02  # real digits' background: clean
     for row in table1[1:]:
-        assert int(row[8]) > 0 and float(row[9]) >= 0.0
+        assert int(row[11]) > 0 and float(row[12]) >= 0.0
 
     # Both sets ask both agents at every evaluation; a FedAvg round moves 2 x 2 x P x 4 bytes.
     traffic = _table_rows(_section(report, "Communication"))
@@ -407,6 +410,7 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
                     accuracy=accuracy + bump,
                     noise_rate=0.1,
                     fid=float(seed),
+                    speckle=0.01 * seed,
                     sampling_wall_time_s=9.0,
                 )
     rows = pipeline.sweep_summary(config, results)
@@ -420,7 +424,7 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     assert rows[0]["noise_rate_se"] == pytest.approx(0.0) and rows[0]["fid"] == 1.0
     table = _table_rows(report.sweep_table(rows))
     assert table[2] == ["dirichlet:alpha=0.1", "route", "3", "0.750 +- 0.115", "0.100 +- 0.000",
-                        "1.00 +- 0.58", "9"]  # fmt: skip
+                        "1.00 +- 0.58", "0.010 +- 0.006", "9"]  # fmt: skip
     from fedinf_jax.workflows import plots
 
     assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "sweep.png"), "K scaling")) > 1000

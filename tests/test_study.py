@@ -231,6 +231,7 @@ def test_study_runs_on_the_smoke_run_and_resumes(smoke_run, reproduced, tmp_path
     assert row["reference"] == "ode-heun-tol1e-02-mean" and 0 < row["rms_error"] < 10
     assert row["network_evaluations"] == 2 * row["score_evaluations"]  # K = 2
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["noise_rate"] <= 1 and row["fid"] > 0
+    assert all(0 <= row[k] <= 1 for k in ("speckle", "black", "grey_distance"))
     assert row["feature_rms_error"] > 0  # 4 Euler steps are not the reference
     for plot in ("errors.png", "steps.png", "samples_uniform4-mean.png"):
         assert (workdir / "study" / "default" / plot).stat().st_size > 1000

@@ -178,7 +178,7 @@ def train_cell(config, workdir: str) -> dict:
     return cost
 
 
-def run_cell(recipe, steps, clf, real_features) -> list[dict]:
+def run_cell(recipe, steps, clf, real) -> list[dict]:
     """One trained cell's rows, one per sampler in ``--samplers``."""
     config = recipe_config(FLAGS.preset, recipe, steps)
     workdir = os.path.join(FLAGS.workdir, recipe, f"steps_{steps}")
@@ -201,7 +201,7 @@ def run_cell(recipe, steps, clf, real_features) -> list[dict]:
             config.sampler.update(SAMPLERS[sampler])
             config.sampler.num_per_class = FLAGS.per_class
             sample_dir = sample_lib.run(config, workdir, os.path.dirname(metrics_path))
-            metrics = sample_sets.evaluate_sample_dir(clf, real_features, sample_dir)
+            metrics = sample_sets.evaluate_sample_dir(clf, real, sample_dir)
             files.write_json(metrics_path, metrics)
         keep = ("accuracy", "noise_rate", "fid", "num_samples", "score_evaluations")
         rows.append(
@@ -319,18 +319,18 @@ def main(argv):
             raise app.UsageError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
     budgets = sorted(int(s) for s in FLAGS.steps)
     runtime.setup()
-    clf = real_features = None
+    clf = real = None
     if not FLAGS.report_only:
         clf_dir = FLAGS.classifier or os.path.join(FLAGS.workdir, "classifier")
         clf_cfg = classifier_config.get_config(FLAGS.classifier_preset)
         clf = classifier.train_classifier(clf_cfg, clf_dir)  # reuses a trained one
         mnist = digits.load_mnist(clf_cfg.data.mnist_dir, clf_cfg.data.tfds_data_dir)
-        real_features = classifier.test_set_features(clf, clf_dir, mnist.test_images)
+        real = sample_sets.real_test_digits(clf, clf_dir, mnist)
     rows = []
     cells = [(recipe, steps) for recipe in FLAGS.recipes for steps in budgets]
     total_steps, done_steps, start = sum(s for _, s in cells), 0, time.perf_counter()
     for i, (recipe, steps) in enumerate(cells):
-        rows.extend(run_cell(recipe, steps, clf, real_features))
+        rows.extend(run_cell(recipe, steps, clf, real))
         done_steps += steps
         if not rows or FLAGS.report_only:
             continue

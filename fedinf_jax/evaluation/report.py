@@ -215,9 +215,10 @@ def _agents_table(agents: list[dict], timings: dict) -> list[str]:
 def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) -> list[str]:
     """Table 1's markdown: each row's key cells, then its ``evaluate_sample_dir`` metrics; the
     accuracy and the noise rate with their binomial standard errors, sqrt(p (1 - p) / n), FID
-    with its bootstrap standard error (``metrics.fid_standard_error``)."""
+    with its bootstrap standard error (``metrics.fid_standard_error``); the pixel measures
+    (``metrics.fidelity``) where the row has them."""
     head = [*key_columns, "IS", "FID", "accuracy", "noise rate", "precision", "recall"]
-    head += ["score evals", "sampling s"]
+    head += ["speckle", "black", "grey dist.", "score evals", "sampling s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for keys, r in rows:
         lines.append(
@@ -225,7 +226,7 @@ def metrics_table(key_columns: list[str], rows: list[tuple[list[str], dict]]) ->
             f"{r['inception_score_std']:.2f} | {r['fid']:.2f} +- {r['fid_se']:.2f} | "
             f"{_with_se(r['accuracy'], r['num_samples'])} | "
             f"{_with_se(r['noise_rate'], r['num_samples'])} | {r['precision']:.3f} | "
-            f"{r['recall']:.3f} | "
+            f"{r['recall']:.3f} | {' | '.join(_fidelity_cells(r))} | "
             f"{r.get('score_evaluations', '-')} | {_seconds(r.get('sampling_wall_time_s'))} |"
         )
     return lines
@@ -275,17 +276,23 @@ def _traffic_table(traffic: dict) -> list[str]:
     ]
 
 
+def _fidelity_cells(r: dict) -> list[str]:
+    """Speckle, black share and grey-level distance, "-" for a row measured before them."""
+    return [f"{r[k]:.3f}" if k in r else "-" for k in ("speckle", "black", "grey_distance")]
+
+
 # The quality figures the sweep's and the studies' tables show alike: (header, metric, format).
 QUALITY_COLUMNS = (
     ("accuracy", "accuracy", ".3f"),
     ("noise rate", "noise_rate", ".3f"),
     ("FID", "fid", ".2f"),
+    ("speckle", "speckle", ".3f"),
 )
 QUALITY_HEAD = [head for head, _, _ in QUALITY_COLUMNS]
 
 
 def quality_cells(r: dict, with_se: bool = False) -> list[str]:
-    """A row's accuracy, noise rate and FID (``QUALITY_COLUMNS``), each followed by its
+    """A row's accuracy, noise rate, FID and speckle (``QUALITY_COLUMNS``), each followed by its
     standard error (the row's ``<metric>_se``) when ``with_se``."""
     return [
         f"{r[key]:{fmt}}" + (f" +- {r[key + '_se']:{fmt}}" if with_se else "")

@@ -1,11 +1,13 @@
 """A sample set measured: the evaluation classifier's features of its images against those of
 MNIST's test images (FID, precision, recall), its softmax (Inception Score, label accuracy,
-noise rate), and real digits measured the same way (each metric's value for a perfect generator
+noise rate), its pixels against the test images' (background speckle, black share, grey-level
+distance), and real digits measured the same way (each metric's value for a perfect generator
 at that size)."""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -14,14 +16,22 @@ from fedinf_jax.data import digits
 from fedinf_jax.evaluation import classifier, metrics
 
 
+class RealDigits(NamedTuple):
+    """The real digits a sample set is measured against: their uint8 (N, 28, 28) ``images``
+    (the pixel measures) and the evaluation classifier's ``features`` of them (FID, precision
+    and recall)."""
+
+    images: np.ndarray
+    features: np.ndarray
+
+
 def evaluate_sample_set(
-    clf: classifier.TrainedClassifier,
-    real_features: np.ndarray,
-    images: np.ndarray,
-    labels: np.ndarray,
+    clf: classifier.TrainedClassifier, real: RealDigits, images: np.ndarray, labels: np.ndarray
 ) -> dict:
-    """Every metric of one sample set (uint8 images) against the real test features."""
-    return sample_set_metrics(*clf.features_and_probs(images), labels, real_features)
+    """Every metric of one sample set (uint8 images) against the real test digits: the
+    classifier's (``sample_set_metrics``) and the pixels' (``metrics.fidelity``)."""
+    measured = sample_set_metrics(*clf.features_and_probs(images), labels, real.features)
+    return dict(measured, **metrics.fidelity(images, real.images))
 
 
 def sample_set_metrics(
@@ -61,7 +71,7 @@ def check_sample_dir(sample_dir: str) -> tuple[str, str]:
 
 
 def evaluate_sample_dir(
-    clf: classifier.TrainedClassifier, real_features: np.ndarray, sample_dir: str
+    clf: classifier.TrainedClassifier, real: RealDigits, sample_dir: str
 ) -> dict:
     """Every metric of a sample set written by ``sample.py`` or a pipeline stage (its
     ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations."""
@@ -70,7 +80,7 @@ def evaluate_sample_dir(
         images, labels = f["images"], f["labels"]
     stats = files.read_json(meta)["stats"]
     return dict(
-        evaluate_sample_set(clf, real_features, images, labels),
+        evaluate_sample_set(clf, real, images, labels),
         sampling_wall_time_s=stats["wall_time_s"],
         score_evaluations=stats["score_evaluations"],
     )
@@ -101,7 +111,19 @@ def require_classifier(classifier_dir: str) -> classifier.TrainedClassifier:
     return clf
 
 
-def load_evaluator(classifier_dir: str, mnist: digits.Mnist):
-    """(classifier, its features of the MNIST test images): what ``evaluate_sample_dir`` needs."""
+def real_test_digits(
+    clf: classifier.TrainedClassifier, classifier_dir: str, mnist: digits.Mnist
+) -> RealDigits:
+    """MNIST's test digits with ``clf``'s features of them (kept beside the classifier in
+    ``classifier_dir``, ``classifier.test_set_features``)."""
+    features = classifier.test_set_features(clf, classifier_dir, mnist.test_images)
+    return RealDigits(mnist.test_images, features)
+
+
+def load_evaluator(
+    classifier_dir: str, mnist: digits.Mnist
+) -> tuple[classifier.TrainedClassifier, RealDigits]:
+    """(classifier, the MNIST test digits with its features of them): what
+    ``evaluate_sample_dir`` needs."""
     clf = require_classifier(classifier_dir)
-    return clf, classifier.test_set_features(clf, classifier_dir, mnist.test_images)
+    return clf, real_test_digits(clf, classifier_dir, mnist)

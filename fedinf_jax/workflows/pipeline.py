@@ -416,7 +416,7 @@ class Reproduction:
         self.config, self.outdir, self.recompute = config, outdir, recompute
         self.timings = Timings(os.path.join(outdir, "timings.json"))
         self.mnist = digits.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
-        self.clf, self.real_features, self.reference = None, None, None
+        self.clf, self.real, self.reference = None, None, None
         self.results, self.claims, self.sweep = {}, {}, None
 
     def cached(self, stage: str, path: str, reusable: bool, make: Callable[[], object]):
@@ -438,7 +438,7 @@ class Reproduction:
             _reusable_set(sample_dir, stage, cfg, self.recompute),
             lambda: sample_lib.run(cfg, workdir, sample_dir),
         )
-        measured = sample_sets.evaluate_sample_dir(self.clf, self.real_features, sample_dir)
+        measured = sample_sets.evaluate_sample_dir(self.clf, self.real, sample_dir)
         return dict(measured, regime=regime, procedure=procedure)
 
 
@@ -463,7 +463,7 @@ def _classifier_stage(r: Reproduction) -> None:
     )
     # A reused one restored, its accuracy checked.
     r.clf = trained or classifier.train_classifier(clf_cfg, clf_dir)
-    r.real_features = classifier.test_set_features(r.clf, clf_dir, r.mnist.test_images)
+    r.real = sample_sets.real_test_digits(r.clf, clf_dir, r.mnist)
 
 
 def _train_stage(r: Reproduction) -> None:
@@ -502,7 +502,7 @@ def _claims_stage(r: Reproduction) -> None:
 
 def _metrics_stage(r: Reproduction) -> None:
     reference_images = sample_sets.reference_set(r.mnist, r.config.eval_per_class, r.config.seed)
-    r.reference = sample_sets.evaluate_sample_set(r.clf, r.real_features, *reference_images)
+    r.reference = sample_sets.evaluate_sample_set(r.clf, r.real, *reference_images)
     files.write_json(
         os.path.join(r.outdir, "metrics.json"),
         {
@@ -591,7 +591,7 @@ STAGES = (
 """The reproduction's stages, in order."""
 
 
-SWEEP_METRICS = ("accuracy", "noise_rate", "fid", "sampling_wall_time_s")
+SWEEP_METRICS = ("accuracy", "noise_rate", "fid", "speckle", "sampling_wall_time_s")
 
 
 def sweep_summary(config, results: dict) -> list[dict]:

@@ -20,7 +20,7 @@ from absl import logging
 from fedinf_jax.agents import pretrained
 from fedinf_jax.core import errors, files, runtime
 from fedinf_jax.data import digits
-from fedinf_jax.evaluation import classifier, sample_sets
+from fedinf_jax.evaluation import metrics, sample_sets
 from fedinf_jax.evaluation.report import QUALITY_HEAD, markdown_table, quality_cells
 from fedinf_jax.sampling import solvers
 from fedinf_jax.sampling.federated_sampler import sample_keys, to_uint8
@@ -44,23 +44,26 @@ ERROR_LEVELS = (0.3, 0.1, 0.03, 0.01, 0.003)
 def sample_quality(
     row: dict,
     labels: np.ndarray,
-    features_of: Callable[[str], tuple[np.ndarray, np.ndarray] | None],
-    real_features: np.ndarray,
+    measured_of: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray] | None],
+    real: sample_sets.RealDigits,
 ) -> dict:
     """A finished cell's samples through a reproduction's classifier (``pipeline``'s metrics):
-    accuracy, noise rate and FID against the MNIST test set's features, and
-    ``feature_rms_error``, the RMS distance to its reference's samples in the classifier's
-    feature space (per sample, the same draws). ``features_of(cell name)``: that cell's
-    (features, softmax), None for a cell without finite images (then the row gets nothing)."""
+    accuracy, noise rate and FID against the MNIST test set's features, the pixel measures
+    against its images (``metrics.fidelity``), and ``feature_rms_error``, the RMS distance to its
+    reference's samples in the classifier's feature space (per sample, the same draws).
+    ``measured_of(cell name)``: that cell's (uint8 images, features, softmax), None for a cell
+    without finite images (then the row gets nothing)."""
 
-    own = features_of(row["name"])
+    own = measured_of(row["name"])
     if own is None:
         return {}
-    quality = sample_sets.sample_set_metrics(*own, labels, real_features)
+    pixels, features, probs = own
+    quality = sample_sets.sample_set_metrics(features, probs, labels, real.features)
     out = {k: quality[k] for k in ("accuracy", "noise_rate", "fid")}
-    reference = features_of(row["reference"])
+    out.update(metrics.fidelity(pixels, real.images))
+    reference = measured_of(row["reference"])
     if reference is not None:
-        out["feature_rms_error"] = float(np.sqrt(np.mean((own[0] - reference[0]) ** 2)))
+        out["feature_rms_error"] = float(np.sqrt(np.mean((features - reference[1]) ** 2)))
     return out
 
 
@@ -249,7 +252,7 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
     clf = sample_sets.require_classifier(s.classifier) if s.get("classifier") else None
     federation = sample_lib.load_federation(config, workdir, overrides)
     # FID's reference, before any solve: the MNIST test set in the classifier's features.
-    real_features = None if clf is None else _test_features(config, clf)
+    real = None if clf is None else _real_digits(config, clf)
     sde = federation.components.sde
     with errors.as_config_error():
         base = solvers.SolverSpec.from_config(federation.config.sampler, sde)
@@ -278,7 +281,7 @@ def run_study(config, workdir: str, overrides: dict | None = None, recompute: bo
         _progress(),
     )
     if clf is not None:
-        rows = _with_quality(rows, clf, real_features, cache, labels)
+        rows = _with_quality(rows, clf, real, cache, labels)
     record = {
         "config": json.loads(config.to_json_best_effort()),
         "workdir": os.path.abspath(workdir),
@@ -311,24 +314,27 @@ def _progress() -> Callable[[int, int, Cell, bool], None]:
     return report
 
 
-def _test_features(config, clf) -> np.ndarray:
-    """The MNIST test images in the study's classifier's features."""
+def _real_digits(config, clf) -> sample_sets.RealDigits:
+    """The MNIST test digits with the study's classifier's features of them."""
     mnist = digits.load_mnist(config.data.mnist_dir, config.data.tfds_data_dir)
-    return classifier.test_set_features(clf, config.study.classifier, mnist.test_images)
+    return sample_sets.real_test_digits(clf, config.study.classifier, mnist)
 
 
-def _with_quality(rows: list[dict], clf, real_features, cache: CellCache, labels) -> list[dict]:
-    """``rows`` with their samples' quality (``sample_quality``) through ``clf`` against
-    ``real_features``."""
+def _with_quality(
+    rows: list[dict], clf, real: sample_sets.RealDigits, cache: CellCache, labels
+) -> list[dict]:
+    """``rows`` with their samples' quality (``sample_quality``) through ``clf`` against the
+    ``real`` test digits."""
 
     @functools.cache  # a reference serves many cells: its features once
-    def features_of(name: str):
+    def measured_of(name: str):
         images = cache.load_array(name)
         if images is None or not np.isfinite(images).all():
             return None
-        return clf.features_and_probs(to_uint8(images))
+        pixels = to_uint8(images)
+        return (pixels, *clf.features_and_probs(pixels))
 
-    return [dict(row, **sample_quality(row, labels, features_of, real_features)) for row in rows]
+    return [dict(row, **sample_quality(row, labels, measured_of, real)) for row in rows]
 
 
 def _write_outputs(rows: list[dict], record: dict, cache: CellCache, labels, T: float, outdir):
