@@ -33,6 +33,7 @@ from configs import base
 from fedinf_jax.agents import agent_axis, runs
 from fedinf_jax.data import digits
 from fedinf_jax.diffusion.score import make_score_fn
+from fedinf_jax.diffusion.sde import tweedie_denoise
 from fedinf_jax.sampling import aggregators, federated_sampler, reverse, solvers
 from fedinf_jax.workflows import sample_lib
 
@@ -94,7 +95,7 @@ def _paper_loop(comp, params, keys, labels, steps, sampler):
             x = euler(x, sum(scores) / len(scores), sde.T - tau0, tau1 - tau0)
         t = jnp.full((x.shape[0],), t_end)
         mean_score = sum(score_one(p, x, t, labels) for p in singles) / len(singles)
-        return federated_sampler.tweedie_denoise(sde, x, mean_score, t_end)
+        return tweedie_denoise(sde, x, mean_score, t_end)
 
     return run
 

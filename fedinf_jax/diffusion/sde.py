@@ -92,6 +92,13 @@ def batch_broadcast(v: Array, x: Array) -> Array:
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
+def tweedie_denoise(sde: SDE, x: Array, score: Array, t) -> Array:
+    """E[x_0 | x_t] = (x + std(t)^2 s) / alpha(t) (Tweedie's formula), for x_t = x with score
+    s at the time t (a scalar)."""
+    alpha, std = sde.marginal(jnp.asarray(t))
+    return (x + batch_broadcast(std**2, x) * score) / batch_broadcast(alpha, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LinearBetaSDE(SDE):
     """Abstract: the VP family's linear schedule beta(t) = beta_min + t (beta_max - beta_min),

@@ -45,7 +45,7 @@ import numpy as np
 from fedinf_jax.agents.agent_axis import num_agents_of
 from fedinf_jax.core.errors import UserError
 from fedinf_jax.core.types import AgentParams, Array, Key, Labels
-from fedinf_jax.diffusion.sde import SDE, batch_broadcast
+from fedinf_jax.diffusion.sde import SDE, tweedie_denoise
 from fedinf_jax.sampling.aggregators import Aggregator, agents_asked
 from fedinf_jax.sampling.federated_score import FederatedScore
 from fedinf_jax.sampling.reverse import SolveState, reverse_terms
@@ -275,9 +275,3 @@ def sample_keys(seed: int, num: int, start: int = 0) -> Key:
     """One key per sample index: sample i's key depends only on (seed, i), never on batching."""
     base = jax.random.key(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + num))
-
-
-def tweedie_denoise(sde: SDE, x: Array, score: Array, t: float) -> Array:
-    """E[x_0 | x_t] = (x + std(t)^2 s) / alpha(t)."""
-    alpha, std = sde.marginal(jnp.asarray(t))
-    return (x + batch_broadcast(std**2, x) * score) / batch_broadcast(alpha, x)

@@ -6,7 +6,9 @@ with noise g dW_tau on the SDE, where s is the federated score (``FederatedScore
 is the pair ``(x, aggregator state)`` (``SolveState``); the state changes through the
 aggregator's ``tendency``. Where the SDE's noise drives that state (or the aggregator brings its
 own noise), drift and noise form one control term in (dtau, dW) (``StepOperator``), so each step
-evaluates the K agents once; otherwise the terms are ``MultiTerm(ODETerm, ControlTerm)``.
+evaluates the K agents once; otherwise the terms are ``MultiTerm(ODETerm, ControlTerm)``. The
+drift (``ReverseDrift``) also gives the denoiser E[x_0 | x_t], which the exponential integrators
+step with (``fedinf_jax.sampling.exponential``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import jax.numpy as jnp
 import lineax
 
 from fedinf_jax.core.types import Array, Key
-from fedinf_jax.diffusion.sde import SDE
+from fedinf_jax.diffusion.sde import SDE, tweedie_denoise
 from fedinf_jax.sampling.aggregators import Aggregator
+from fedinf_jax.sampling.exponential import DenoiserField
 from fedinf_jax.sampling.federated_score import FederatedScore
 from fedinf_jax.sampling.solvers import SolverSpec, noise_drives_state
 
@@ -177,6 +180,38 @@ def reverse_drift(sde: SDE, method: str, x: Array, t, score: Array) -> Array:
     return -sde.drift(x, t) + c * sde.diffusion(t) ** 2 * score
 
 
+class ReverseDrift(DenoiserField):
+    """The reverse process's drift in tau on the solution ``SolveState``: dx/dtau
+    (``reverse_drift`` with the federated score) and, for an aggregator with a ``tendency``, its
+    state's rate of change along dx; and the federated denoiser E[x_0 | x_t] (Tweedie's formula on
+    the aggregated score)."""
+
+    score: FederatedScore = eqx.field(static=True)
+    sde: SDE = eqx.field(static=True)
+    method: str = eqx.field(static=True)
+
+    def __call__(self, tau, state: SolveState, args) -> SolveState:
+        aggregator = self.score.aggregator
+        t = self.sde.T - tau
+        ev = self.score(*args, state.x, t, state.aggregator)
+        b = reverse_drift(self.sde, self.method, state.x, t, ev.score)
+        if aggregator.tendency is None:
+            return SolveState(b, jax.tree.map(jnp.zeros_like, ev.state))
+        labels = args[1]
+        return SolveState(
+            b, aggregator.tendency(ev.scores, ev.t, state.x, labels, ev.state, b, 1.0, **ev.extra)
+        )
+
+    def marginal(self, tau) -> tuple[Array, Array]:
+        return self.sde.marginal(self.sde.T - tau)
+
+    def denoised(self, tau, state: SolveState, args) -> Array:
+        t = self.sde.T - tau
+        return tweedie_denoise(
+            self.sde, state.x, self.score(*args, state.x, t, state.aggregator).score, t
+        )
+
+
 def brownian_paths(spec: SolverSpec, keys: Key, tau1: float, image_shape) -> PerSampleBrownianPath:
     """One Brownian path per sample (``keys``) on [0, tau1]: ``UnsafeBrownianPath`` for constant
     steps (diffrax issue 489: far cheaper than a tree for fixed steps) unless ``spec.brownian``
@@ -219,17 +254,7 @@ def reverse_terms(
     probe_keys)`` and the solution a ``SolveState``; Brownian paths from ``path_keys``."""
     aggregator: Aggregator = score.aggregator
     tau1 = sde.T - spec.t_end
-
-    def drift(tau, state: SolveState, args) -> SolveState:
-        t = sde.T - tau
-        ev = score(*args, state.x, t, state.aggregator)
-        b = reverse_drift(sde, spec.method, state.x, t, ev.score)
-        if aggregator.tendency is None:
-            return SolveState(b, jax.tree.map(jnp.zeros_like, ev.state))
-        labels = args[1]
-        return SolveState(
-            b, aggregator.tendency(ev.scores, ev.t, state.x, labels, ev.state, b, 1.0, **ev.extra)
-        )
+    drift = ReverseDrift(score, sde, spec.method)
 
     def diffusion(tau, state: SolveState, args) -> NoiseOperator:
         return NoiseOperator(sde.diffusion(sde.T - tau), _structure(state))

@@ -21,6 +21,7 @@ from fedinf_jax.core.types import Array
 from fedinf_jax.diffusion import density
 from fedinf_jax.diffusion.sde import SDE
 from fedinf_jax.sampling.aggregators import Aggregator
+from fedinf_jax.sampling.exponential import DPMSolverPP
 
 METHODS = density.METHODS
 ODE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("ode solver").register_all(
@@ -98,6 +99,16 @@ SDE_SOLVERS: Registry[Callable[[], diffrax.AbstractSolver]] = Registry("sde solv
         "slow_rk": diffrax.SlowRK,
     }
 )
+# The exponential integrators (``fedinf_jax.sampling.exponential``), on either process: DDIM on
+# the ODE and DDPM's ancestral step on the SDE (dpmpp_1), DPM-Solver++(2M) and
+# SDE-DPM-Solver++(2M) (dpmpp_2m). They integrate the linear part of the reverse process exactly
+# and step with the denoiser, so a coarse grid adds no more noise than the marginals hold.
+_EXPONENTIAL = {
+    "dpmpp_1": DPMSolverPP,
+    "dpmpp_2m": lambda: DPMSolverPP(second_order=True),
+}
+ODE_SOLVERS.register_all(_EXPONENTIAL)
+SDE_SOLVERS.register_all(_EXPONENTIAL)
 SOLVERS = {"ode": ODE_SOLVERS, "sde": SDE_SOLVERS}
 
 
@@ -283,15 +294,30 @@ def noise_drives_state(aggregator: Aggregator, method: str) -> bool:
 
 
 def check_solver_for(aggregator: Aggregator, spec: SolverSpec) -> None:
-    """Refuses a Stratonovich solver where the aggregator's state is an Ito integral.
+    """Refuses a Stratonovich solver where the aggregator's state is an Ito integral, and an
+    exponential integrator (which steps the images alone) for an aggregator whose state moves
+    with the path.
 
     Raises:
-      ValueError: naming the solver and the valid (Ito) ones.
+      ValueError: naming the solver and the valid ones.
     """
+    if isinstance(spec.solver, DPMSolverPP) and (
+        aggregator.tendency is not None or aggregator.noise is not None
+    ):
+        others = [n for n, m in SOLVERS[spec.method].items() if not isinstance(m(), DPMSolverPP)]
+        raise ValueError(
+            "the DPM-Solver++ solvers (dpmpp_1, dpmpp_2m) step the images with the denoiser "
+            "alone, and this aggregator's state (its tracked densities) moves with the path; "
+            f"use a {spec.method} solver that steps it too: {others}"
+        )
     if noise_drives_state(aggregator, spec.method) and not isinstance(
         spec.solver, diffrax.AbstractItoSolver
     ):
-        ito = [n for n, m in SDE_SOLVERS.items() if solver_nature("sde", m())["calculus"] == "ito"]
+        ito = [
+            n
+            for n, m in SDE_SOLVERS.items()
+            if solver_nature("sde", m())["calculus"] == "ito" and not isinstance(m(), DPMSolverPP)
+        ]
         raise ValueError(
             "this aggregator's state is driven by the SDE's noise (an Ito integral), which "
             f"{type(spec.solver).__name__} (a Stratonovich solver) would integrate with a "
