@@ -190,6 +190,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # lowest w with accuracy >= 0.98 and noise <= 0.5%; FID 0.36 against 0.31 at its minimum,
     # w = 1.5, where accuracy is 0.979). The other presets and the paper's procedure: 1.
     config.sampler.guidance = 2.0
+    # Guidance only where t_lo < t <= t_hi (Kynkaanniemi et al. 2024), the conditional score
+    # alone elsewhere (aggregators.guided); (0, 1): the whole solve.
+    config.sampler.guidance_interval = (0.0, 1.0)
     # Autoguidance (Karras et al. 2024): guide with weaker versions of the same agents instead of
     # the null label, s = s_weak + w (s_y - s_weak): "N" (this run's checkpoint step N, kept by
     # training), "DIR" or "DIR@N" (another run with the same model and partition). "": none.

@@ -339,6 +339,30 @@ def test_guided_is_the_null_aggregate_plus_w_times_the_difference(name, guide_la
         np.testing.assert_array_equal(got, want)
 
 
+def test_guidance_in_an_interval_is_the_conditional_aggregate_outside_it():
+    """Guided only where t_lo < t <= t_hi: there S_null + w (S_y - S_null), S_y elsewhere, per
+    sample (t runs from 0.1 to 0.9 over the batch); the default interval holds every t, bitwise
+    the guided member; an empty or negative interval is refused."""
+    scores, t, x, y = _inputs()
+    null_scores = _inputs(seed=1)[0]
+    both = jnp.concatenate([scores, null_scores])
+    member, always = _guided_pair("label_prior")
+    counts = A.with_null_class(COUNTS)
+    inside = (t > 0.3) & (t <= 0.7)
+    assert 0 < int(inside.sum()) < len(t)
+    limited = A.guided(A.label_prior(counts), W, NULL, (0.3, 0.7))
+    out, _ = _apply(limited, both, t, x, y, K)
+    guided_out, _ = _apply(always, both, t, x, y, K)
+    score_y, _ = _apply(member, scores, t, x, y)
+    np.testing.assert_array_equal(out[inside], guided_out[inside])
+    np.testing.assert_allclose(out[~inside], score_y[~inside], rtol=1e-5, atol=1e-6)
+    default, _ = _apply(A.guided(A.label_prior(counts), W, NULL, A.ALWAYS), both, t, x, y, K)
+    np.testing.assert_array_equal(default, guided_out)
+    for interval in ((0.5, 0.5), (0.7, 0.3), (-0.1, 0.5)):
+        with pytest.raises(ValueError, match="guidance interval must be"):
+            A.guided(member, W, NULL, interval)
+
+
 @pytest.mark.parametrize("name", A.AGGREGATORS.names())
 def test_guided_identical_agents_give_the_guided_agent(name):
     scores, t, x, y = _inputs()

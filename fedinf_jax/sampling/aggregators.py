@@ -50,6 +50,7 @@ exactly those weights.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -670,7 +671,16 @@ def _halves(tree):
     return first, jax.tree.map(lambda a: a[a.shape[0] // 2 :], tree)
 
 
-def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggregator:
+ALWAYS = (0.0, math.inf)
+"""A guidance interval that holds every t (``guided``)."""
+
+
+def guided(
+    member: Aggregator,
+    guidance: float,
+    null_label: int | None,
+    interval: tuple[float, float] = ALWAYS,
+) -> Aggregator:
     """Classifier-free guidance of the federation (Ho and Salimans 2022), guiding the aggregate:
 
         s = S_null + w (S_y - S_null),
@@ -685,6 +695,12 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
     weaker versions of the same agents at the same label y (an earlier checkpoint), aggregated at
     y, s = S_weak + w (S_y - S_weak).
 
+    ``interval`` (t_lo, t_hi): guidance only where t_lo < t <= t_hi, s = S_y elsewhere
+    (Kynkaanniemi et al. 2024, guidance in a limited interval of noise levels: at low noise it
+    amplifies whatever the conditional and unconditional denoisers disagree on, the image's
+    fine detail and its errors alike, and adds nothing to which digit is drawn). Both scores are
+    evaluated at every t.
+
     A member with state keeps two, (conditional, null), each driven along the path actually
     taken by its own agents' scores: the density-weighted members track every agent's
     conditional and unconditional log-density (``fedinf_jax.diffusion.density`` holds along any
@@ -693,6 +709,11 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
     its conditional aggregate; its ``weights`` are the conditional ones.
     """
     null_of = (lambda y: y) if null_label is None else (lambda y: jnp.full_like(y, null_label))
+    t_lo, t_hi = (float(v) for v in interval)
+    if not 0.0 <= t_lo < t_hi:
+        raise ValueError(
+            f"the guidance interval must be (t_lo, t_hi) with 0 <= t_lo < t_hi, got {interval}"
+        )
 
     def init(num_agents, x, y, keys=None):
         return member.init(num_agents, x, y, keys), member.init(num_agents, x, null_of(y), keys)
@@ -701,7 +722,9 @@ def guided(member: Aggregator, guidance: float, null_label: int | None) -> Aggre
         (sc, ec), (su, eu) = zip(*map(_halves, (scores, extra)), strict=True)
         score_y, state_y = member.aggregate(sc, t, x, y, state[0], **ec)
         score_null, state_null = member.aggregate(su, t, x, null_of(y), state[1], **eu)
-        return score_null + guidance * (score_y - score_null), (state_y, state_null)
+        w = jnp.where((t > t_lo) & (t <= t_hi), guidance, 1.0).astype(score_y.dtype)
+        w = w.reshape(w.shape + (1,) * (score_y.ndim - w.ndim))
+        return score_null + w * (score_y - score_null), (state_y, state_null)
 
     def tendency(scores, t, x, y, state, dx, dt, **extra):
         (sc, ec), (su, eu) = zip(*map(_halves, (scores, extra)), strict=True)

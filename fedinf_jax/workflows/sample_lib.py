@@ -104,6 +104,10 @@ _SAMPLER_RULES = {
     "num_per_class": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "checkpoint_step": (lambda v: v >= -1, ">= 0, or -1 for the latest"),
+    "guidance_interval": (
+        lambda v: isinstance(v, tuple | list) and len(v) == 2 and 0 <= v[0] < v[1],
+        "(t_lo, t_hi) with 0 <= t_lo < t_hi: guidance where t_lo < t <= t_hi",
+    ),
 }
 
 
@@ -118,19 +122,19 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
     components, expected = train_lib.check_config(config)
     counts = expected if counts is None else counts
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
-    guidance, guide = guidance_of(config)
+    guidance = guidance_of(config)
     with errors.as_config_error():
         spec = solvers.SolverSpec.from_config(config.sampler, components.sde)
         aggregators.AGGREGATORS.check(config.aggregator.name)
     with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
         aggregator = make_aggregator(
-            config.aggregator, counts, len(counts), components, spec.method, guidance, guide
+            config.aggregator, counts, len(counts), components, spec.method, *guidance
         )
     with errors.as_config_error():
         solvers.check_solver_for(aggregator, spec)
 
 
-SAMPLER_SETTINGS = ("guidance",)
+SAMPLER_SETTINGS = ("guidance", "guidance_interval")
 """Sampler fields a procedure may set after its colon, beside its member's settings
 (``mean:guidance=2``: the member with classifier-free guidance)."""
 
@@ -329,8 +333,11 @@ def _with_trained_sections(config, record: dict, workdir: str) -> ml_collections
     return merged
 
 
-def guidance_of(config: ml_collections.ConfigDict) -> tuple[float, tuple | None]:
-    """(``sampler.guidance``, its ``parse_guide``d ``sampler.guide``), checked against the run.
+def guidance_of(
+    config: ml_collections.ConfigDict,
+) -> tuple[float, tuple | None, tuple[float, float]]:
+    """(``sampler.guidance``, its ``parse_guide``d ``sampler.guide``, ``sampler.guidance_interval``
+    (``aggregators.ALWAYS`` for a config without one)), checked against the run.
 
     Raises:
       ConfigError: a guide without guidance, or guidance by the null label for agents trained
@@ -351,7 +358,7 @@ def guidance_of(config: ml_collections.ConfigDict) -> tuple[float, tuple | None]
             f"train.label_dropout = {config.train.get('label_dropout', 0.0)}. Sample them with "
             "sampler.guidance = 1, or train a run with label dropout"
         )
-    return guidance, guide
+    return guidance, guide, tuple(config.sampler.get("guidance_interval", aggregators.ALWAYS))
 
 
 def make_aggregator(
@@ -362,10 +369,11 @@ def make_aggregator(
     method: str,
     guidance: float = 1.0,
     guide: tuple | None = None,
+    interval: tuple[float, float] = aggregators.ALWAYS,
 ) -> aggregators.Aggregator:
     """The member ``section`` names, for the run's count matrix, K and SDE; with ``guidance``
-    w != 1, that member guided (``aggregators.guided``): by the agents' unconditional scores
-    aggregated at the null label, whose prior is the label-free one
+    w != 1, that member guided (``aggregators.guided``) where t lies in ``interval``: by the
+    agents' unconditional scores aggregated at the null label, whose prior is the label-free one
     (``aggregators.with_null_class``), or with a ``guide`` (``parse_guide``) by the weaker agents'
     scores at the same label (autoguidance).
 
@@ -378,7 +386,7 @@ def make_aggregator(
         counts = aggregators.with_null_class(counts)
     member = aggregators.from_config(section, counts, num_agents, components.sde, method)
     return aggregators.guided(
-        member, guidance, null_label(components.model) if guide is None else None
+        member, guidance, null_label(components.model) if guide is None else None, interval
     )
 
 
@@ -401,7 +409,7 @@ def build_sampler(
     if procedure is not None:
         config = with_procedure(config, procedure)
     spec = spec or solvers.SolverSpec.from_config(config.sampler, comp.sde)
-    guidance, guide = guidance_of(config)
+    guidance, guide, interval = guidance_of(config)
     aggregator = make_aggregator(
         config.aggregator,
         federation.counts,
@@ -410,6 +418,7 @@ def build_sampler(
         spec.method,
         guidance,
         guide,
+        interval,
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
     # Only the pairs a sparse member names (``dispatch``).
