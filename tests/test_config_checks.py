@@ -83,6 +83,7 @@ SAMPLE_CASES = [
     ("sampler.num_per_class", 0, "sampler.num_per_class must be >= 1, got 0"),
     ("sampler.checkpoint_step", -2, "sampler.checkpoint_step must be >= 0, or -1"),
     ("sampler.root_finder.rtol", 0.0, r"sampler.root_finder needs rtol > 0, atol > 0"),
+    ("sampler.guidance_interval", (0.5, 0.2), r"guidance_interval must be \(t_lo, t_hi\) with"),
     ("aggregator.weighted.weights", (1.0, 2.0), "2 entries for 10 agents"),
     ("aggregator.schedule.early_agents", (12,), r"non-empty subset of 0\.\.9"),
 ]
@@ -118,7 +119,10 @@ def test_aggregator_settings_are_checked_for_the_runs_agents(member, setting, va
 def test_a_stratonovich_solver_is_refused_for_an_ito_state():
     config = hetero.get_config("cpu")
     config.aggregator.name, config.sampler.solver = "superdiff_or", "heun"
-    with pytest.raises(errors.ConfigError, match=r"use an Ito solver: \['euler'"):
+    with pytest.raises(errors.ConfigError, match=r"use an Ito solver: \['euler'\]"):
+        sample_lib.check_config(config)
+    config.sampler.solver = "dpmpp_1"  # steps the images alone; the densities move with them
+    with pytest.raises(errors.ConfigError, match=r"use a sde solver that steps it too: \['euler'"):
         sample_lib.check_config(config)
 
 
