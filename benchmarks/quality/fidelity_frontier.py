@@ -148,7 +148,7 @@ def run_cell(federation, procedure: str, name: str, budget: str, real, clf, path
         sampler=name,
         budget=budget,
         num_steps=cfg.sampler.num_steps,
-        score_evaluations=int(round(np.mean(drawn.per_batch["score_evaluations"]))),
+        score_evaluations=round(float(np.mean(drawn.per_batch["score_evaluations"]))),
         wall_s=round(wall, 2),
         sampler_settings={k: v for k, v in SAMPLERS[name].items() if k != "stages"},
     )
@@ -262,6 +262,48 @@ def grids(rows: list[dict], budget: str = "25") -> None:
         plots.plot_sample_grid(images[shown], labels[shown], os.path.join(outdir, name), title)
 
 
+# The cells whose lit pixels are mapped (``speckle_maps``): (sampler, budget).
+MAP_CELLS = (("em", "25"), ("em", "100"), ("ode_heun_karras", "25"), ("ancestral", "25"))
+
+
+def speckle_maps(rows: list[dict], real_images: np.ndarray) -> None:
+    """Where the speckle lies: per set, the share of images in which each pixel is brighter than
+    ``metrics.SPECKLE_LEVEL``, for the real test digits and the ``MAP_CELLS``, with the border
+    ring that ``background_speckle`` reads outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in rows})
+    maps = [("real test digits", real_images)]
+    for set_name in sets:
+        for sampler, budget in MAP_CELLS:
+            cell = os.path.join(FLAGS.workdir, set_name.replace(":", "_"), sampler, budget)
+            if os.path.exists(cell + ".npz"):
+                with np.load(cell + ".npz") as f:
+                    maps.append((f"{set_name}\n{sampler}, {budget} evaluations", f["images"]))
+    cols = 5
+    fig, axes = plt.subplots(
+        -(-len(maps) // cols), cols, figsize=(3 * cols, 3.2 * -(-len(maps) // cols))
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    ring = metrics.SPECKLE_RING - 0.5
+    for ax, (title, images) in zip(axes.ravel(), maps, strict=False):
+        lit = (images > metrics.SPECKLE_LEVEL).mean(axis=0)
+        ax.imshow(lit, cmap="magma", vmin=0.0, vmax=0.2)
+        ax.add_patch(
+            plt.Rectangle((ring, ring), 27 - 2 * ring, 27 - 2 * ring, fill=False, color="c")
+        )
+        speckle = metrics.background_speckle(images)
+        ax.set_title(f"{title}\nspeckle {speckle:.2%}", fontsize=7)
+    fig.suptitle("share of images with the pixel above 10 grey levels (0 to 20%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(FLAGS.output)[0] + "_speckle_maps.png", dpi=90)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     for name in FLAGS.sets:
@@ -277,6 +319,7 @@ def main(argv):
     # The real test digits' pixel measures: what a perfect sampler reads.
     write_outputs(rows, metrics.fidelity(real.images, real.images))
     grids(rows)
+    speckle_maps(rows, real.images)
     logging.info("%d cells: %s", len(rows), FLAGS.output)
 
 

@@ -134,9 +134,11 @@ def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = 
         solvers.check_solver_for(aggregator, spec)
 
 
-SAMPLER_SETTINGS = ("guidance", "guidance_interval")
+SAMPLER_SETTINGS = ("guidance", "guidance_interval", "solver", "num_steps", "schedule")
 """Sampler fields a procedure may set after its colon, beside its member's settings
-(``mean:guidance=2``: the member with classifier-free guidance)."""
+(``mean:guidance=2``: the member with classifier-free guidance; ``superdiff_or:solver=euler``:
+a member whose tracked densities need a solver that steps them, Euler-Maruyama, where the
+sampler's is an exponential integrator)."""
 
 
 def parse_procedure(procedure: str) -> tuple[str, dict]:
