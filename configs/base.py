@@ -10,7 +10,8 @@ argument: ``--config=configs/hetero.py:cpu``. Presets:
 * ``cpu``: the reproduction on a CPU (``make reproduce``): a three-level U-Net (attention at 7x7),
   2400 steps of batch 32 per agent (about 13 epochs of a 6,000-image shard, 1.3 epochs of the
   control's 60,000), the budget chosen on the quality-per-minute curves (docs/quality.md, with
-  its cost on a 2-core CPU); 100 Euler-Maruyama steps when sampling.
+  its cost on a 2-core CPU); 25 ancestral steps (DPM-Solver++'s first-order SDE step) on the
+  Karras grid when sampling, guided at w = 2.
 * ``paper``: the paper's UNet2DConditionModel (about 170M parameters) and training recipe (AdamW
   lr 1e-4, 500 warm-up steps, cosine decay, batch 16, 10 epochs, VE sigma = 25), for a GPU/TPU,
   with the score scaling done correctly.
@@ -156,12 +157,19 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # Diffrax solver by name; ode: euler heun midpoint ralston bosh3 tsit5 dopri5 dopri8, and
     # the implicit implicit_euler kvaerno3 (their stages solved by root_finder);
     # sde: euler (Euler-Maruyama, the Ito solver) heun euler_heun milstein reversible_heun sea
-    # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive).
-    config.sampler.solver = "euler"
+    # shark sra1 spark general_shark slow_rk (Stratonovich; the noise is additive); on either
+    # process the exponential integrators dpmpp_1 (DDIM on the ODE, DDPM's ancestral step on the
+    # SDE) and dpmpp_2m (fedinf_jax/sampling/exponential.py). dpmpp_1 on the SDE: at equal
+    # evaluations the cleanest digits of every solver measured (docs/quality.md, "Clean digits
+    # at a few evaluations"); superdiff_or and superdiff_and track densities that only
+    # Euler-Maruyama steps (--config.sampler.solver=euler).
+    config.sampler.solver = "dpmpp_1"
     # The solver settings' defaults are the library's (fedinf_jax.sampling.solvers.SolverSpec,
-    # RootFinder).
+    # RootFinder), but the grid's.
     spec = solvers.SolverSpec
-    config.sampler.num_steps = spec.num_steps  # constant steps (adaptive = False)
+    # Constant steps (adaptive = False). 25 for the cpu preset: the ancestral step's digits are as
+    # clean and as readable at 10 to 100 evaluations (docs/quality.md).
+    config.sampler.num_steps = 25
     config.sampler.adaptive = spec.adaptive  # PIDController(rtol, atol) instead of constant steps
     config.sampler.rtol = spec.rtol
     config.sampler.atol = spec.atol
@@ -175,8 +183,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sampler.t_end = spec.t_end  # stop the reverse process here (score_sde's eps)
     # Constant steps: "uniform" in t, "karras" (Karras et al.'s sigma schedule, rho = 7: short
     # steps near the data) or "log_snr" (uniform in log sigma); fedinf_jax/sampling/solvers.py,
-    # tau_grid.
-    config.sampler.schedule = spec.schedule
+    # tau_grid. Unused by adaptive steps (the controller places them).
+    config.sampler.schedule = "karras"
     # The SDE's Brownian paths (fedinf_jax.sampling.solvers.BROWNIAN): "auto" (per-step draws for
     # constant steps, a tree for adaptive ones) or "tree" (the same path of each sample whatever the
     # steps).
@@ -191,8 +199,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # w = 1.5, where accuracy is 0.979). The other presets and the paper's procedure: 1.
     config.sampler.guidance = 2.0
     # Guidance only where t_lo < t <= t_hi (Kynkaanniemi et al. 2024), the conditional score
-    # alone elsewhere (aggregators.guided); (0, 1): the whole solve.
-    config.sampler.guidance_interval = (0.0, 1.0)
+    # alone elsewhere (aggregators.guided); (0, 1): the whole solve. The cpu preset's: their
+    # interval for EDM2, noise levels sigma in (0.28, 5.42], in the VP SDE's t (docs/quality.md:
+    # guidance at low noise amplifies the agents' faint errors into speckle).
+    config.sampler.guidance_interval = (0.08, 0.58)
     # Autoguidance (Karras et al. 2024): guide with weaker versions of the same agents instead of
     # the null label, s = s_weak + w (s_y - s_weak): "N" (this run's checkpoint step N, kept by
     # training), "DIR" or "DIR@N" (another run with the same model and partition). "": none.
@@ -225,6 +235,7 @@ def _apply_modifier(config: ml_collections.ConfigDict, modifier: str) -> None:
         config.sampler.t_end = 0.05
         config.sampler.denoise = False
         config.sampler.guidance = 1.0  # the paper's procedure is unguided
+        config.sampler.guidance_interval = (0.0, 1.0)
         config.sampler.guide = ""
         config.aggregator.name = "mean"
 
@@ -233,6 +244,7 @@ def _apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
     if preset != "cpu":  # guidance is chosen at the cpu preset's budget only
         config.train.label_dropout = 0.0
         config.sampler.guidance = 1.0
+        config.sampler.guidance_interval = (0.0, 1.0)
     if preset == "smoke":
         config.partition.num_agents = 2
         config.model.block_out_channels = (8, 16)

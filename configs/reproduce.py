@@ -41,6 +41,13 @@ SHIPPED_MNIST_DIR = "data/mnist_subset"
 _MODIFIERS = (*(m for m in _SWEEPS if m), "shipped")
 
 
+def tracking_solver(preset: str) -> str:
+    """The sampler settings of the members whose state moves with the path (superdiff_or,
+    superdiff_and): Euler-Maruyama, with the cpu preset's 100 steps, where its digits are
+    cleanest (docs/quality.md), at the others' own steps."""
+    return "solver=euler,num_steps=100" if preset == "cpu" else "solver=euler"
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     preset, modifiers = base.parse_preset(preset, _MODIFIERS)
     if len(modifiers) > 1:
@@ -61,14 +68,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # "paper": the paper's procedure (configs/base.py, paper_sampler); the others: the corrected
     # sampler with that aggregator, at its defaults or with settings after a colon
     # ("label_prior:top_k=1"; fedinf_jax.workflows.pipeline.parse_procedure). With one agent every
-    # aggregator is the agent, so the control regime runs only "paper" and "mean".
+    # aggregator is the agent, so the control regime runs only "paper" and "mean". The
+    # density-weighted members track each agent's density along the path, which only
+    # Euler-Maruyama steps (the sampler's exponential integrator steps the images alone): they are
+    # sampled with it (``tracking``).
+    em = tracking_solver(preset)
     config.procedures = (
         "paper",
         "mean",
         "label_prior",
-        "superdiff_or",
+        f"superdiff_or:{em}",
         "schedule",
-        "superdiff_and",
+        f"superdiff_and:{em}",
         "weighted",
         "median",
         "trimmed_mean",
@@ -76,13 +87,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "route",
         "label_prior:top_k=1",
         "label_prior:top_k=2",
-        "superdiff_or:top_k=1",
-        "superdiff_or:top_k=2",
+        f"superdiff_or:top_k=1,{em}",
+        f"superdiff_or:top_k=2,{em}",
     )
     if preset == "demo":  # minutes: the paper's procedure, the corrected mean, the mixture
-        config.procedures = ("paper", "mean", "superdiff_or")
-    # Procedures whose reverse process is saved at this many times, for the agents' weights
-    # along it (weights.png; the density-weighted members).
+        config.procedures = ("paper", "mean", f"superdiff_or:{em}")
+    # Members whose reverse process is saved at this many times, for the agents' weights along
+    # it (weights.png; the density-weighted members), under every procedure of theirs.
     config.trajectory_procedures = ("superdiff_or",)
     config.trajectory_times = 11
     config.eval_per_class = _EVAL_PER_CLASS[preset]
@@ -115,7 +126,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.sweep.title = _SWEEP_TITLES.get(modifier, _SWEEP_TITLES[""])
     config.sweep.seeds = (0, 1, 2)
     config.sweep.num_agents = 10
-    config.sweep.procedures = ("mean", "label_prior", "superdiff_or", "route")
+    config.sweep.procedures = ("mean", "label_prior", f"superdiff_or:{em}", "route")
     if modifier == "shipped":
         _use_shipped(config, preset)
     return config
@@ -124,15 +135,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 def _use_shipped(config: ml_collections.ConfigDict, preset: str) -> None:
     """``PRESET,shipped`` (``make demo``): the runs shipped in pretrained/PRESET instead of
     training, the repository's MNIST digits, and sets small enough for minutes: the paper's
-    procedure, the corrected mean, the label-weighted and the density-weighted member that
-    measured best on the heterogeneous federation (docs/quality.md), 10 samples per digit, no
-    claim sets."""
+    procedure, the corrected mean, the label-weighted mixture and each digit's owner alone
+    (docs/quality.md), 10 samples per digit, no claim sets. (The density-weighted members need
+    Euler-Maruyama, whose digits are clean at 100 steps, not at the demo's 25.)"""
     config.pretrained = f"pretrained/{preset}"
     config.data.mnist_dir = SHIPPED_MNIST_DIR
-    config.procedures = ("paper", "mean", "label_prior:top_k=1", "superdiff_and")
+    config.procedures = ("paper", "mean", "label_prior", "label_prior:top_k=1")
     config.trajectory_procedures = ()
-    # Guided, 25 Euler-Maruyama steps read as their digit as often as the preset's 100 do
-    # (docs/quality.md, "Fewer steps under guidance"), at a quarter of the evaluations.
-    config.sampler.num_steps = 25
     config.eval_per_class = 10
     config.claim_per_class = 0

@@ -181,7 +181,9 @@ class EntryPoints:
                 proc.kill()
 
 
-REPRODUCE_PROCEDURES = ("paper", "superdiff_or")
+# superdiff_or's tracked densities move with the path: Euler-Maruyama steps them.
+SUPERDIFF_OR = "superdiff_or:solver=euler"
+REPRODUCE_PROCEDURES = ("paper", SUPERDIFF_OR)
 
 
 def run_reproduce(outdir, entry_points: EntryPoints | None = None) -> str:

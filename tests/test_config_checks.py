@@ -9,7 +9,9 @@ import pytest
 from configs import control, hetero
 from configs import reproduce as reproduce_config
 from fedinf_jax.core import errors, runtime
+from fedinf_jax.diffusion.sde import VPSDE
 from fedinf_jax.evaluation import sample_sets
+from fedinf_jax.sampling import solvers
 from fedinf_jax.workflows import pipeline, sample_lib, train_lib
 from tests.conftest import BAD_INPUTS
 
@@ -77,7 +79,7 @@ SAMPLE_CASES = [
     ("sampler.method", "pde", r"unknown sampler method 'pde'; valid: \['sde', 'ode'\]"),
     ("sampler.t_end", 0.0, r"t_end must lie in \(0, T = 1.0\), got 0.0"),
     ("sampler.num_steps", 0, "num_steps must be >= 1, got 0"),
-    ("sampler.max_steps", 50, "max_steps must be >= 1 and, for constant steps, >= sampler.num"),
+    ("sampler.max_steps", 20, "max_steps must be >= 1 and, for constant steps, >= sampler.num"),
     ("sampler.schedule", "cosine", r"unknown step schedule 'cosine'; valid: \['uniform'"),
     ("sampler.brownian", "bridge", r"unknown sampler.brownian 'bridge'; valid: \['auto', 'tree'\]"),
     ("sampler.num_per_class", 0, "sampler.num_per_class must be >= 1, got 0"),
@@ -110,6 +112,8 @@ def test_sample_config_errors_name_the_setting(path, value, message):
 def test_aggregator_settings_are_checked_for_the_runs_agents(member, setting, value, message):
     config = hetero.get_config("cpu")
     config.aggregator.name = member
+    if member.startswith("superdiff"):  # tracked densities: Euler-Maruyama steps them
+        config.sampler.solver = "euler"
     sample_lib.check_config(config)
     config.aggregator[member][setting] = value
     with pytest.raises(errors.ConfigError, match=f"aggregator {member}: .*{message}"):
@@ -223,3 +227,15 @@ def test_entry_points_exit_2_with_one_line_and_write_nothing(bad_input_runs, nam
     assert not wrote
     # Refused before the library imports TensorFlow (seconds of start-up) for TFDS or summaries.
     assert not re.search(r"\|\s+tensorflow$", stderr, re.MULTILINE)
+
+
+def test_adaptive_steps_leave_the_grid_unused():
+    """The default grid (Karras's) places constant steps; an adaptive solve's controller places
+    its own, so the config's schedule is not read there (a SolverSpec built directly with both is
+    refused, test_sampling)."""
+    config = hetero.get_config("cpu")
+    assert config.sampler.schedule == "karras"
+    config.sampler.update(method="ode", solver="tsit5", adaptive=True)
+    sample_lib.check_config(config)
+    spec = solvers.SolverSpec.from_config(config.sampler, VPSDE())
+    assert spec.adaptive and spec.schedule == "uniform"

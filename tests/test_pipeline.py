@@ -13,7 +13,7 @@ from configs import homo, reproduce
 from fedinf_jax.core import errors
 from fedinf_jax.evaluation import report
 from fedinf_jax.workflows import pipeline
-from tests.conftest import REPRODUCE_PROCEDURES, run_reproduce
+from tests.conftest import REPRODUCE_PROCEDURES, SUPERDIFF_OR, run_reproduce
 
 PROCEDURES = REPRODUCE_PROCEDURES
 
@@ -70,9 +70,9 @@ def test_report_tables_parse(reproduced):
     assert all(os.path.getsize(outdir / g) > 1000 for g in grids)
     # superdiff_or's agents' weights: saved along its trajectory, plotted, each summing to one.
     plots = re.findall(r"!\[[^]]*\]\(([^)]+)\)", "\n".join(_section(report, "The agents' w")))
-    assert plots == ["heterogeneous/samples/superdiff_or/weights.png"]
+    assert plots == [f"heterogeneous/samples/{SUPERDIFF_OR}/weights.png"]
     assert os.path.getsize(outdir / plots[0]) > 1000
-    with np.load(outdir / "heterogeneous/samples/superdiff_or/samples.npz") as f:
+    with np.load(outdir / f"heterogeneous/samples/{SUPERDIFF_OR}/samples.npz") as f:
         weights, trajectory_weights = f["weights"], f["trajectory_weights"]
     assert weights.shape == (2, 20) and trajectory_weights.shape == (11, 2, 20)
     np.testing.assert_allclose(trajectory_weights.sum(axis=1), 1.0, rtol=1e-5)
@@ -141,7 +141,7 @@ def _files(folder) -> dict:
 STALE_CASES = {
     "sample set": (
         lambda c: setattr(c.sampler, "num_steps", 4),
-        "sample/heterogeneous/superdiff_or: .* sampler.num_steps: 8 -> 4",
+        f"sample/heterogeneous/{SUPERDIFF_OR}: .* sampler.num_steps: 8 -> 4",
     ),
     "the sets' seed": (
         lambda c: setattr(c, "seed", 1),
@@ -149,7 +149,7 @@ STALE_CASES = {
     ),
     "an aggregator's setting": (
         lambda c: setattr(c.runs.heterogeneous.aggregator.superdiff_or, "temperature", 0.5),
-        r"sample/heterogeneous/superdiff_or: .*aggregator.superdiff_or.temperature: 1.0 -> 0.5",
+        rf"sample/heterogeneous/{SUPERDIFF_OR}: .*aggregator.superdiff_or.temperature: 1.0 -> 0.5",
     ),
     "claim set": (
         lambda c: setattr(c, "claim_per_class", 2),
@@ -213,7 +213,7 @@ def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
     outdir, _ = reproduced
     clf_dir = str(outdir / "classifier")
     sample_dir = tmp_path / "superdiff_or"
-    shutil.copytree(outdir / "heterogeneous/samples/superdiff_or", sample_dir)
+    shutil.copytree(outdir / f"heterogeneous/samples/{SUPERDIFF_OR}", sample_dir)
     missing = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match=r"'.*nothing' is not a sample set: .*samples.npz"):
         evaluate.evaluate(clf_dir, [str(sample_dir), missing], mnist)
@@ -227,7 +227,7 @@ def test_evaluate_cli_matches_the_pipeline(reproduced, mnist, tmp_path):
     assert printed == result
     result = json.loads(json.dumps(result))
     pipeline_result = json.loads((outdir / "metrics.json").read_text())["results"]
-    expected = pipeline_result["heterogeneous/superdiff_or"]
+    expected = pipeline_result[f"heterogeneous/{SUPERDIFF_OR}"]
     assert result == {k: v for k, v in expected.items() if k not in ("regime", "procedure")}
     written = json.loads((sample_dir / "metrics.json").read_text())
     assert written == dict(result, classifier=clf_dir)
@@ -273,7 +273,7 @@ def test_claim_procedures_pick_the_best_corrected_set():
         "control": "mean",
         "heterogeneous": "superdiff_or",
     }
-    claim = pipeline.claim_config(config, "heterogeneous", "superdiff_or")
+    claim = pipeline.claim_config(config, "heterogeneous", SUPERDIFF_OR)
     assert claim.sampler.num_per_class == config.claim_per_class
     assert claim.sampler.seed == config.seed + 1 and claim.sampler.save_trajectory == 0
 
@@ -294,12 +294,16 @@ def test_procedures_and_regime_configs():
     with pytest.raises(ValueError, match="unknown regime 'iid'"):
         pipeline.regime_config(config, "iid")
     demo = reproduce.get_config("demo")
-    assert demo.procedures == ("paper", "mean", "superdiff_or")
-    superdiff = pipeline.regime_config(config, "heterogeneous", "superdiff_or")
+    assert demo.procedures == ("paper", "mean", SUPERDIFF_OR)
+    # The density-weighted members: Euler-Maruyama (the cpu preset's at 100 steps), their
+    # trajectory saved under any settings.
+    superdiff = pipeline.regime_config(config, "heterogeneous", "superdiff_or:top_k=1,solver=euler")
     assert superdiff.sampler.save_trajectory == config.trajectory_times
+    assert "superdiff_or:solver=euler,num_steps=100" in config.procedures
     assert hetero.sampler.save_trajectory == 0
+    assert (hetero.sampler.method, hetero.sampler.solver) == ("sde", "dpmpp_1")
     assert (demo.classifier.preset, demo.sampler.num_steps) == ("demo", 25)
-    assert config.classifier.preset == "cpu" and config.sampler.num_steps == 100
+    assert config.classifier.preset == "cpu" and config.sampler.num_steps == 25
     # The paper's procedure: the regime's config under the paper_sampler modifier.
     expected = homo.get_config("cpu,paper_sampler")
     expected.sampler.update(num_per_class=config.eval_per_class, seed=config.seed)
@@ -327,7 +331,7 @@ def test_a_procedure_can_set_its_members_settings():
     assert unguided.sampler.guidance == 1
     assert pipeline.regime_config(config, "heterogeneous", "paper").sampler.guidance == 1
     with pytest.raises(
-        ValueError, match=r"unknown setting of label_prior 'k'; valid: \['top_k', 'guidance'\]"
+        ValueError, match=r"unknown setting of label_prior 'k'; valid: \['top_k', 'guidance', 'gui"
     ):
         pipeline.parse_procedure("label_prior:k=1")
     with pytest.raises(ValueError, match="settings are name=value, got 'top_k'"):
@@ -387,7 +391,7 @@ def test_the_heterogeneity_sweep_is_regimes_of_its_own(tmp_path):
     assert pipeline.regime_procedures(config, "sweep_dirichlet:alpha=0.1_seed2") == [
         "mean",
         "label_prior",
-        "superdiff_or",
+        SUPERDIFF_OR,
         "route",
     ]
     route = pipeline.regime_config(config, "sweep_dirichlet:alpha=0.1_seed2", "route")

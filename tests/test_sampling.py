@@ -453,6 +453,13 @@ def test_sample_cli_writes_the_files(sample_cli_run):
     assert record["stats"]["score_evaluations"] == 2 * (8 + 1)
     assert record["stats"]["checkpoint_step"] == 30 and record["stats"]["num_agents"] == 2
     assert record["config"]["aggregator"]["name"] == "label_prior"
+    # The default sampler: DDPM's ancestral step (dpmpp_1 on the SDE) on Karras's grid.
+    sampler = record["config"]["sampler"]
+    assert (sampler["method"], sampler["solver"], sampler["schedule"]) == (
+        "sde",
+        "dpmpp_1",
+        "karras",
+    )
     assert (outdir / "samples.png").stat().st_size > 1000
     assert (outdir / "trajectory.png").stat().st_size > 1000
 

@@ -234,7 +234,8 @@ class SolverSpec:
             atol=c.atol,
             max_steps=c.max_steps,
             t_end=c.t_end,
-            schedule=c.get("schedule", "uniform"),
+            # Adaptive steps are placed by the controller: the constant steps' grid is unused.
+            schedule="uniform" if c.adaptive else c.get("schedule", "uniform"),
             brownian=c.get("brownian", "auto"),
             denoise=c.denoise,
             save_trajectory=c.save_trajectory,
