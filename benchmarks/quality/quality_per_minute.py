@@ -83,6 +83,7 @@ SAMPLERS = {
         "num_steps": 100,
         "schedule": "uniform",
         "guidance": 1.0,
+        "guidance_interval": (0.0, 1.0),  # guided over the whole solve, as when measured
     },
     # Probability-flow ODE, Heun, 18 steps on Karras et al.'s sigma schedule (36 evaluations).
     "heun18_karras": {"method": "ode", "solver": "heun", "num_steps": 18, "schedule": "karras"},
