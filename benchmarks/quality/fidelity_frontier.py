@@ -223,7 +223,7 @@ def plot_frontier(rows: list[dict], real: dict, path: str) -> None:
     for i, set_name in enumerate(sets):
         for j, (key, label) in enumerate(metrics_shown):
             ax = axes[i, j]
-            for name in SAMPLERS:
+            for k, name in enumerate(SAMPLERS):
                 pts = sorted(
                     (r["score_evaluations"], r[key])
                     for r in rows
@@ -231,7 +231,8 @@ def plot_frontier(rows: list[dict], real: dict, path: str) -> None:
                 )
                 if pts:
                     style = "-o" if len(pts) > 1 else "s"
-                    ax.plot(*zip(*pts, strict=True), style, label=name, ms=3)
+                    color = plt.cm.tab20(k % 20)  # one colour per sampler on every panel
+                    ax.plot(*zip(*pts, strict=True), style, label=name, ms=3, color=color)
             if key == "speckle":
                 ax.axhline(real["speckle"], color="k", ls=":", label="real digits")
                 ax.set_yscale("log")
@@ -292,9 +293,8 @@ def speckle_maps(rows: list[dict], real_images: np.ndarray) -> None:
                 with np.load(cell + ".npz") as f:
                     maps.append((f"{set_name}\n{sampler}, {budget} evaluations", f["images"]))
     cols = 5
-    fig, axes = plt.subplots(
-        -(-len(maps) // cols), cols, figsize=(3 * cols, 3.2 * -(-len(maps) // cols))
-    )
+    rows_of_maps = -(-len(maps) // cols)
+    fig, axes = plt.subplots(rows_of_maps, cols, figsize=(3 * cols, 3.8 * rows_of_maps))
     for ax in axes.ravel():
         ax.axis("off")
     ring = metrics.SPECKLE_RING - 0.5
