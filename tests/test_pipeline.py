@@ -153,7 +153,7 @@ STALE_CASES = {
     ),
     "claim set": (
         lambda c: setattr(c, "claim_per_class", 2),
-        r"claim/heterogeneous/\w+: .*sampler.num_per_class: 1 -> 2",
+        r"claim/heterogeneous/[\w:=,]+: .*sampler.num_per_class: 1 -> 2",
     ),
     "agreement": (
         lambda c: setattr(c, "agreement_samples", 5),

@@ -69,7 +69,7 @@ def test_a_shipped_run_records_its_making_and_samples_bitwise_like_its_workdir(
     monkeypatch.chdir(tmp_path)  # sample sets of a shipped run go under ./runs/pretrained
     out = sample_lib.run(config, str(run))
     assert out == os.path.join(
-        "runs", "pretrained", "smoke", "heterogeneous", "samples", "sde_euler_mean"
+        "runs", "pretrained", "smoke", "heterogeneous", "samples", "sde_dpmpp_1_mean"
     )
     ref = sample_lib.run(config, str(workdir), str(tmp_path / "from_workdir"))
     with np.load(os.path.join(out, "samples.npz")) as a, np.load(f"{ref}/samples.npz") as b:
