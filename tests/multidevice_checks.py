@@ -138,6 +138,8 @@ def test_sharded_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):
     keys, y = federated_sampler.sample_keys(0, 4), jnp.array([0, 3, 7, 9])
     for name in ("label_prior", "superdiff_or"):
         config.aggregator.name = name
+        # label_prior with the default ancestral step; superdiff_or's densities: Euler-Maruyama.
+        config.sampler.solver = "euler" if name == "superdiff_or" else "dpmpp_1"
         single = _federation(comp, config, num_agents, None)
         sharded = _federation(comp, config, num_agents, agent_mesh)
         ref = sample_lib.build_sampler(single)(single.params, keys, y)
