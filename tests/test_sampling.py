@@ -13,6 +13,7 @@ from configs import base
 from fedinf_jax.agents import agent_axis
 from fedinf_jax.core import errors, runtime
 from fedinf_jax.diffusion.sde import VESDE, VPSDE, SubVPSDE
+from fedinf_jax.evaluation import sample_sets
 from fedinf_jax.sampling import aggregators, federated_sampler, federated_score, reverse, solvers
 from fedinf_jax.workflows import sample_lib
 from tests.conftest import count_traces, zero_fill_data_files
@@ -450,7 +451,8 @@ def test_sample_cli_writes_the_files(sample_cli_run):
         assert f["trajectory"].shape == (3, 20, 28, 28)
         np.testing.assert_array_equal(f["batch_num_steps"], [8, 8])  # batches of 10
     record = json.loads((outdir / "samples.json").read_text())
-    assert record["stats"]["score_evaluations"] == 2 * (8 + 1)
+    assert record["stats"]["score_evaluations"] == 2 * (8 + 1)  # over the two batches
+    assert sample_sets.evaluations_per_sample(record["stats"]) == 8 + 1  # Table 1's column
     assert record["stats"]["checkpoint_step"] == 30 and record["stats"]["num_agents"] == 2
     assert record["config"]["aggregator"]["name"] == "label_prior"
     # The default sampler: DDPM's ancestral step (dpmpp_1 on the SDE) on Karras's grid.

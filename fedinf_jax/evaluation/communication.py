@@ -26,6 +26,7 @@ import math
 import os
 
 from fedinf_jax.data import digits
+from fedinf_jax.evaluation import sample_sets
 
 VALUE_BYTES = 4
 
@@ -80,7 +81,7 @@ def of_sample_dir(sample_dir: str, params_per_agent: int) -> dict:
     network = stats.get("network_evaluations")
     per_score = (2 if guided else 1) * stats["score_evaluations"]
     asked = round(network / per_score) if network else k
-    evaluations = stats["score_evaluations"] / stats["batches"]
+    evaluations = sample_sets.evaluations_per_sample(stats)
     traffic = sample_traffic(asked, evaluations, math.prod(digits.IMAGE_SHAPE), probes, guided)
     fedavg = fedavg_round_bytes(k, params_per_agent)
     return dict(

@@ -74,7 +74,8 @@ def evaluate_sample_dir(
     clf: classifier.TrainedClassifier, real: RealDigits, sample_dir: str
 ) -> dict:
     """Every metric of a sample set written by ``sample.py`` or a pipeline stage (its
-    ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations."""
+    ``samples.npz`` and ``samples.json``), with the sampler's wall time and score evaluations
+    per sample."""
     npz, meta = check_sample_dir(sample_dir)
     with np.load(npz) as f:
         images, labels = f["images"], f["labels"]
@@ -82,8 +83,14 @@ def evaluate_sample_dir(
     return dict(
         evaluate_sample_set(clf, real, images, labels),
         sampling_wall_time_s=stats["wall_time_s"],
-        score_evaluations=stats["score_evaluations"],
+        score_evaluations=evaluations_per_sample(stats),
     )
+
+
+def evaluations_per_sample(stats: dict) -> float:
+    """Score evaluations per sample from samples.json's statistics, which count them over the
+    set's batches (each solve evaluates its whole batch at once): their mean over the batches."""
+    return stats["score_evaluations"] / stats["batches"]
 
 
 def reference_set(mnist: digits.Mnist, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
