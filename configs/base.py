@@ -165,7 +165,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # Euler-Maruyama steps (--config.sampler.solver=euler).
     config.sampler.solver = "dpmpp_1"
     # The solver settings' defaults are the library's (fedinf_jax.sampling.solvers.SolverSpec,
-    # RootFinder), but the grid's.
+    # RootFinder), except the number of steps and their grid (below).
     spec = solvers.SolverSpec
     # Constant steps (adaptive = False). 25 for the cpu preset: the ancestral step's digits are as
     # clean and as readable at 10 to 100 evaluations (docs/quality.md).

@@ -145,7 +145,7 @@ def regime_config(config, regime: str, procedure: str | None = None) -> ml_colle
         parse_procedure(procedure)  # "paper" among the valid names of an unknown one
         cfg.sampler.update(config.sampler.to_dict())
         cfg = sample_lib.with_procedure(cfg, procedure)
-        if parse_procedure(procedure)[0] in config.get("trajectory_procedures", ()):
+        if cfg.aggregator.name in config.get("trajectory_procedures", ()):  # under any settings
             cfg.sampler.save_trajectory = config.trajectory_times
     cfg.sampler.num_per_class = config.eval_per_class
     cfg.sampler.seed = config.seed
