@@ -214,7 +214,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # > 0: also save the reverse process at this many times.
     config.sampler.save_trajectory = spec.save_trajectory
     config.sampler.checkpoint_step = -1  # -1: the latest checkpoint
-    config.sampler.progress = True  # a solver progress bar (Diffrax's TqdmProgressMeter)
+    # A progress bar inside each solve (Diffrax's TqdmProgressMeter). Off: its host callbacks keep
+    # the solve's program out of the persistent compilation cache (compiled again every run);
+    # the log shows each batch and the ETA either way.
+    config.sampler.progress = False
 
     # How the server combines the agents' scores (fedinf_jax/sampling/aggregators.py): ``name`` and
     # one section per member with settings, e.g. --config.aggregator.superdiff_or.temperature=0.5

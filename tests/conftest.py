@@ -96,9 +96,11 @@ def count_events(event: str):
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
-# JAX traces (each a compilation or a persistent-cache lookup); XLA compilations.
+# JAX traces (each a compilation or a persistent-cache lookup); XLA compilations, each compiled
+# or read from the persistent cache; the reads.
 count_traces = functools.partial(count_events, "/jax/core/compile/jaxpr_trace_duration")
 count_compiles = functools.partial(count_events, "/jax/core/compile/backend_compile_duration")
+count_cache_reads = functools.partial(count_events, "/jax/compilation_cache/compile_time_saved_sec")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,7 @@ from fedinf_jax.diffusion.sde import VESDE, VPSDE, SubVPSDE
 from fedinf_jax.evaluation import sample_sets
 from fedinf_jax.sampling import aggregators, federated_sampler, federated_score, reverse, solvers
 from fedinf_jax.workflows import sample_lib
-from tests.conftest import count_traces, zero_fill_data_files
+from tests.conftest import count_cache_reads, count_compiles, count_traces, zero_fill_data_files
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
 MUS = jnp.array([[4.0, -2.0], [-2.0, 1.0], [1.0, 4.0]])
@@ -255,6 +255,65 @@ def test_score_evaluations_are_counted(solver, per_step):
     out = draw(make_sampler(VPSDE(), aggregators.mean(), "ode", solver, 7), 4)
     assert out.stats["score_evaluations"] == 7 * per_step + 1  # + the denoising step
     assert int(out.stats["num_accepted_steps"]) == 7
+
+
+def test_host_and_value_tallies_agree():
+    """The evaluations tallied on the host (host callbacks, as for the implicit solvers) and as
+    values in the solve: the same count, the same first non-finite evaluation."""
+    sde = VPSDE()
+    base_scores = gaussian_agents(sde)
+
+    def late_failure(params, x, t, y):  # agent 2 overflows once t < 0.5
+        s = base_scores(params, x, t, y)
+        return s.at[2].set(jnp.where(t[:, None] < 0.5, jnp.inf, s[2]))
+
+    spec = solvers.SolverSpec(method="ode", solver=solvers.make_solver("ode", "heun"), num_steps=7)
+    tallied = []
+    for host in (False, True):
+        sampler = federated_sampler.FederatedSampler(
+            late_failure, sde, aggregators.mean(), spec, (2,), host_tally=host
+        )
+        out = sampler.run({"mu": MUS}, federated_sampler.sample_keys(0, 4), jnp.zeros(4, jnp.int32))
+        tallied.append((out.failure, out.stats["score_evaluations"]))
+    assert tallied[0] == tallied[1]
+    assert tallied[0] == ("agent(s) [2] gave non-finite scores at t = 0.429143", 2 * 7 + 1)
+
+
+@pytest.fixture
+def cache_every_program():
+    """The persistent cache keeps every program, however fast it compiled (the suite's own
+    cache, ``conftest.compilation_cache``, keeps those over a second, as the entry points do)."""
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+def test_a_repeated_solve_is_read_from_the_persistent_cache(cache_every_program):
+    """The solve's program holds no host callback, so the persistent compilation cache keeps it:
+    once the in-memory caches are cleared (as in a new process), the same sampler compiles
+    nothing. (The default sampler's solver and guidance, on the Gaussian agents.)"""
+    spec = solvers.SolverSpec(
+        method="sde",
+        solver=solvers.make_solver("sde", "dpmpp_1"),
+        num_steps=5,
+        schedule="karras",
+    )
+
+    def solve():
+        agg = aggregators.guided(aggregators.mean(), 2.0, None, (0.08, 0.58))
+        sampler = federated_sampler.FederatedSampler(
+            gaussian_agents(VPSDE()), VPSDE(), agg, spec, (2,)
+        )
+        return draw(sampler, 4, mus=jnp.concatenate([MUS, MUS]))
+
+    jax.clear_caches()  # every program of the solve is looked up, compiled and kept
+    first = solve()
+    jax.clear_caches()
+    with count_compiles() as compiles, count_cache_reads() as reads:
+        again = solve()
+    assert len(compiles) == len(reads) > 0  # every program read, none compiled
+    np.testing.assert_array_equal(first.images, again.images)
 
 
 def test_one_agent_under_each_aggregator_path_is_that_agent():

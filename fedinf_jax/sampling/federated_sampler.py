@@ -47,7 +47,12 @@ from fedinf_jax.core.errors import UserError
 from fedinf_jax.core.types import AgentParams, Array, Key, Labels
 from fedinf_jax.diffusion.sde import SDE, tweedie_denoise
 from fedinf_jax.sampling.aggregators import Aggregator, agents_asked
-from fedinf_jax.sampling.federated_score import FederatedScore
+from fedinf_jax.sampling.federated_score import (
+    CallbackTally,
+    FederatedScore,
+    Tallied,
+    ValueTally,
+)
 from fedinf_jax.sampling.reverse import SolveState, reverse_terms
 from fedinf_jax.sampling.solvers import (
     BUDGET_FIELDS,
@@ -78,7 +83,9 @@ class Samples(NamedTuple):
     ``save_trajectory`` > 0 (else None); ``result``: Diffrax's ``RESULTS`` item for the solve;
     ``failure``: from ``FederatedSampler.run``, the first non-finite evaluation in words, or None;
     ``step_t`` (max_steps,): with ``save_steps``, the diffusion time each accepted step ended at,
-    from T towards t_end, NaN after the last step (else None).
+    from T towards t_end, NaN after the last step (else None); ``tallied``: what the solve's
+    evaluations tallied (``federated_score.Tallied``; None from a solve that tallies on the
+    host).
     """
 
     images: Array
@@ -90,6 +97,7 @@ class Samples(NamedTuple):
     result: Any = None
     failure: str | None = None
     step_t: Array | None = None
+    tallied: Tallied | None = None
 
 
 class FederatedSampler:
@@ -108,6 +116,10 @@ class FederatedSampler:
       grouped_score_fn: the agents' scores for the pairs an aggregator's ``dispatch`` names
         (``fedinf_jax.agents.dispatch.grouped``): given, a member that declares ``dispatch`` asks
         only those agents (``FederatedScore``); None: every agent is evaluated.
+      host_tally: tally the evaluations (their count, the first non-finite one) on the host,
+        through host callbacks, rather than as values in the solve, whose program then stays
+        out of the persistent compilation cache; default: only for the implicit solvers, whose
+        root finders refuse the values' JAX references.
 
     ``keys`` holds one key per sample (its prior draw and Brownian path); ``labels`` (N,) the
     classes to condition on. ``solve`` is the jitted solve itself (no checks, no statistics).
@@ -127,6 +139,7 @@ class FederatedSampler:
         image_shape: tuple[int, ...],
         num_agents: int | None = None,
         grouped_score_fn: Callable | None = None,
+        host_tally: bool | None = None,
     ):
         spec.check(sde)
         check_solver_for(aggregator, spec)
@@ -136,6 +149,12 @@ class FederatedSampler:
         self.score = FederatedScore(
             agent_score_fn, aggregator, self.image_shape, grouped_score_fn=grouped_score_fn
         )
+        # The evaluations are tallied in JAX references inside the solve, so that its program
+        # has no host callback and is cached across processes; the implicit solvers' root
+        # finders refuse references (equinox compares their closures), so they tally on the host.
+        if host_tally is None:
+            host_tally = isinstance(spec.solver, diffrax.AbstractImplicitSolver)
+        self._host_tally = CallbackTally() if host_tally else None
         # The budget (the constant steps' times; the adaptive tolerances) enters the compiled
         # solve as an input: samplers that differ only in it share one compilation.
         self.steps = step_inputs(spec, sde)
@@ -185,6 +204,10 @@ class FederatedSampler:
 
     def _solve(self, params: AgentParams, keys: Key, labels: Labels, steps) -> Samples:
         spec, sde = self._traced_spec, self.sde
+        # Rows of an evaluation's scores: K agents, or 2K (guidance at the null label, or a
+        # guide's K agents beside them on the params' axis).
+        tally = self._host_tally or ValueTally(2 * num_agents_of(params))
+        score = self.score.tallying(tally)
         x, path_keys = self.prior(keys)
         init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(path_keys)  # route's draws
         state = SolveState(x, self.aggregator.init(self.agents_in(params), x, labels, init_keys))
@@ -194,7 +217,7 @@ class FederatedSampler:
         args = (params, labels, probe_keys)
         controller, dt0, max_steps = stepping(spec, sde, steps)
         sol = diffrax.diffeqsolve(
-            reverse_terms(self.score, sde, spec, path_keys, self.image_shape),
+            reverse_terms(score, sde, spec, path_keys, self.image_shape),
             spec.solver,
             t0=0.0,
             t1=sde.T - spec.t_end,
@@ -214,7 +237,7 @@ class FederatedSampler:
         final = jax.tree.map(lambda leaf: leaf[-1], ys)
         images = final.x
         if spec.denoise:
-            ev = self.score(*args, images, spec.t_end, final.aggregator)
+            ev = score(*args, images, spec.t_end, final.aggregator)
             images = tweedie_denoise(sde, images, ev.score, spec.t_end)
         stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
         trajectory_t = trajectory = trajectory_state = step_t = None
@@ -231,6 +254,7 @@ class FederatedSampler:
             trajectory_state,
             sol.result,
             step_t=step_t,
+            tallied=None if self._host_tally else tally.read(),
         )
 
     def run(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
@@ -240,12 +264,16 @@ class FederatedSampler:
             raise ValueError(
                 f"need one key per label: keys {keys.shape}, labels {labels.shape} (both (N,))"
             )
-        monitor = self.score.monitor
-        monitor.reset()
+        if self._host_tally is not None:
+            self._host_tally.reset()
         samples = jax.block_until_ready(self.solve(params, keys, labels))
-        jax.effects_barrier()  # every evaluation has reported to the monitor
-        stats = dict(samples.stats, score_evaluations=monitor.evaluations)
-        return samples._replace(stats=stats, failure=monitor.failure())
+        if self._host_tally is None:
+            tallied = jax.device_get(samples.tallied)
+        else:
+            jax.effects_barrier()  # every evaluation has reported to the host
+            tallied = self._host_tally.host_read()
+        stats = dict(samples.stats, score_evaluations=int(tallied.evaluations))
+        return samples._replace(stats=stats, failure=tallied.failure(), tallied=tallied)
 
     def __call__(self, params: AgentParams, keys: Key, labels: Labels) -> Samples:
         samples = self.run(params, keys, labels)

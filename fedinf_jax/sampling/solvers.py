@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable
 
 import diffrax
-import equinox as eqx
 import jax.numpy as jnp
 import lineax
 import optimistix
@@ -333,20 +332,20 @@ class GridStepTo(diffrax.AbstractStepSizeController):
     ``max_steps + 1`` times, and the sampler takes it as an input of the compiled solve rather
     than a constant in it: one compiled solve serves every number of steps up to ``max_steps``
     and every schedule. (Not a ``StepTo`` subclass: Diffrax ends a ``StepTo`` solve after
-    ``len(ts) - 1`` steps.)"""
+    ``len(ts) - 1`` steps.) The grid is checked where it is made (``step_inputs``), on the host:
+    a check inside the solve would be a host callback, which keeps the program out of the
+    persistent compilation cache."""
 
     ts: Array
 
     def wrap(self, direction):
-        ts = self.ts * direction
-        return type(self)(eqx.error_if(ts, ts[1:] <= ts[:-1], "the step grid must increase"))
+        return type(self)(self.ts * direction)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        del terms, t1, y0, args, func, error_order
+        del terms, t0, t1, y0, args, func, error_order
         if dt0 is not None:
             raise ValueError("GridStepTo places the steps itself: dt0 must be None")
-        ts = eqx.error_if(self.ts, self.ts[0] != t0, "the step grid must start at t0")
-        return ts[1], 2
+        return self.ts[1], 2
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
         del t0, y0, y1_candidate, args, y_error, error_order
@@ -367,7 +366,12 @@ def step_inputs(spec: SolverSpec, sde: SDE) -> Array | tuple[Array, Array, Array
         return tuple(jnp.asarray(v, jnp.float32) for v in (spec.rtol, spec.atol, dt0))
     grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
     beyond = grid[-1] + jnp.arange(1, spec.max_steps - spec.num_steps + 1, dtype=grid.dtype)
-    return jnp.concatenate([grid, beyond])
+    ts = jnp.concatenate([grid, beyond])
+    if float(ts[0]) != 0.0 or not bool(jnp.all(ts[1:] > ts[:-1])):
+        raise ValueError(
+            f"the {spec.schedule} grid of {spec.num_steps} steps must increase from tau = 0"
+        )
+    return ts
 
 
 def stepping(
