@@ -30,6 +30,14 @@ def test_duplicate_name_is_refused():
     assert reg.get("a") == 1
 
 
+def test_replace_is_on_purpose_and_keeps_the_order():
+    reg = Registry("widget").register_all({"a": 1, "b": 2})
+    assert reg.register("a", 3, replace=True) == 3
+    assert reg.get("a") == 3 and reg.names() == ("a", "b")
+    reg.register("c", replace=True)(4)  # a name not yet there: registered as usual
+    assert reg.names() == ("a", "b", "c")
+
+
 def test_register_all_is_register_in_order():
     reg = Registry("widget").register_all({"b": 2, "a": 1})
     assert reg.names() == ("b", "a") and reg.get("a") == 1

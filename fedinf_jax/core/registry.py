@@ -8,7 +8,8 @@
     SOLVERS.get("euler")  # the member; an unknown name lists the valid ones
 
 A name is registered once: a second registration under the same name is refused, so two
-modules cannot silently shadow each other's member. Fixed choices that are not plug-ins (a
+modules cannot silently shadow each other's member; ``replace=True`` replaces it on purpose (a
+notebook cell that defines a member and is run again). Fixed choices that are not plug-ins (a
 sampler method, a prior) check their names with ``check_choice``, which raises the same error.
 
 A member is a callable (a factory, a dataclass); its parameters are its settings, read from a
@@ -53,15 +54,18 @@ class Registry(Generic[T]):
         self.context = dict(context or {})
         self._members: dict[str, T] = {}
 
-    def register(self, name: str, member: T | None = None):
+    def register(self, name: str, member: T | None = None, *, replace: bool = False):
         """Registers ``member`` under ``name``; without ``member``, a decorator that does.
+        ``replace``: replace the member already registered under ``name`` (at its place in the
+        order), else refuse it.
 
         Raises:
-          ValueError: ``name`` is already registered in this family.
+          ValueError: ``name`` is already registered in this family and ``replace`` is False.
         """
 
         def add(member: T) -> T:
-            self._check_free(name)
+            if not replace:
+                self._check_free(name)
             self._members[name] = member
             return member
 
@@ -81,7 +85,10 @@ class Registry(Generic[T]):
 
     def _check_free(self, name: str) -> None:
         if name in self._members:
-            raise ValueError(f"{self.family} {name!r} is already registered")
+            raise ValueError(
+                f"{self.family} {name!r} is already registered; register it with replace=True "
+                "to replace it on purpose"
+            )
 
     def get(self, name: str) -> T:
         """The member called ``name``.
