@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(runtime.exit_on_user_error(main))
+    runtime.run_entry_point(main)

@@ -23,11 +23,11 @@ trajectory is saved, and samples.json (resolved config and statistics) to --outd
 WORKDIR/samples/<method>_<solver>_<aggregator>.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from fedinf_jax.core import runtime
-from fedinf_jax.workflows import sample_lib
+from fedinf_jax.workflows import federation
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,8 +46,8 @@ def main(argv):
     runtime.start_distributed_entry_point(argv)
     logging.info("sampler: %s\naggregator: %s", FLAGS.config.sampler, FLAGS.config.aggregator)
     overrides = config_flags.get_override_values(FLAGS["config"])
-    sample_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir, overrides)
+    federation.run(FLAGS.config, FLAGS.workdir, FLAGS.outdir, overrides)
 
 
 if __name__ == "__main__":
-    app.run(runtime.exit_on_user_error(main))
+    runtime.run_entry_point(main)

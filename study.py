@@ -12,7 +12,7 @@ and a cell made with other settings stops the study (or, with --recompute, is so
 bad setting stops with one line, "error: ...", exit status 2, before any checkpoint is read.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from fedinf_jax.core import runtime
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(runtime.exit_on_user_error(main))
+    runtime.run_entry_point(main)

@@ -11,7 +11,7 @@ event files and a console log with loss, steps/s and ETA.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from fedinf_jax.core import runtime
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(runtime.exit_on_user_error(main))
+    runtime.run_entry_point(main)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from fedinf_jax.core import files
 from fedinf_jax.core.errors import UserError
 
 CACHE_ENV = "FEDINF_JAX_CACHE"
@@ -27,6 +28,42 @@ def exit_on_user_error(main):
             sys.exit(2)
 
     return wrapped
+
+
+def run_entry_point(main) -> None:
+    """``absl.app.run(main)`` with the entry points' contract for bad input: a flag that does not
+    parse (``--config.sampler.num_steps=abc``), names no config field
+    (``--config.sampler.num_stepps=20``) or is missing, and a ``UserError`` from ``main``
+    (``exit_on_user_error``), each print one line, ``error: <message>``, and exit with status
+    2."""
+    from absl import app
+
+    app.run(exit_on_user_error(main), flags_parser=_parse_flags_or_exit)
+
+
+def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override naming no field
+        message = _unknown_field_message(argv, str(e.args[0] if e.args else e))
+    print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_field_message(argv: list[str], raw: str) -> str:
+    """ml_collections' ``'\'num_stepps\'\nDid you mean "num_steps" instead of ...'`` as
+    ``--config.sampler.num_stepps=20: no such config field; did you mean num_steps?``"""
+    import re
+
+    field = re.search(r"'(\w+)\\?'", raw) or re.search(r"(\w+)", raw)
+    name = field.group(1) if field else raw
+    hint = re.search(r'Did you mean "(\w+)"', raw)
+    given = next((a for a in argv if re.search(rf"\.{re.escape(name)}([.=]|$)", a)), name)
+    return f"{given}: no such config field" + (f"; did you mean {hint.group(1)}?" if hint else "")
 
 
 def define_distributed_flags() -> None:
@@ -99,7 +136,8 @@ def initialize_distributed(
 
 def setup() -> None:
     """Makes ``kill`` (SIGTERM) save a checkpoint like Ctrl-C does, turns on JAX's persistent
-    compilation cache (``$FEDINF_JAX_CACHE``, default ``~/.cache/fedinf_jax/xla``; ``none``
+    compilation cache (``$FEDINF_JAX_CACHE``, default ``xla`` in the user's cache folder,
+    ``files.cache_dir``; ``none``
     disables it: a resumed or repeated run skips the minutes of XLA:CPU compilation a K-agent
     step can take), and keeps TensorFlow off any accelerator if it is already imported (the
     library imports it through ``tensorflow()`` only where it is used, so that a run refused for
@@ -109,7 +147,7 @@ def setup() -> None:
         tensorflow()
     quiet_orbax()
     signal.signal(signal.SIGTERM, _interrupt)
-    cache = os.environ.get(CACHE_ENV, os.path.expanduser("~/.cache/fedinf_jax/xla"))
+    cache = os.environ.get(CACHE_ENV) or files.cache_dir("xla")
     if cache.lower() != "none":
         enable_compilation_cache(cache)
 
