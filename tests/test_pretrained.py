@@ -12,9 +12,9 @@ import pytest
 from configs import base
 from configs import reproduce as reproduce_config
 from fedinf_jax.agents import checkpoint, pretrained, runs
-from fedinf_jax.core import errors, runtime
+from fedinf_jax.core import errors, files, runtime
 from fedinf_jax.evaluation import classifier
-from fedinf_jax.workflows import pipeline, pretrain_lib, sample_lib, train_lib
+from fedinf_jax.workflows import federation, pipeline, pretrain_lib, sample_lib, train_lib
 
 
 def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
@@ -67,11 +67,11 @@ def test_a_shipped_run_records_its_making_and_samples_bitwise_like_its_workdir(
     assert manifest["params_per_agent"] * 2 == runs.count_params(federation.params)
     before = _listing(run)
     monkeypatch.chdir(tmp_path)  # sample sets of a shipped run go under ./runs/pretrained
-    out = sample_lib.run(config, str(run))
+    out = federation.run(config, str(run))
     assert out == os.path.join(
         "runs", "pretrained", "smoke", "heterogeneous", "samples", "sde_dpmpp_1_mean"
     )
-    ref = sample_lib.run(config, str(workdir), str(tmp_path / "from_workdir"))
+    ref = federation.run(config, str(workdir), str(tmp_path / "from_workdir"))
     with np.load(os.path.join(out, "samples.npz")) as a, np.load(f"{ref}/samples.npz") as b:
         np.testing.assert_array_equal(a["images"], b["images"])
     assert _listing(run) == before  # nothing written inside
@@ -86,7 +86,7 @@ def test_a_damaged_or_missing_shipped_file_is_one_error_line(shipped, tmp_path, 
         f.truncate((run / biggest).stat().st_size // 2)
     config = _tiny_sampler(base.get_config("smoke"))
     main = runtime.exit_on_user_error(
-        lambda argv: sample_lib.run(config, str(run), str(tmp_path / "out"))
+        lambda argv: federation.run(config, str(run), str(tmp_path / "out"))
     )
     with pytest.raises(SystemExit) as info:
         main([])
@@ -119,13 +119,15 @@ def test_a_shipped_run_is_never_trained_into_and_keeps_only_ema(shipped, tmp_pat
     clf_config.train.num_steps += 1  # other settings: it would be retrained in place
     with pytest.raises(pretrained.ShippedRunError, match="training the classifier"):
         classifier.train_classifier(clf_config, str(shipped / "classifier"), recompute=True)
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv(files.CACHE_DIR_ENV, str(tmp_path / "cache"))
     clf = classifier.load_classifier(str(shipped / "classifier"))
     images = np.zeros((3, 28, 28), np.uint8)
     classifier.test_set_features(clf, str(shipped / "classifier"), images)
-    assert (
-        tmp_path / "runs" / "pretrained" / "smoke" / "classifier" / "test_features.npz"
-    ).exists()
+    cached = tmp_path / "cache" / "pretrained" / "smoke" / "classifier" / "test_features.npz"
+    assert cached.exists()  # in the user's cache: nothing in the current folder
+    assert list((tmp_path / "here").iterdir()) == []
     assert _listing(shipped) == before
 
 

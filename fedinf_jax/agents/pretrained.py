@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedinf_jax.core import files
 from fedinf_jax.core.errors import UserError
 
 MANIFEST = "pretrained.json"
@@ -113,9 +114,19 @@ def check_writable(run_dir: str | os.PathLike, what: str) -> None:
         )
 
 
+def cache_root(run_dir: str | os.PathLike) -> str:
+    """The folder that caches derived from a run go under (a classifier's features of the test
+    digits): the run itself, or for a shipped run, which is never written into,
+    ``pretrained/<preset>/<name>`` in the user's cache folder (``files.cache_dir``)."""
+    if not is_shipped(run_dir):
+        return os.fspath(run_dir)
+    manifest = read_manifest(run_dir)
+    return files.cache_dir("pretrained", manifest["preset"], manifest["name"])
+
+
 def output_root(run_dir: str | os.PathLike) -> str:
-    """The folder that outputs derived from a run go under by default (sample sets, studies,
-    cached features): the run itself, or for a shipped run ``runs/pretrained/<preset>/<name>``
+    """The folder that outputs derived from a run go under by default (sample sets, studies):
+    the run itself, or for a shipped run ``runs/pretrained/<preset>/<name>``
     (relative to the current folder), never inside it."""
     if not is_shipped(run_dir):
         return os.fspath(run_dir)

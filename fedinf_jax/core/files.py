@@ -15,6 +15,19 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+CACHE_DIR_ENV = "FEDINF_CACHE_DIR"
+
+
+def cache_dir(*parts: str) -> str:
+    """A folder under the user's cache for fedinf_jax (``$FEDINF_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fedinf_jax``, else ``~/.cache/fedinf_jax``): what is kept only to be read
+    again (compiled programs, a classifier's features of the test digits) and is never written
+    into the current folder or a read-only run."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedinf_jax"
+    )
+    return os.path.join(root, *parts)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[str]:

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 
 from fedinf_jax.agents import checkpoint, pretrained
 from fedinf_jax.core import files, provenance
@@ -148,13 +147,13 @@ def test_set_features(clf: TrainedClassifier, workdir: str, images: np.ndarray) 
     """``clf``'s features of ``images`` (the MNIST test set: FID's reference), kept in
     ``workdir/test_features.npz`` once computed, with a digest of the images and the parameters,
     so that every later evaluation against the classifier in ``workdir`` reads them (a shipped
-    classifier's: in ``pretrained.output_root``). A folder that cannot be written only costs the
-    cache."""
+    classifier's: in the user's cache folder, ``pretrained.cache_root``). A folder that cannot
+    be written only costs the cache."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     for leaf in jax.tree.leaves(clf.params):
         digest.update(np.asarray(leaf).tobytes())
     digest = digest.hexdigest()
-    path = os.path.join(pretrained.output_root(workdir), TEST_FEATURES)
+    path = os.path.join(pretrained.cache_root(workdir), TEST_FEATURES)
     if os.path.exists(path):
         with np.load(path) as f:
             if str(f["digest"]) == digest:
@@ -260,6 +259,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainedClassifier
     n, b = len(mnist.train_labels), config.train.batch_size
     steps_per_epoch = n // b
     order = rng.permutation(n)
+    from clu import periodic_actions  # imports TensorFlow: only where a classifier trains
+
     progress = periodic_actions.ReportProgress(
         num_train_steps=config.train.num_steps, every_steps=config.train.log_every
     )
