@@ -80,14 +80,15 @@ def zero_fill_data_files(step: pathlib.Path) -> list[pathlib.Path]:
 @contextlib.contextmanager
 def count_events(event: str):
     """Yields the list of ``jax.monitoring`` duration events named ``event`` recorded inside the
-    block."""
+    block, each as the name of the function it is about (a trace's or a compilation's), else as
+    the event's name."""
     import jax
 
     events = []
 
     def listen(name, duration, **kwargs):
         if name == event:
-            events.append(name)
+            events.append(kwargs.get("fun_name", name))
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
@@ -231,6 +232,14 @@ BAD_INPUTS = {
     "sample": (
         ["sample.py", "--config=configs/hetero.py:smoke", "--config.aggregator.name=avg"],
         "error: unknown aggregator 'avg'; valid: ['mean', 'weighted'",
+    ),
+    "sample_typo": (
+        ["sample.py", "--config=configs/hetero.py:smoke", "--config.sampler.num_stepps=20"],
+        "error: --config.sampler.num_stepps=20: no such config field; did you mean num_steps?",
+    ),
+    "sample_type": (
+        ["sample.py", "--config=configs/hetero.py:smoke", "--config.sampler.num_steps=abc"],
+        "error: flag --config.sampler.num_steps=abc: invalid literal for int()",
     ),
 }
 MULTIDEVICE_COUNT = 4

@@ -119,7 +119,7 @@ def _federation(comp, config, num_agents, agent_mesh):
     if agent_mesh is not None:
         params = sharding.to_mesh(params, agent_mesh)
     counts = np.arange(1, 10 * num_agents + 1).reshape(num_agents, 10)
-    return sample_lib.Federation(config, params, counts, 0, comp, agent_mesh)
+    return sample_lib.Restored(config, params, counts, 0, comp, agent_mesh)
 
 
 def test_sharded_sampling_equals_one_device(comp, num_agents=3, agent_shards=2):

@@ -79,7 +79,7 @@ def main(process_id: int, port: int, outdir: str) -> None:
             kernel=trained_kernel,
         )
 
-    federation = sample_lib.Federation(config, state.params, counts, 1, comp, agent_mesh)
+    federation = sample_lib.Restored(config, state.params, counts, 1, comp, agent_mesh)
     drawn = sample_lib.sample_in_batches(
         sample_lib.build_sampler(federation),
         federation.params,

@@ -441,3 +441,59 @@ def test_guidance_one_builds_the_member_itself():
         np.testing.assert_array_equal(
             _apply(unguided, scores, t, x, y)[0], _apply(plain, scores, t, x, y)[0]
         )
+
+
+def test_a_function_of_the_scores_is_a_member():
+    """``from_function``: a function returning the aggregate is that aggregate; one returning
+    weights, (agents,) or (agents, batch), is the weighted sum with the weights normalised."""
+    scores, t, x, y = _inputs()
+    mean_out, _ = _apply(A.mean(), scores, t, x, y)
+    out, _ = _apply(A.from_function(lambda s: s.mean(axis=0)), scores, t, x, y)
+    np.testing.assert_array_equal(out, mean_out)
+    w = np.arange(1.0, K + 1)
+    fixed, _ = _apply(A.weighted(w), scores, t, x, y)
+    for weights in (lambda s: 3.0 * jnp.asarray(w), lambda s, t, x, y: jnp.outer(w, 1 + 0 * y)):
+        out, _ = _apply(A.from_function(weights), scores, t, x, y)
+        np.testing.assert_allclose(out, fixed, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"returns the aggregate score, shaped like one agent's"):
+        _apply(A.from_function(lambda s: s[:, :, 0]), scores, t, x, y)
+    with pytest.raises(TypeError, match=r"takes \(scores, t, x, y\) or the first of them"):
+        A.from_function(lambda: 0.0)
+    with pytest.raises(TypeError, match="a member's name, an Aggregator or a function"):
+        A.as_aggregator(42)
+    member = A.mean()
+    assert A.as_aggregator(member) is member
+
+
+def test_guided_function_weights_cover_the_null_label():
+    """Guidance calls a function on the conditional and the unconditional scores (at the null
+    label); its weights are normalised, so a field every agent agrees on stays that field even
+    where the function's weights do not sum to one (here a per-class table read at the null
+    label, which JAX clips to its last row)."""
+    scores, t, x, y = _inputs()
+    ones = jnp.ones_like(scores)
+    table = jnp.asarray(COUNTS.T / COUNTS.sum(axis=1))  # (classes, agents), rows not normalised
+    member = A.from_function(lambda s, t, x, y: table[y].T)  # y = 10 is clipped to the last row
+    guided = A.guided(member, 2.0, null_label=10)
+    out, _ = _apply(guided, jnp.concatenate([ones, ones]), t, x, y)
+    np.testing.assert_allclose(out, 1.0, rtol=1e-6)
+    cond, _ = _apply(member, scores, t, x, y)
+    null, _ = _apply(member, 2 * scores, t, x, jnp.full_like(y, 10))
+    out, _ = _apply(guided, jnp.concatenate([scores, 2 * scores]), t, x, y)
+    np.testing.assert_allclose(out, null + 2.0 * (cond - null), rtol=1e-5, atol=1e-5)
+
+
+def test_a_member_is_replaced_only_on_purpose():
+    name = "test_replaced_member"
+    try:
+        A.member(name)(lambda: A.mean())
+        with pytest.raises(ValueError, match=f"'{name}' is already registered; .*replace=True"):
+            A.member(name)(lambda: A.median())
+        A.member(name, replace=True)(lambda: lambda scores: scores.max(axis=0))
+        scores, t, x, y = _inputs()
+        section = A.config_section()
+        section.name = name
+        out, _ = _apply(A.from_config(section, COUNTS, K), scores, t, x, y)
+        np.testing.assert_array_equal(out, scores.max(axis=0))
+    finally:
+        A.AGGREGATORS._members.pop(name, None)

@@ -94,6 +94,23 @@ def test_the_rule_can_fail():
 
 
 def test_the_package_root_imports_nothing():
-    """``import fedinf_jax`` loads no layer: the root holds its docstring only."""
+    """``import fedinf_jax`` loads no layer: the root imports only inside the function that
+    hands out the API on first use (``fedinf_jax.load``)."""
     tree = ast.parse((ROOT / PACKAGE / "__init__.py").read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, fedinf_jax; print(len([m for m in sys.modules "
+            "if m.startswith('fedinf_jax.')]), 'jax' in sys.modules)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert loaded == ["0", "False"]

@@ -12,7 +12,7 @@ from fedinf_jax.core import errors, runtime
 from fedinf_jax.diffusion.sde import VPSDE
 from fedinf_jax.evaluation import sample_sets
 from fedinf_jax.sampling import solvers
-from fedinf_jax.workflows import pipeline, sample_lib, train_lib
+from fedinf_jax.workflows import federation, pipeline, sample_lib, train_lib
 from tests.conftest import BAD_INPUTS
 
 
@@ -157,10 +157,10 @@ def test_a_bad_setting_is_named_before_a_missing_run(tmp_path):
     config = hetero.get_config("smoke")
     config.aggregator.name = "avg"
     with pytest.raises(errors.ConfigError, match="unknown aggregator 'avg'"):
-        sample_lib.run(config, str(tmp_path / "empty"))
+        federation.run(config, str(tmp_path / "empty"))
     config.aggregator.name = "mean"
     with pytest.raises(errors.MissingInputError, match="no checkpoint under"):
-        sample_lib.run(config, str(tmp_path / "empty"))
+        federation.run(config, str(tmp_path / "empty"))
     assert not os.path.exists(tmp_path / "empty")
 
 

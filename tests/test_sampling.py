@@ -15,7 +15,7 @@ from fedinf_jax.core import errors, runtime
 from fedinf_jax.diffusion.sde import VESDE, VPSDE, SubVPSDE
 from fedinf_jax.evaluation import sample_sets
 from fedinf_jax.sampling import aggregators, federated_sampler, federated_score, reverse, solvers
-from fedinf_jax.workflows import sample_lib
+from fedinf_jax.workflows import federation, sample_lib
 from tests.conftest import count_cache_reads, count_compiles, count_traces, zero_fill_data_files
 
 S0 = 0.5  # every agent's data: N(mu_i, S0^2 I)
@@ -528,13 +528,13 @@ def test_sample_cli_writes_the_files(sample_cli_run):
 def test_sampling_bad_workdir_and_settings(smoke_run, tmp_path):
     config = base.get_config("smoke")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint under .*train first"):
-        sample_lib.run(config, str(tmp_path / "empty"))
+        federation.run(config, str(tmp_path / "empty"))
     config.sampler.checkpoint_step = 7
     with pytest.raises(FileNotFoundError, match=r"no checkpoint step 7 .*\[10, 20, 30\]"):
         sample_lib.load_federation(config, str(smoke_run))
     config.sampler.checkpoint_step = -1
-    federation = sample_lib.load_federation(config, str(smoke_run))
-    assert federation.step == 30 and federation.counts.shape == (2, 10)
+    restored = sample_lib.load_federation(config, str(smoke_run))
+    assert restored.step == 30 and restored.counts.shape == (2, 10)
     config.aggregator.name = "superdiff"
     with pytest.raises(ValueError, match="unknown aggregator 'superdiff'"):
         sample_lib.build_sampler(sample_lib.load_federation(config, str(smoke_run)))
@@ -558,7 +558,7 @@ def test_a_damaged_checkpoint_is_one_error_line_naming_the_step(smoke_run, tmp_p
     zero_fill_data_files(workdir / "checkpoints" / "30")
     outdir = tmp_path / "out"
     main = runtime.exit_on_user_error(
-        lambda argv: sample_lib.run(base.get_config("smoke"), str(workdir), str(outdir))
+        lambda argv: federation.run(base.get_config("smoke"), str(workdir), str(outdir))
     )
     with pytest.raises(SystemExit) as info:
         main([])

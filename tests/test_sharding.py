@@ -52,7 +52,7 @@ def test_two_processes_hold_half_the_agents_each(multiprocess_run):
         kernel = trained.params["params"]["conv_in"]["kernel"]
         np.testing.assert_allclose(f["kernel"], kernel, rtol=1e-4, atol=1e-6)
 
-    federation = sample_lib.Federation(config, params, counts, 1, comp)
+    federation = sample_lib.Restored(config, params, counts, 1, comp)
     reference = sample_lib.sample_in_batches(
         sample_lib.build_sampler(federation),
         params,

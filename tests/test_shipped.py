@@ -10,7 +10,7 @@ from configs import reproduce as reproduce_config
 from fedinf_jax.agents import pretrained, runs
 from fedinf_jax.core import provenance
 from fedinf_jax.evaluation import classifier
-from fedinf_jax.workflows import pipeline, sample_lib
+from fedinf_jax.workflows import federation, pipeline, sample_lib
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "cpu"
 FEDERATIONS = tuple(reproduce_config.REGIME_FILES)  # control, homogeneous, heterogeneous
@@ -38,13 +38,13 @@ def test_a_shipped_federation_is_the_cpu_presets_run_and_samples(regime, tmp_pat
     config.sampler.batch_size = 10
     config.sampler.progress = False
     config.agent_axis.map_unroll = 1
-    federation = sample_lib.load_federation(config, str(run))
-    assert pretrained.params_sha256(federation.params) == manifest["params_sha256"]
-    per_agent = runs.count_params(federation.params) // federation.num_agents
+    restored = sample_lib.load_federation(config, str(run))
+    assert pretrained.params_sha256(restored.params) == manifest["params_sha256"]
+    per_agent = runs.count_params(restored.params) // restored.num_agents
     assert per_agent == manifest["params_per_agent"] == 243_833
-    assert federation.config.sampler.guidance == 2.0  # the preset's guidance, on its null label
+    assert restored.config.sampler.guidance == 2.0  # the preset's guidance, on its null label
     monkeypatch.chdir(tmp_path)
-    out = pathlib.Path(sample_lib.run(config, str(run)))
+    out = pathlib.Path(federation.run(config, str(run)))
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (10, 28, 28) and f["images"].std() > 0
 

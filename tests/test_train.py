@@ -15,7 +15,7 @@ from configs import base, hetero
 from fedinf_jax.agents import checkpoint, runs
 from fedinf_jax.core import errors
 from fedinf_jax.data import digits
-from fedinf_jax.workflows import plots, sample_lib, train_lib
+from fedinf_jax.workflows import federation, plots, sample_lib, train_lib
 from tests.conftest import count_compiles, micro_config, zero_fill_data_files
 
 
@@ -243,7 +243,7 @@ def test_agents_trained_with_label_dropout_sample_guided(tmp_path):
     config.sampler.guidance, config.sampler.num_steps = 2.0, 4
     config.sampler.num_per_class, config.sampler.progress = 1, False
     config.train.label_dropout = 0.0  # sampling takes the run's record
-    outdir = sample_lib.run(config, str(tmp_path / "run"), str(tmp_path / "guided"))
+    outdir = federation.run(config, str(tmp_path / "run"), str(tmp_path / "guided"))
     with np.load(os.path.join(outdir, "samples.npz")) as f:
         assert f["images"].shape == (10, 28, 28)
     record = json.loads((tmp_path / "guided" / "samples.json").read_text())
@@ -261,7 +261,7 @@ def test_autoguidance_by_an_earlier_checkpoint_of_the_same_agents(micro_straight
     config = _micro_resume_config()
     config.sampler.guidance, config.sampler.guide, config.sampler.num_steps = 2.0, "4", 4
     config.sampler.num_per_class, config.sampler.progress = 1, False
-    outdir = sample_lib.run(config, str(micro_straight), str(tmp_path / "auto"))
+    outdir = federation.run(config, str(micro_straight), str(tmp_path / "auto"))
     with np.load(os.path.join(outdir, "samples.npz")) as f:
         assert np.isfinite(f["images"].astype(float)).all() and f["images"].shape == (10, 28, 28)
     record = json.loads((tmp_path / "auto" / "samples.json").read_text())

@@ -134,7 +134,7 @@ def run_cell(federation, procedure: str, name: str, budget: str, real, clf, path
     cfg = sampler_config(federation.config, SAMPLERS[name], budget)
     key = (id(federation), procedure, name)
     if key not in _SAMPLERS_BUILT:
-        fed = sample_lib.Federation(**{**federation.__dict__, "config": cfg})
+        fed = sample_lib.Restored(**{**federation.__dict__, "config": cfg})
         _SAMPLERS_BUILT[key] = sample_lib.build_sampler(fed, procedure=procedure)
     fields = ("rtol", "atol") if cfg.sampler.adaptive else ("num_steps",)
     sampler = _SAMPLERS_BUILT[key].with_budget(**{f: cfg.sampler[f] for f in fields})

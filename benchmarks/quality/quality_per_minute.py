@@ -35,7 +35,7 @@ from fedinf_jax.agents import runs
 from fedinf_jax.core import files, runtime
 from fedinf_jax.data import digits
 from fedinf_jax.evaluation import classifier, sample_sets
-from fedinf_jax.workflows import sample_lib, train_lib
+from fedinf_jax.workflows import federation, train_lib
 
 # Each recipe: the config overrides it applies to the preset (dotted keys; "architecture" names a
 # U-Net of candidates.py, whose model overrides apply). "baseline" spells out
@@ -201,7 +201,7 @@ def run_cell(recipe, steps, clf, real) -> list[dict]:
         else:
             config.sampler.update(SAMPLERS[sampler])
             config.sampler.num_per_class = FLAGS.per_class
-            sample_dir = sample_lib.run(config, workdir, os.path.dirname(metrics_path))
+            sample_dir = federation.run(config, workdir, os.path.dirname(metrics_path))
             metrics = sample_sets.evaluate_sample_dir(clf, real, sample_dir)
             files.write_json(metrics_path, metrics)
         keep = ("accuracy", "noise_rate", "fid", "num_samples", "score_evaluations")

@@ -102,22 +102,94 @@ AGGREGATORS: Registry[Callable[..., Aggregator]] = Registry(
 )
 
 
-def member(name: str):
+def member(name: str, *, replace: bool = False):
     """Registers an aggregator factory under ``name``; its parameters are its settings (the
     config's ``aggregator.<name>`` section, from their defaults) and any of the registry's
-    context.
+    context. It returns an ``Aggregator`` or a plain function (``from_function``).
+    ``replace``: replace a member of that name on purpose (a notebook cell run again).
 
     Raises:
-      ValueError: a setting without a default, or a name already registered.
+      ValueError: a setting without a default, or a name already registered (without
+        ``replace``).
     """
 
     def add(factory):
         for p in inspect.signature(factory).parameters.values():
             if p.name not in AGGREGATORS.context and p.default is inspect.Parameter.empty:
                 raise ValueError(f"aggregator {name!r}: setting {p.name!r} needs a default")
-        return AGGREGATORS.register(name, factory)
+        return AGGREGATORS.register(name, factory, replace=replace)
 
     return add
+
+
+_FUNCTION_ARGS = ("scores", "t", "x", "y")
+
+
+def from_function(fn: Callable[..., Array]) -> Aggregator:
+    """A stateless member from a plain function of the agents' scores,
+    ``fn(scores, t, x, y)`` or the first of those arguments it takes (``fn(scores)``), with
+    ``scores`` (agents, batch, ...), ``t`` scalar or (batch,), ``x`` (batch, ...) and ``y``
+    (batch,) labels. It returns either
+
+    * the aggregate score, shaped like one agent's (batch, ...): used as it is; or
+    * the agents' weights, (agents,) or (agents, batch): normalised to sum to one over the
+      agents, s = sum_i w_i s_i / sum_i w_i (non-negative weights are the caller's to give).
+
+    Which of the two is read from the returned shape when the solve is traced. Under guidance
+    (``guided``) the function is called twice per evaluation, once with the labels and once with
+    the null label (``num_classes``, 10 for MNIST) and the agents' unconditional scores, so a
+    function that indexes a per-class table must give that row too (the label-free one).
+
+    Raises:
+      TypeError: ``fn`` takes none of those arguments, or others without defaults.
+    """
+    params = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if not 1 <= len(params) <= len(_FUNCTION_ARGS):
+        raise TypeError(
+            f"an aggregator function takes (scores, t, x, y) or the first of them, e.g. "
+            f"f(scores); {getattr(fn, '__name__', fn)!r} takes {len(params)} arguments"
+        )
+    num_args = len(params)
+
+    def weights_or_score(scores, t, x, y):
+        out = jnp.asarray(fn(*(scores, t, x, y)[:num_args]))
+        if out.shape == scores.shape[1:]:
+            return out, None
+        if out.shape in (scores.shape[:1], scores.shape[:2]):
+            out = out.astype(scores.dtype)
+            return None, out / jnp.sum(out, axis=0, keepdims=True)
+        raise ValueError(
+            "an aggregator function returns the aggregate score, shaped like one agent's "
+            f"{scores.shape[1:]}, or the agents' weights {scores.shape[:1]} or "
+            f"{scores.shape[:2]}; {getattr(fn, '__name__', fn)!r} returned {out.shape}"
+        )
+
+    def aggregate(scores, t, x, y, state):
+        score, weights = weights_or_score(scores, t, x, y)
+        return (score if weights is None else _weighted_sum(scores, weights)), state
+
+    return Aggregator(_empty_init, aggregate)
+
+
+def as_aggregator(member: Aggregator | Callable[..., Array]) -> Aggregator:
+    """``member`` as an ``Aggregator``: itself, or a plain function through
+    ``from_function``.
+
+    Raises:
+      TypeError: neither an ``Aggregator`` nor a callable.
+    """
+    if isinstance(member, Aggregator):
+        return member
+    if callable(member):
+        return from_function(member)
+    raise TypeError(
+        f"an aggregator is a member's name, an Aggregator or a function of the agents' scores; "
+        f"got {type(member).__name__}"
+    )
 
 
 def _empty_init(num_agents, x, y, keys=None) -> EmptyState:
@@ -780,11 +852,13 @@ def from_config(
     """
     if num_agents is None and counts is not None:
         num_agents = len(counts)
-    return AGGREGATORS.build(
-        agg_config.name,
-        agg_config.get(agg_config.name, None) or {},
-        counts=counts,
-        num_agents=num_agents,
-        sde=sde,
-        method=method,
+    return as_aggregator(
+        AGGREGATORS.build(
+            agg_config.name,
+            agg_config.get(agg_config.name, None) or {},
+            counts=counts,
+            num_agents=num_agents,
+            sde=sde,
+            method=method,
+        )
     )

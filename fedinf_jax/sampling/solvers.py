@@ -8,9 +8,11 @@ are tau: 0 at t = T (noise), T - t_end at the end of the solve.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import diffrax
+import jax
 import jax.numpy as jnp
 import lineax
 import numpy as np
@@ -365,15 +367,22 @@ def step_inputs(spec: SolverSpec, sde: SDE) -> Array | tuple[Array, Array, Array
     if spec.adaptive:
         dt0 = (sde.T - spec.t_end) / spec.num_steps
         return tuple(jnp.asarray(v, jnp.float32) for v in (spec.rtol, spec.atol, dt0))
-    grid = tau_grid(sde, spec.schedule, spec.num_steps, spec.t_end)
-    beyond = grid[-1] + jnp.arange(1, spec.max_steps - spec.num_steps + 1, dtype=grid.dtype)
-    ts = jnp.concatenate([grid, beyond])
+    ts = _padded_grid(sde, spec.schedule, spec.num_steps, spec.t_end, spec.max_steps)
     host = np.asarray(ts)  # checked in numpy: no program to compile for it at start-up
     if host[0] != 0.0 or np.any(np.diff(host) <= 0):
         raise ValueError(
             f"the {spec.schedule} grid of {spec.num_steps} steps must increase from tau = 0"
         )
     return ts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _padded_grid(sde: SDE, schedule: str, num_steps: int, t_end: float, max_steps: int) -> Array:
+    """``tau_grid`` padded to ``max_steps + 1`` times, as one program per budget (its dozen
+    operations one by one would each compile a program of their own)."""
+    grid = tau_grid(sde, schedule, num_steps, t_end)
+    beyond = grid[-1] + jnp.arange(1, max_steps - num_steps + 1, dtype=grid.dtype)
+    return jnp.concatenate([grid, beyond])
 
 
 def stepping(

@@ -45,7 +45,7 @@ from fedinf_jax.core.registry import check_choice
 from fedinf_jax.data import digits, partitions
 from fedinf_jax.evaluation import agreement, classifier, communication, report, sample_sets
 from fedinf_jax.sampling import aggregators
-from fedinf_jax.workflows import plots, sample_lib, train_lib
+from fedinf_jax.workflows import federation, plots, sample_lib, train_lib
 
 SINGLE_AGENT_PROCEDURES = ("paper", "mean")
 
@@ -436,7 +436,7 @@ class Reproduction:
             stage,
             sample_dir,
             _reusable_set(sample_dir, stage, cfg, self.recompute),
-            lambda: sample_lib.run(cfg, workdir, sample_dir),
+            lambda: federation.run(cfg, workdir, sample_dir),
         )
         measured = sample_sets.evaluate_sample_dir(self.clf, self.real, sample_dir)
         return dict(measured, regime=regime, procedure=procedure)

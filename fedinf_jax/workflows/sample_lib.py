@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import os
-import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,14 +33,14 @@ import numpy as np
 from absl import logging
 
 from fedinf_jax.agents import agent_axis, checkpoint, dispatch, pretrained, runs, sharding
-from fedinf_jax.core import errors, files, provenance
+from fedinf_jax.core import errors, provenance
 from fedinf_jax.core.registry import check_choice, parse_spec
 from fedinf_jax.core.types import AgentParams
 from fedinf_jax.data import digits
 from fedinf_jax.diffusion.score import make_score_fn, null_label
 from fedinf_jax.sampling import aggregators, federated_sampler, solvers
 from fedinf_jax.sampling.federated_score import with_null_label
-from fedinf_jax.workflows import plots, train_lib
+from fedinf_jax.workflows import train_lib
 
 EXECUTION_FIELDS = ("sampler.batch_size", "sampler.progress", "sampler.checkpoint_step")
 """Sampler fields that are not a sample set's inputs: how it is computed (the batching: each
@@ -49,8 +49,9 @@ resolved from it is an input)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Federation:
-    """Trained agents restored from a run directory."""
+class Restored:
+    """Trained agents restored from a run directory, with the config that samples them
+    (``fedinf_jax.workflows.federation.Federation`` is the API around it)."""
 
     config: ml_collections.ConfigDict  # the sampling config with the trained sections restored
     params: AgentParams  # stacked (EMA, unless sampler.use_ema is False)
@@ -113,22 +114,39 @@ _SAMPLER_RULES = {
 
 def check_config(config: ml_collections.ConfigDict, counts: np.ndarray | None = None) -> None:
     """Every setting ``sample.py`` reads, checked: the trained sections as ``train_lib``'s
-    ``check_config`` does, the sampler's, and the aggregator built for the partition's count
-    matrix (``counts``; default: the config's partition on MNIST's class sizes) and its K.
+    ``check_config`` does, then the sampling ones (``check_sampling``) for the partition's
+    count matrix (``counts``; default: the config's partition on MNIST's class sizes).
 
     Raises:
       ConfigError: the first invalid setting, named with what is valid.
     """
     components, expected = train_lib.check_config(config)
-    counts = expected if counts is None else counts
+    check_sampling(config, components, expected if counts is None else counts)
+
+
+def check_sampling(
+    config: ml_collections.ConfigDict,
+    components: runs.ScoreComponents,
+    counts: np.ndarray | None,
+    member: aggregators.Aggregator | None = None,
+) -> None:
+    """The sampling settings of ``config`` checked for restored agents (their ``components``,
+    the count matrix ``counts`` and its K): the sampler's fields, the solver, and the
+    aggregator (the config's, or ``member``) with its guidance.
+
+    Raises:
+      ConfigError: the first invalid setting, named with what is valid.
+    """
     errors.check_fields("sampler", config.sampler, _SAMPLER_RULES)
     guidance = guidance_of(config)
     with errors.as_config_error():
         spec = solvers.SolverSpec.from_config(config.sampler, components.sde)
-        aggregators.AGGREGATORS.check(config.aggregator.name)
+        if member is None:
+            aggregators.AGGREGATORS.check(config.aggregator.name)
+    num_agents = None if counts is None else len(counts)
     with errors.as_config_error(f"aggregator {config.aggregator.name}: "):
         aggregator = make_aggregator(
-            config.aggregator, counts, len(counts), components, spec.method, *guidance
+            config.aggregator, counts, num_agents, components, spec.method, *guidance, member
         )
     with errors.as_config_error():
         solvers.check_solver_for(aggregator, spec)
@@ -164,6 +182,8 @@ def with_procedure(config: ml_collections.ConfigDict, procedure: str) -> ml_coll
     name, settings = parse_procedure(procedure)
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.aggregator.name = name
+    if name not in cfg.aggregator:  # a member registered after the config was built
+        cfg.aggregator[name] = aggregators.AGGREGATORS.settings(name)
     for key, value in settings.items():
         (cfg.sampler if key in SAMPLER_SETTINGS else cfg.aggregator[name])[key] = value
     return cfg
@@ -199,7 +219,7 @@ def sample_set_inputs(config: ml_collections.ConfigDict, step: int) -> dict:
 
 def load_federation(
     config: ml_collections.ConfigDict, workdir: str, overrides: dict | None = None
-) -> Federation:
+) -> Restored:
     """Restores the agents of ``workdir`` (the latest checkpoint, or ``sampler.checkpoint_step``).
 
     The run's record is read first: ``overrides`` (the settings given on the command line,
@@ -246,7 +266,7 @@ def load_federation(
     guide_params = None
     if guide is not None:
         guide_params = checkpoint.restore_params(guide[0], abstract, guide[1], field, num_agents)
-    return Federation(merged, params, counts, int(step), components, agent_mesh, guide_params)
+    return Restored(merged, params, counts, int(step), components, agent_mesh, guide_params)
 
 
 def _checkpoint_record(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, dict]:
@@ -372,35 +392,42 @@ def make_aggregator(
     guidance: float = 1.0,
     guide: tuple | None = None,
     interval: tuple[float, float] = aggregators.ALWAYS,
+    member: aggregators.Aggregator | Callable | None = None,
 ) -> aggregators.Aggregator:
-    """The member ``section`` names, for the run's count matrix, K and SDE; with ``guidance``
-    w != 1, that member guided (``aggregators.guided``) where t lies in ``interval``: by the
-    agents' unconditional scores aggregated at the null label, whose prior is the label-free one
-    (``aggregators.with_null_class``), or with a ``guide`` (``parse_guide``) by the weaker agents'
-    scores at the same label (autoguidance).
+    """The member ``section`` names, for the run's count matrix, K and SDE, or ``member`` (an
+    ``Aggregator`` or a plain function, ``aggregators.as_aggregator``) instead; with
+    ``guidance`` w != 1, that member guided (``aggregators.guided``) where t lies in
+    ``interval``: by the agents' unconditional scores aggregated at the null label, whose prior
+    is the label-free one (``aggregators.with_null_class``), or with a ``guide``
+    (``parse_guide``) by the weaker agents' scores at the same label (autoguidance).
 
     Raises:
       ValueError: an unknown member or settings it refuses.
+      TypeError: a ``member`` that is neither an ``Aggregator`` nor a function.
     """
-    if guidance == 1:
-        return aggregators.from_config(section, counts, num_agents, components.sde, method)
-    if guide is None and counts is not None:
+    if member is None and guidance != 1 and guide is None and counts is not None:
         counts = aggregators.with_null_class(counts)
-    member = aggregators.from_config(section, counts, num_agents, components.sde, method)
+    if member is None:
+        member = aggregators.from_config(section, counts, num_agents, components.sde, method)
+    member = aggregators.as_aggregator(member)
+    if guidance == 1:
+        return member
     return aggregators.guided(
         member, guidance, null_label(components.model) if guide is None else None, interval
     )
 
 
 def build_sampler(
-    federation: Federation,
+    federation: Restored,
     spec: solvers.SolverSpec | None = None,
     procedure: str | None = None,
     sparse: bool = True,
+    member: aggregators.Aggregator | Callable | None = None,
 ) -> federated_sampler.FederatedSampler:
     """The federation's sampler: its agents' scores through the configured agent-axis strategy,
     the configured aggregator and solver (or ``spec``, and the ``procedure`` (``parse_procedure``:
-    a member's name, with settings after a colon) over the config's). A member that declares
+    a member's name, with settings after a colon) over the config's; or ``member``, an
+    ``Aggregator`` or a plain function, instead of the config's). A member that declares
     ``dispatch`` asks only its agents (``fedinf_jax.agents.dispatch``; on a mesh, each device its
     own agents' pairs) unless ``sparse`` is False.
 
@@ -421,6 +448,7 @@ def build_sampler(
         guidance,
         guide,
         interval,
+        member,
     )
     scores = agent_score_fn(comp, agent_mesh=agent_mesh)
     # Only the pairs a sparse member names (``dispatch``).
@@ -469,10 +497,6 @@ def agent_score_fn(
         score_fn, agent_mesh, strategy, in_axes, batch_args=(1, 2, 3), map_unroll=unroll
     )
     return sharding.without_padding(lifted, agent_mesh)
-
-
-GRID_PER_CLASS = 10
-"""Samples per digit shown in ``samples.png`` (the npz holds all of them)."""
 
 
 def class_labels(num_per_class: int, num_classes: int = 10) -> np.ndarray:
@@ -588,133 +612,3 @@ def _batch_parts(
             w = jax.vmap(weights_of, in_axes=(0, None))(out.trajectory_state, y)
             parts["trajectory_weights"] = np.asarray(w)
     return parts
-
-
-def default_outdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """``workdir/samples/<method>_<solver>_<aggregator>`` (``paper_sampler`` for the paper's
-    procedure); for a shipped run, under ``pretrained.output_root`` instead of ``workdir``."""
-    s = config.sampler
-    name = config.get("modifiers") or f"{s.method}_{s.solver}_{config.aggregator.name}"
-    return os.path.join(pretrained.output_root(workdir), "samples", name)
-
-
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    outdir: str | None = None,
-    overrides: dict | None = None,
-) -> str:
-    """Samples ``sampler.num_per_class`` images of every digit from ``workdir``'s federation.
-
-    ``overrides``: the settings given on the command line (``load_federation`` refuses those
-    that contradict the trained run).
-
-    Returns:
-      The output folder (see the module docstring for its files).
-
-    Raises:
-      MissingInputError: no checkpoint in ``workdir``.
-      ConfigError: an invalid setting, or one that contradicts the trained run.
-      FloatingPointError: an agent's score became non-finite (names the agent and t).
-    """
-    federation = load_federation(config, workdir, overrides)
-    sampler = build_sampler(federation)
-    cfg = federation.config
-    labels = class_labels(cfg.sampler.num_per_class, cfg.model.num_classes)
-    _log_plan(federation, sampler, len(labels))
-    start = time.time()
-    drawn = sample_in_batches(
-        sampler,
-        federation.sampler_params,
-        labels,
-        cfg.sampler.batch_size,
-        cfg.sampler.seed,
-        federation.agent_mesh,
-    )
-    wall = time.time() - start
-    pixels = federated_sampler.to_uint8(drawn.images, cfg.data.centered)
-    stats = _stats(federation, sampler, drawn.per_batch, len(labels), wall)
-    arrays = {"images": pixels, "labels": labels.astype(np.int64)}
-    arrays.update({f"batch_{k}": v for k, v in drawn.per_batch.items()})
-    if drawn.trajectory is not None:
-        arrays["trajectory_t"] = drawn.trajectory_t
-        arrays["trajectory"] = federated_sampler.to_uint8(drawn.trajectory, cfg.data.centered)
-    if drawn.weights is not None:
-        arrays["weights"] = drawn.weights.astype(np.float32)
-    if drawn.trajectory_weights is not None:
-        arrays["trajectory_weights"] = drawn.trajectory_weights.astype(np.float32)
-    outdir = outdir or default_outdir(cfg, workdir)
-    title = (
-        f"{cfg.partition.name}, {federation.num_agents} agents, {cfg.aggregator.name}, "
-        f"{cfg.sampler.method} {cfg.sampler.solver}"
-    )
-    if jax.process_index() == 0:  # every process holds the samples; one writes them
-        _write_atomically(outdir, cfg, stats, arrays, pixels, labels, title)
-    logging.info("%d images in %.1f s (%s); wrote %s", len(labels), wall, stats, outdir)
-    return outdir
-
-
-def _log_plan(federation: Federation, sampler: federated_sampler.FederatedSampler, num_images: int):
-    cfg = federation.config
-    logging.info(
-        "sampling %d images from %d agents (checkpoint step %d): %s %s, %s steps, aggregator %s, "
-        "agent-axis strategy %s",
-        num_images,
-        federation.num_agents,
-        federation.step,
-        cfg.sampler.method,
-        cfg.sampler.solver,
-        "adaptive" if cfg.sampler.adaptive else f"{cfg.sampler.num_steps} {sampler.spec.schedule}",
-        cfg.aggregator.name,
-        federation.components.score_strategy,
-    )
-
-
-def _stats(federation: Federation, sampler, per_batch: dict, num_images: int, wall: float) -> dict:
-    """samples.json's statistics of a sampling run."""
-    evaluations = int(per_batch["score_evaluations"].sum())
-    guided = federation.config.sampler.get("guidance", 1.0) != 1
-    return {
-        "num_images": num_images,
-        "num_agents": federation.num_agents,
-        "checkpoint_step": federation.step,
-        "score_evaluations": evaluations,
-        # Each evaluation asks each sample's agents (every agent, or the ones a sparse member
-        # dispatches) once, twice under guidance (the null label or the guide too).
-        "network_evaluations": evaluations
-        * sampler.agents_asked(federation.num_agents)
-        * (2 if guided else 1),
-        "steps": int(per_batch["num_steps"].sum()),
-        "accepted_steps": int(per_batch["num_accepted_steps"].sum()),
-        "rejected_steps": int(per_batch["num_rejected_steps"].sum()),
-        "batches": len(per_batch["num_steps"]),
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(num_images / wall, 4),
-        "backend": jax.default_backend(),
-    }
-
-
-def _write_atomically(outdir, config, stats, arrays, pixels, labels, title) -> None:
-    """Writes the sample set's files into a fresh folder that then replaces ``outdir``
-    (``files.atomic_path``): a failure leaves any earlier folder intact."""
-    with files.atomic_path(outdir, folder=True) as tmp:
-        np.savez_compressed(os.path.join(tmp, "samples.npz"), **arrays)
-        shown = plots.first_per_class(labels, GRID_PER_CLASS)
-        plots.plot_sample_grid(
-            pixels[shown], labels[shown], os.path.join(tmp, "samples.png"), title
-        )
-        along = {  # the arrays saved along the trajectory, and their figures
-            "trajectory": (plots.plot_trajectory, "trajectory.png"),
-            "trajectory_weights": (plots.plot_weights, "weights.png"),
-        }
-        for key, (plot, name) in along.items():
-            if key in arrays:
-                plot(arrays[key], arrays["trajectory_t"], labels, os.path.join(tmp, name), title)
-        record = {
-            "config": json.loads(config.to_json_best_effort()),
-            "stats": stats,
-            provenance.RECORD_KEY: provenance.record(
-                sample_set_inputs(config, stats["checkpoint_step"])
-            ),
-        }
-        files.write_json(os.path.join(tmp, "samples.json"), record)
