@@ -1,20 +1,11 @@
-"""Sampling a trained federation: restore the agents, build the sampler, write the samples.
+"""Sampling a trained federation, its parts: restore the agents, build the sampler, draw in
+batches.
 
 The run's checkpoint fixes what was trained (its ``seed`` and its ``data``, ``model``, ``sde``,
 ``partition`` and ``train`` sections, ``runs.RUN_SECTIONS``, and the partition's count
-matrix); the config given to ``sample.py`` chooses how to sample (``sampler``) and how to
-aggregate (``aggregator``). Outputs, in one folder written
-atomically (a failure leaves any earlier folder intact):
-
-* ``samples.npz``: ``images`` uint8 (N, 28, 28), ``labels`` int (N,), the per-batch solver
-  statistics, and ``trajectory_t`` / ``trajectory`` (S, N, 28, 28) when asked; for the
-  density-weighted aggregators also ``weights`` (K, N), the agents' weights at t_end, and with the
-  trajectory ``trajectory_weights`` (S, K, N);
-* ``samples.png``: one row per digit, its first 10 samples (the paper's Figure 2 layout);
-  ``trajectory.png``, the reverse process of one sample per digit, when the trajectory is saved,
-  and ``weights.png``, the agents' weights along it (which agent "owns" a digit, and when);
-* ``samples.json``: the resolved config, the checkpoint step and the statistics (score
-  evaluations, accepted and rejected steps, wall time).
+matrix); the config chooses how to sample (``sampler``) and how to aggregate (``aggregator``).
+``fedinf_jax.workflows.federation`` is the API built from these parts (``sample.py`` uses it),
+and documents the sample set's files.
 """
 
 from __future__ import annotations
