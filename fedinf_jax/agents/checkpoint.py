@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from fedinf_jax.core.errors import UserError
+from fedinf_jax.core.errors import MissingInputError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -116,6 +116,23 @@ def all_steps(workdir: str | os.PathLike) -> list[int]:
         return sorted(manager.all_steps())
     finally:
         manager.close()
+
+
+def resolve_step(workdir: str | os.PathLike, want: int, prefix: str = "", hint: str = "") -> int:
+    """Checkpoint step ``want`` under ``workdir`` (-1: the latest), once it is there.
+
+    Raises:
+      MissingInputError: no such step, named with the steps there, after ``prefix`` (what asked
+        for it) and before ``hint`` (what to give instead).
+    """
+    steps = all_steps(workdir)
+    step = (steps[-1] if steps else None) if want < 0 else want
+    if step not in steps:
+        raise MissingInputError(
+            f"{prefix}no checkpoint {'' if want < 0 else f'step {want} '}under "
+            f"{checkpoint_dir(workdir)} (steps there: {steps}){hint}"
+        )
+    return step
 
 
 def read_meta(workdir: str | os.PathLike, step: int) -> dict[str, Any]:

@@ -104,14 +104,8 @@ def run_config(run_dir: str | os.PathLike, checkpoint_step: int = -1) -> ml_coll
       MissingInputError: ``run_dir`` holds no checkpoint (or not the step asked for).
     """
     run_dir = os.fspath(run_dir)
-    steps = checkpoint.all_steps(run_dir)
-    step = (steps[-1] if steps else None) if checkpoint_step < 0 else checkpoint_step
-    if step not in steps:
-        raise errors.MissingInputError(
-            f"no checkpoint {'' if checkpoint_step < 0 else f'step {checkpoint_step} '}under "
-            f"{checkpoint.checkpoint_dir(run_dir)} (steps there: {steps}): load a train.py "
-            "--workdir or a shipped run (pretrained/<preset>/<regime>)"
-        )
+    hint = ": load a train.py --workdir or a shipped run (pretrained/<preset>/<regime>)"
+    step = checkpoint.resolve_step(run_dir, checkpoint_step, hint=hint)
     record = checkpoint.read_meta(run_dir, step).get("config", {})
     preset = ",".join(filter(None, (record.get("preset"), record.get("modifiers"))))
     config = base.get_config(preset)

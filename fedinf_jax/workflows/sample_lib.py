@@ -307,14 +307,7 @@ def _guide_checkpoint(config, workdir: str, counts, agent_mesh) -> tuple[str, in
         raise errors.ConfigError("sampler.guide (autoguidance) runs on one device for now")
     where, want = guide[0] or workdir, guide[1]
     pretrained.verify(where)
-    steps = checkpoint.all_steps(where)
-    step = (steps[-1] if steps else None) if want < 0 else want
-    if step not in steps:
-        raise errors.MissingInputError(
-            f"sampler.guide = {config.sampler.guide!r}: no checkpoint "
-            f"{'' if want < 0 else f'step {want} '}under {checkpoint.checkpoint_dir(where)} "
-            f"(steps there: {steps})"
-        )
+    step = checkpoint.resolve_step(where, want, f"sampler.guide = {config.sampler.guide!r}: ")
     meta = checkpoint.read_meta(where, step)
     record = meta.get("config", {})
     same_model = provenance.flatten({"model": record.get("model", {})}) == provenance.config_fields(
