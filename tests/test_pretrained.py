@@ -62,9 +62,9 @@ def test_a_shipped_run_records_its_making_and_samples_bitwise_like_its_workdir(
     assert set(manifest["files"]) == on_disk - {pretrained.MANIFEST}
     config = _tiny_sampler(base.get_config("smoke"))
     original = sample_lib.load_federation(config, str(workdir))
-    federation = sample_lib.load_federation(config, str(run))
+    restored = sample_lib.load_federation(config, str(run))
     assert manifest["params_sha256"] == pretrained.params_sha256(original.params)
-    assert manifest["params_per_agent"] * 2 == runs.count_params(federation.params)
+    assert manifest["params_per_agent"] * 2 == runs.count_params(restored.params)
     before = _listing(run)
     monkeypatch.chdir(tmp_path)  # sample sets of a shipped run go under ./runs/pretrained
     out = federation.run(config, str(run))
