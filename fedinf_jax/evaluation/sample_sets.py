@@ -38,23 +38,31 @@ def sample_set_metrics(
     feats: np.ndarray, probs: np.ndarray, labels: np.ndarray, real_features: np.ndarray
 ) -> dict:
     """``evaluate_sample_set``'s metrics from a set's classifier features and softmax."""
-    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
-    accuracy, per_class = metrics.label_accuracy(probs, labels)
     rng = np.random.default_rng(0)
     num_real = min(metrics.PRECISION_RECALL_REAL, len(real_features))  # all of a smaller set
     real = real_features[rng.choice(len(real_features), num_real, replace=False)]
     precision, recall = metrics.precision_recall(real, feats, k=3)
     return {
+        **softmax_metrics(probs, labels),
+        "fid": metrics.fid(feats, real_features),
+        "fid_se": metrics.fid_standard_error(feats, real_features),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def softmax_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """The metrics of a set that its classifier softmax alone gives, without real digits:
+    Inception Score, label accuracy (overall and per digit) and noise rate."""
+    is_mean, is_std = metrics.inception_score(probs, splits=min(10, len(probs)))
+    accuracy, per_class = metrics.label_accuracy(probs, labels)
+    return {
         "num_samples": len(probs),
         "inception_score": is_mean,
         "inception_score_std": is_std,
-        "fid": metrics.fid(feats, real_features),
-        "fid_se": metrics.fid_standard_error(feats, real_features),
         "accuracy": accuracy,
         "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_class],
         "noise_rate": metrics.noise_rate(probs),
-        "precision": precision,
-        "recall": recall,
     }
 
 

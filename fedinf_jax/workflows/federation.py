@@ -224,7 +224,7 @@ class Federation:
             member,
         )
         if key not in self._samplers:
-            restored = _with_config(self.restored, cfg)
+            restored = dataclasses.replace(self.restored, config=cfg)
             self._samplers[key] = sample_lib.build_sampler(restored, spec, member=member)
         budget = {f: getattr(spec, f) for f in solvers.BUDGET_FIELDS}
         return cfg, self._samplers[key].with_budget(**budget)
@@ -320,14 +320,8 @@ class Federation:
             real = sample_sets.real_test_digits(clf, os.fspath(classifier_dir), mnist)
             return sample_sets.evaluate_sample_set(clf, real, samples.images, samples.labels)
         _, probs = clf.features_and_probs(samples.images)
-        is_mean, _ = metrics.inception_score(probs, splits=min(10, len(probs)))
-        accuracy, per_digit = metrics.label_accuracy(probs, samples.labels)
         return {
-            "num_samples": len(probs),
-            "accuracy": accuracy,
-            "accuracy_per_digit": [None if np.isnan(a) else float(a) for a in per_digit],
-            "inception_score": is_mean,
-            "noise_rate": metrics.noise_rate(probs),
+            **sample_sets.softmax_metrics(probs, samples.labels),
             "background_speckle": metrics.background_speckle(samples.images),
             "black_share": metrics.black_share(samples.images),
         }
@@ -393,10 +387,6 @@ def _checked_labels(labels, num_classes: int) -> np.ndarray:
             f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}"
         )
     return labels.astype(np.int32)
-
-
-def _with_config(restored: sample_lib.Restored, config) -> sample_lib.Restored:
-    return dataclasses.replace(restored, config=config)
 
 
 def _log_plan(restored, cfg, sampler: federated_sampler.FederatedSampler, num_images: int):
