@@ -340,10 +340,12 @@ class Federation:
 _LOAD_FIELDS = ("use_ema", "checkpoint_step", "guide")
 
 # Sampler fields that do not change the compiled solve: the budget (an input of the solve),
-# the images asked for and the execution fields.
+# the images asked for, their batching (a new batch shape is traced by jit itself) and the
+# checkpoint step (fixed at loading). Not ``progress``: its bar is host callbacks in the solve.
 _NOT_IN_PROGRAM = (
     *solvers.BUDGET_FIELDS,
-    *(f.partition(".")[2] for f in sample_lib.EXECUTION_FIELDS),
+    "batch_size",
+    "checkpoint_step",
     "seed",
     "num_per_class",
 )
